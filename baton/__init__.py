@@ -1,0 +1,55 @@
+"""Baton: a Postgres-native job queue with DAG workflows."""
+
+from baton.app import Baton
+from baton.context import Context
+from baton.errors import (
+    ArgsError,
+    BatonError,
+    ConfigurationError,
+    CycleError,
+    DatabaseError,
+    DuplicateStepError,
+    JobNotFound,
+    MigrationError,
+    PayloadTooLargeError,
+    ResultError,
+    StepError,
+    UnknownDependencyError,
+    UnknownStepError,
+    WorkflowError,
+    WorkflowNotFound,
+)
+from baton.job import Job, JobSpec, JobState
+from baton.signals import Cancel, Discard, Signal, Snooze
+from baton.step import Step
+from baton.worker import Worker, WorkerSettings
+
+__all__ = [
+    "ArgsError",
+    "Baton",
+    "BatonError",
+    "Cancel",
+    "ConfigurationError",
+    "Context",
+    "CycleError",
+    "DatabaseError",
+    "Discard",
+    "DuplicateStepError",
+    "Job",
+    "JobNotFound",
+    "JobSpec",
+    "JobState",
+    "MigrationError",
+    "PayloadTooLargeError",
+    "ResultError",
+    "Signal",
+    "Snooze",
+    "Step",
+    "StepError",
+    "UnknownDependencyError",
+    "UnknownStepError",
+    "Worker",
+    "WorkerSettings",
+    "WorkflowError",
+    "WorkflowNotFound",
+]

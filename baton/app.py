@@ -1,0 +1,264 @@
+"""The :class:`Baton` app: registers steps and is the client for enqueueing and control."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar, overload
+
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from baton import migrations, ops
+from baton.db import Queries, validate_schema
+from baton.embedded import resolve_dsn
+from baton.errors import StepError, UnknownStepError
+from baton.job import Job, JobSpec
+from baton.step import DEFAULT_MAX_ARGS_BYTES, Step, StepOptions
+
+log = structlog.get_logger("baton.app")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Baton:
+    """A baton application: its steps, its database and its schema.
+
+    :param dsn: PostgreSQL URL; default ``BATON_DATABASE_URL``, else (in development, with
+        the ``embedded`` extra) an embedded server. Resolved on first use, not at import.
+    :param schema: the schema holding baton's tables; validated and quoted.
+    :param max_args_bytes: the largest JSON a job's arguments may serialize to.
+    :param pool_size: the most connections the async pool opens.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        schema: str = "baton",
+        *,
+        max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
+        pool_size: int = 10,
+    ) -> None:
+        self.schema = validate_schema(schema)
+        self.queries = Queries(self.schema)
+        self.max_args_bytes = max_args_bytes
+        self.pool_size = pool_size
+        self.steps: dict[str, Step] = {}
+        self._dsn = dsn
+        self._pool: AsyncConnectionPool | None = None
+        self._sync_pool: ConnectionPool | None = None
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The database URL, resolved (and the embedded server started) on first use."""
+        if self._dsn is None:
+            self._dsn = resolve_dsn(None)
+        return self._dsn
+
+    @dsn.setter
+    def dsn(self, value: str) -> None:
+        if self._pool is not None or self._sync_pool is not None:
+            raise RuntimeError("cannot change the dsn of an open app")
+        self._dsn = value
+
+    @overload
+    def step(self, fn: F, /) -> Step: ...
+
+    @overload
+    def step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        queue: str = "default",
+        max_attempts: int = 20,
+        priority: int = 0,
+        timeout: float | None = None,
+        backoff: Callable[[int], float] | None = None,
+        name: str | None = None,
+    ) -> Callable[[F], Step]: ...
+
+    def step(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        queue: str = "default",
+        max_attempts: int = 20,
+        priority: int = 0,
+        timeout: float | None = None,
+        backoff: Callable[[int], float] | None = None,
+        name: str | None = None,
+    ) -> Step | Callable[[F], Step]:
+        """Register a function (``async def`` or plain ``def``) as a step.
+
+        Use bare (``@app.step``) or with options. ``backoff`` maps a failed attempt number
+        to the seconds before the retry (default: exponential with jitter).
+        """
+        options = StepOptions(
+            queue=queue,
+            max_attempts=max_attempts,
+            priority=priority,
+            timeout=timeout,
+            backoff=backoff,
+        )
+        # Validate the options once, here, rather than at every new().
+        JobSpec(step="-", queue=queue, max_attempts=max_attempts, priority=priority,
+                timeout=timeout)
+
+        def register(f: F) -> Step:
+            step = Step(f, options, name=name, max_args_bytes=self.max_args_bytes)
+            if step.name in self.steps:
+                raise StepError(f"a step named {step.name!r} is already registered")
+            self.steps[step.name] = step
+            return step
+
+        return register(fn) if fn is not None else register
+
+    def get_step(self, name: str) -> Step:
+        """Return the registered step called ``name``.
+
+        :raises UnknownStepError: if there is none.
+        """
+        try:
+            return self.steps[name]
+        except KeyError:
+            raise UnknownStepError(name) from None
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the async connection pool (done on first use; call it to fail early)."""
+        if self._pool is None:
+            pool = AsyncConnectionPool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                open=False,
+                check=AsyncConnectionPool.check_connection,
+                name=f"baton-{self.schema}",
+            )
+            await pool.open()
+            self._pool = pool
+
+    async def close(self) -> None:
+        """Close the app's connection pools."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._sync_pool is not None:
+            self._sync_pool.close()
+            self._sync_pool = None
+
+    async def __aenter__(self) -> Baton:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a pooled connection; its transaction commits when the block ends cleanly."""
+        await self.open()
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def connection_sync(self) -> Iterator[psycopg.Connection[Any]]:
+        """Lend a pooled sync connection; its transaction commits when the block ends."""
+        if self._sync_pool is None:
+            self._sync_pool = ConnectionPool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                check=ConnectionPool.check_connection,
+                name=f"baton-{self.schema}-sync",
+            )
+        with self._sync_pool.connection() as conn:
+            yield conn
+
+    async def _run(
+        self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None
+    ) -> T:
+        if conn is not None:
+            return await ops.run_async(conn, op, action)
+        async with self.connection() as own:
+            return await ops.run_async(own, op, action)
+
+    def _run_sync(self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None) -> T:
+        if conn is not None:
+            return ops.run_sync(conn, op, action)
+        with self.connection_sync() as own:
+            return ops.run_sync(own, op, action)
+
+    # -- schema --------------------------------------------------------------------------
+
+    def migrate_sync(self) -> list[int]:
+        """Apply pending migrations; return the versions applied."""
+        return migrations.migrate_up(self.dsn, self.schema)
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.migrate_sync)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    async def enqueue(self, job: JobSpec, *, conn: psycopg.AsyncConnection[Any] | None = None
+                      ) -> int:
+        """Insert one job and return its id.
+
+        :param conn: insert in the caller's transaction on this connection (nothing is
+            committed here; a rollback enqueues nothing).
+        """
+        return (await self._run(ops.enqueue(self.queries, [job]), "enqueue", conn))[0]
+
+    async def enqueue_many(
+        self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> list[int]:
+        """Insert many jobs in one round trip and return their ids in order."""
+        return await self._run(ops.enqueue(self.queries, jobs), "enqueue", conn)
+
+    def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None) -> int:
+        """Insert one job from synchronous code and return its id."""
+        return self._run_sync(ops.enqueue(self.queries, [job]), "enqueue", conn)[0]
+
+    def enqueue_many_sync(
+        self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
+    ) -> list[int]:
+        """Insert many jobs from synchronous code and return their ids in order."""
+        return self._run_sync(ops.enqueue(self.queries, jobs), "enqueue", conn)
+
+    async def get_job(self, job_id: int) -> Job:
+        """Return the job row with ``job_id``.
+
+        :raises JobNotFound: if there is none.
+        """
+        return await self._run(ops.get_job(self.queries, job_id), "get job", None)
+
+    def get_job_sync(self, job_id: int) -> Job:
+        """Return the job row with ``job_id`` from synchronous code."""
+        return self._run_sync(ops.get_job(self.queries, job_id), "get job", None)
+
+    async def cancel(self, job_id: int) -> bool:
+        """Cancel a job; a running one is told to stop. ``False`` if it already finished."""
+        return await self._run(ops.cancel(self.queries, job_id), "cancel", None)
+
+    def cancel_sync(self, job_id: int) -> bool:
+        """Cancel a job from synchronous code."""
+        return self._run_sync(ops.cancel(self.queries, job_id), "cancel", None)
+
+    async def retry(self, job_id: int) -> bool:
+        """Make a job that is not running available again. ``False`` if it is running."""
+        return await self._run(ops.retry(self.queries, job_id), "retry", None)
+
+    def retry_sync(self, job_id: int) -> bool:
+        """Retry a job from synchronous code."""
+        return self._run_sync(ops.retry(self.queries, job_id), "retry", None)

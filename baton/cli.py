@@ -1,0 +1,181 @@
+"""The ``baton`` command line: migrate the schema, run workers, inspect and steer jobs.
+
+Every flag also reads a ``BATON_*`` environment variable (named in its help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import structlog
+
+from baton.app import Baton
+from baton.errors import BatonError, ConfigurationError
+from baton.logs import configure_logging
+from baton.migrations import migrate_down, migrate_up
+from baton.worker import Worker, WorkerSettings, parse_queues
+
+log = structlog.get_logger("baton.cli")
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"BATON_{name}", default)
+
+
+def load_app(spec: str) -> Baton:
+    """Import ``"package.module:attribute"`` (the current folder is importable) and return it.
+
+    :raises ConfigurationError: if the spec is malformed, the module is missing or the
+        attribute is not a :class:`Baton` app.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"invalid --app {spec!r}: expected 'package.module:app'")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"cannot import module {module_name!r} for --app") from exc
+        raise
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(app, Baton):
+        raise ConfigurationError(f"{spec!r} is a {type(app).__name__}, not a baton.Baton app")
+    return app
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", default=_env("DATABASE_URL"),
+                        help="PostgreSQL URL [BATON_DATABASE_URL]")
+    parser.add_argument("--schema", default=_env("SCHEMA"),
+                        help="schema of baton's tables, default 'baton' [BATON_SCHEMA]")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                        help="debug, info, warning or error [BATON_LOG_LEVEL]")
+    parser.add_argument("--log-json", action="store_true",
+                        default=_env("LOG_JSON", "") not in ("", "0", "false"),
+                        help="log JSON lines [BATON_LOG_JSON]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for ``baton``."""
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    migrate = sub.add_parser("migrate", help="apply (or revert) the database schema")
+    _common(migrate)
+    migrate.add_argument("--app", default=_env("APP"), help="take dsn and schema from this app")
+    migrate.add_argument("--down", action="store_true", help="revert every migration")
+    migrate.add_argument("--target", type=int, default=None, help="stop at this version")
+
+    worker = sub.add_parser("worker", help="run jobs")
+    _common(worker)
+    worker.add_argument("--app", default=_env("APP"), required=_env("APP") is None,
+                        help="the app to run, as 'package.module:app' [BATON_APP]")
+    worker.add_argument("--queues", default=_env("QUEUES", "default=10"),
+                        help="queues and their concurrency, e.g. default=10,llm=4 "
+                             "[BATON_QUEUES]")
+    worker.add_argument("--shutdown-grace", type=float,
+                        default=float(_env("SHUTDOWN_GRACE", 15.0)),
+                        help="seconds running jobs get to finish on SIGTERM "
+                             "[BATON_SHUTDOWN_GRACE]")
+    worker.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", 1.0)),
+                        help="fallback fetch interval in seconds [BATON_POLL_INTERVAL]")
+    worker.add_argument("--heartbeat-interval", type=float,
+                        default=float(_env("HEARTBEAT_INTERVAL", 2.0)),
+                        help="seconds between heartbeats [BATON_HEARTBEAT_INTERVAL]")
+    worker.add_argument("--heartbeat-ttl", type=float, default=float(_env("HEARTBEAT_TTL", 10.0)),
+                        help="seconds of silence after which a worker's jobs are rescued "
+                             "[BATON_HEARTBEAT_TTL]")
+    worker.add_argument("--maintenance-interval", type=float,
+                        default=float(_env("MAINTENANCE_INTERVAL", 1.0)),
+                        help="seconds between leader maintenance passes "
+                             "[BATON_MAINTENANCE_INTERVAL]")
+    worker.add_argument("--prune-after", type=float,
+                        default=float(_env("PRUNE_AFTER")) if _env("PRUNE_AFTER") else None,
+                        help="delete finished jobs older than this many seconds "
+                             "[BATON_PRUNE_AFTER]")
+    return parser
+
+
+def _app_for(args: argparse.Namespace) -> Baton:
+    app = load_app(args.app) if args.app else Baton(schema=args.schema or "baton")
+    if args.schema and args.app and args.schema != app.schema:
+        raise ConfigurationError(
+            f"--schema {args.schema!r} differs from the app's schema {app.schema!r}"
+        )
+    if args.dsn:
+        app.dsn = args.dsn
+    return app
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    if args.down:
+        reverted = migrate_down(app.dsn, app.schema, target=args.target or 0)
+        log.info("migrate.done", direction="down", versions=reverted, schema=app.schema)
+    else:
+        applied = migrate_up(app.dsn, app.schema, target=args.target)
+        log.info("migrate.done", direction="up", versions=applied, schema=app.schema)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    settings = WorkerSettings(
+        queues=parse_queues(args.queues),
+        shutdown_grace=args.shutdown_grace,
+        poll_interval=args.poll_interval,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_ttl=args.heartbeat_ttl,
+        maintenance_interval=args.maintenance_interval,
+        prune_after=args.prune_after,
+    )
+    worker = Worker(app, settings)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        log.info("worker.signal", signal=signal.Signals(signum).name)
+                        worker.stop()
+
+                tg.start_soon(watch)
+                try:
+                    await worker.run()
+                finally:
+                    tg.cancel_scope.cancel()
+                    await app.close()
+
+    anyio.run(main)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(args.log_level, json=args.log_json)
+        handler = {"migrate": cmd_migrate, "worker": cmd_worker}[args.command]
+        return handler(args)
+    except (BatonError, ValueError) as exc:
+        log.error("cli.failed", command=args.command, error=str(exc))
+        sys.stderr.write(f"baton: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

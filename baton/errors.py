@@ -1,0 +1,110 @@
+"""The exception tree: every error baton raises derives from :class:`BatonError`.
+
+An error's docstring is its default message; errors carry the ids they are about as
+attributes so callers never parse messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class BatonError(Exception):
+    """Baton failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(BatonError):
+    """Baton is not configured correctly."""
+
+
+class MigrationError(BatonError):
+    """The database schema is missing or at an unexpected version; run `baton migrate`."""
+
+
+class DatabaseError(BatonError):
+    """The database refused or lost the operation."""
+
+
+class StepError(BatonError):
+    """A step was defined or called incorrectly."""
+
+
+class UnknownStepError(StepError):
+    """No step of that name is registered with this app."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        super().__init__(
+            f"no step named {step!r} is registered; import the module that defines it "
+            "in the app passed to `baton worker --app`"
+        )
+
+
+class ArgsError(StepError):
+    """A job's arguments are invalid for its step."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        self.step = step
+        self.detail = detail
+        super().__init__(f"invalid arguments for step {step!r}: {detail}")
+
+
+class PayloadTooLargeError(ArgsError):
+    """A job's serialized arguments exceed the configured limit."""
+
+    def __init__(self, step: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(step, f"{size} bytes of JSON exceeds the limit of {limit} bytes")
+
+
+class JobNotFound(BatonError):
+    """No job has that id."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id}")
+
+
+class WorkflowError(BatonError):
+    """A workflow is invalid."""
+
+
+class CycleError(WorkflowError):
+    """A workflow's dependencies form a cycle."""
+
+    def __init__(self, steps: Sequence[str]) -> None:
+        self.steps = list(steps)
+        super().__init__("workflow has a dependency cycle through: " + " -> ".join(self.steps))
+
+
+class UnknownDependencyError(WorkflowError):
+    """A workflow step depends on a step that does not exist."""
+
+    def __init__(self, step: str, dependency: str) -> None:
+        self.step = step
+        self.dependency = dependency
+        super().__init__(f"step {step!r} depends on unknown step {dependency!r}")
+
+
+class DuplicateStepError(WorkflowError):
+    """Two workflow steps share one name."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        super().__init__(f"workflow already has a step named {step!r}")
+
+
+class WorkflowNotFound(BatonError):
+    """No workflow has that id."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"no workflow with id {workflow_id}")
+
+
+class ResultError(BatonError):
+    """A step result could not be read."""

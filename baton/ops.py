@@ -1,0 +1,118 @@
+"""Client operations written once, run on async or sync connections.
+
+Each operation is a generator that yields :class:`Stmt` objects and receives each
+statement's rows back, then returns its value. :func:`run_async` and :func:`run_sync`
+drive it over a psycopg connection, so the async and sync APIs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from baton.db import Queries, translate_errors
+from baton.errors import JobNotFound
+from baton.job import Job, JobSpec, JobState, rows_json
+
+T = TypeVar("T")
+Rows = list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """One statement and its parameters."""
+
+    query: sql.SQL | sql.Composed
+    params: dict[str, Any]
+
+
+Op = Generator[Stmt, Rows, T]
+
+
+async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) -> T:
+    """Run ``op`` on an async connection (inside whatever transaction it has)."""
+    with translate_errors(action):
+        try:
+            stmt = next(op)
+            while True:
+                cur = await conn.execute(stmt.query, stmt.params)
+                stmt = op.send(await cur.fetchall() if cur.description is not None else [])
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
+    """Run ``op`` on a sync connection (inside whatever transaction it has)."""
+    with translate_errors(action):
+        try:
+            stmt = next(op)
+            while True:
+                cur = conn.execute(stmt.query, stmt.params)
+                stmt = op.send(cur.fetchall() if cur.description is not None else [])
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def insert_rows(q: Queries, rows: Sequence[dict[str, Any]]) -> Op[list[int]]:
+    """Insert prepared job rows; return their ids in order."""
+    if not rows:
+        return []
+    result = yield Stmt(
+        q["jobs_insert"], {"rows": rows_json(list(rows)), "channel": q.channel("insert")}
+    )
+    return list(result[0][0])
+
+
+def enqueue(q: Queries, jobs: Sequence[JobSpec]) -> Op[list[int]]:
+    """Insert ``jobs`` (available or scheduled) in one statement; return their ids."""
+    return (yield from insert_rows(q, [job.row() for job in jobs]))
+
+
+def get_job(q: Queries, job_id: int) -> Op[Job]:
+    """Return the job row with ``job_id``."""
+    rows = yield Stmt(q["job_get"], {"id": job_id})
+    if not rows:
+        raise JobNotFound(job_id)
+    return Job.model_validate(dict(zip(JOB_COLUMNS, rows[0], strict=True)))
+
+
+JOB_COLUMNS = tuple(Job.model_fields)
+
+
+def cancel(q: Queries, job_id: int) -> Op[bool]:
+    """Cancel a job that has not finished; tell its worker if it is running.
+
+    Returns ``False`` when the job had already finished.
+    """
+    rows = yield Stmt(q["job_cancel"], {"id": job_id})
+    if not rows:
+        yield from get_job(q, job_id)  # raises JobNotFound for an unknown id
+        return False
+    previous, attempted_by = rows[0]
+    if previous == JobState.EXECUTING and attempted_by:
+        payload = json.dumps({"action": "cancel", "job_id": job_id, "worker": attempted_by})
+        yield Stmt(q["control_notify"], {"channel": q.channel("control"), "payload": payload})
+    return True
+
+
+def retry(q: Queries, job_id: int) -> Op[bool]:
+    """Make a job that is not running available again; ``False`` if it is running."""
+    rows = yield Stmt(q["job_retry"], {"id": job_id})
+    if not rows:
+        yield from get_job(q, job_id)
+        return False
+    yield from notify_queues(q, [rows[0][1]])
+    return True
+
+
+def notify_queues(q: Queries, queues: Sequence[str]) -> Op[None]:
+    """Wake the workers of ``queues``."""
+    if queues:
+        yield Stmt(
+            q["queues_notify"], {"channel": q.channel("insert"), "queues": sorted(set(queues))}
+        )

@@ -1,0 +1,189 @@
+-- Runtime queries on the queue tables. {schema} is the quoted schema name.
+
+-- name: jobs_insert
+-- Insert many jobs in one statement and wake the queues that got available work.
+WITH input AS (
+    SELECT *
+    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS (
+        state text, queue text, step text, args jsonb, meta jsonb, max_attempts integer,
+        priority smallint, timeout double precision, scheduled_at timestamptz,
+        workflow_id uuid, workflow_step text)) WITH ORDINALITY AS t(
+        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
+        workflow_id, workflow_step, ord)
+), inserted AS (
+    INSERT INTO {schema}.jobs (
+        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
+        workflow_id, workflow_step)
+    SELECT
+        CASE WHEN state = 'available' AND scheduled_at > now() THEN 'scheduled' ELSE state END,
+        queue, step, args, meta, max_attempts, priority, timeout,
+        COALESCE(scheduled_at, now()), workflow_id, workflow_step
+    FROM input
+    ORDER BY ord
+    RETURNING id, queue, state
+), woken AS (
+    SELECT pg_notify(%(channel)s, queue)
+    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS q
+)
+SELECT
+    COALESCE((SELECT array_agg(id ORDER BY id) FROM inserted), '{}') AS ids,
+    (SELECT count(*) FROM woken) AS woken
+
+-- name: jobs_fetch
+-- Claim up to %(demand)s available jobs of one queue for this worker.
+WITH picked AS MATERIALIZED (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()
+    ORDER BY priority, scheduled_at, id
+    LIMIT %(demand)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET state = 'executing',
+    attempt = j.attempt + 1,
+    attempted_at = now(),
+    attempted_by = %(worker_id)s
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.step, j.args, j.meta, j.queue, j.attempt, j.max_attempts, j.snoozes,
+    j.priority, j.timeout, j.workflow_id, j.workflow_step
+
+-- name: jobs_finish
+-- Write many attempt outcomes at once; only rows still executing by this worker change.
+WITH outcome AS (
+    SELECT *
+    FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
+        id bigint, state text, delay double precision, error jsonb, snooze boolean)
+)
+UPDATE {schema}.jobs AS j
+SET state = o.state,
+    finalized_at = CASE WHEN o.state IN ('completed', 'discarded', 'cancelled')
+                        THEN now() END,
+    scheduled_at = CASE WHEN o.delay IS NULL THEN j.scheduled_at
+                        ELSE now() + make_interval(secs => o.delay) END,
+    errors = CASE WHEN o.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(o.error) END,
+    attempt = CASE WHEN o.snooze THEN j.attempt - 1 ELSE j.attempt END,
+    snoozes = j.snoozes + CASE WHEN o.snooze THEN 1 ELSE 0 END
+FROM outcome AS o
+WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
+RETURNING j.id, j.state, j.workflow_id
+
+-- name: jobs_hand_back
+-- Return this worker's unfinished jobs to the queue without burning their attempt.
+UPDATE {schema}.jobs
+SET state = 'available', attempt = attempt - 1, attempted_by = NULL, scheduled_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'executing' AND attempted_by = %(worker_id)s
+RETURNING id, queue
+
+-- name: job_get
+SELECT * FROM {schema}.jobs WHERE id = %(id)s
+
+-- name: job_cancel
+-- Cancel a job that has not finished; report the state it was in and who ran it.
+WITH old AS (
+    SELECT id, state, attempted_by FROM {schema}.jobs WHERE id = %(id)s FOR UPDATE
+)
+UPDATE {schema}.jobs AS j
+SET state = 'cancelled', finalized_at = now()
+FROM old
+WHERE j.id = old.id AND old.state NOT IN ('completed', 'discarded', 'cancelled')
+RETURNING old.state AS previous_state, old.attempted_by
+
+-- name: job_retry
+-- Make a job that is not running available again (a finished one included).
+UPDATE {schema}.jobs
+SET state = 'available',
+    scheduled_at = now(),
+    finalized_at = NULL,
+    max_attempts = GREATEST(max_attempts, attempt + 1)
+WHERE id = %(id)s AND state <> 'executing'
+RETURNING id, queue
+
+-- name: queues_notify
+SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+
+-- name: control_notify
+SELECT pg_notify(%(channel)s, %(payload)s)
+
+-- name: jobs_stage
+-- Make due scheduled and retryable jobs available, in a bounded batch.
+WITH due AS (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= now()
+    ORDER BY scheduled_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET state = 'available'
+FROM due
+WHERE j.id = due.id
+RETURNING j.id, j.queue
+
+-- name: jobs_rescue
+-- Recover jobs executing on workers whose heartbeat expired.
+WITH orphaned AS (
+    SELECT j.id
+    FROM {schema}.jobs AS j
+    WHERE j.state = 'executing'
+      AND NOT EXISTS (
+          SELECT 1 FROM {schema}.worker_registry AS w
+          WHERE w.id = j.attempted_by AND w.expires_at > now())
+    ORDER BY j.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'available' END,
+    finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+    scheduled_at = now(),
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', now(), 'kind', 'rescued',
+        'error', 'worker ' || COALESCE(j.attempted_by, '?') || ' stopped heartbeating'))
+FROM orphaned
+WHERE j.id = orphaned.id
+RETURNING j.id, j.state, j.queue, j.attempted_by, j.workflow_id
+
+-- name: jobs_prune
+-- Delete a bounded batch of finished jobs older than %(max_age)s seconds.
+WITH doomed AS (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE finalized_at < now() - make_interval(secs => %(max_age)s)
+    ORDER BY finalized_at
+    LIMIT %(limit)s
+), deleted AS (
+    DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id RETURNING 1
+)
+SELECT count(*) FROM deleted
+
+-- name: worker_register
+INSERT INTO {schema}.worker_registry (id, hostname, pid, queues, expires_at)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, now() + make_interval(secs => %(ttl)s))
+ON CONFLICT (id) DO UPDATE
+SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+
+-- name: worker_unregister
+DELETE FROM {schema}.worker_registry WHERE id = %(id)s
+
+-- name: workers_prune
+-- Forget workers whose heartbeat expired long ago (their jobs were rescued).
+DELETE FROM {schema}.worker_registry
+WHERE expires_at < now() - make_interval(secs => %(after)s)
+
+-- name: leader_elect
+-- Take the lease if it is free or expired, or renew it if it is ours.
+INSERT INTO {schema}.leader AS l (name, leader_id, expires_at)
+VALUES (%(name)s, %(id)s, now() + make_interval(secs => %(ttl)s))
+ON CONFLICT (name) DO UPDATE
+SET leader_id = EXCLUDED.leader_id,
+    elected_at = CASE WHEN l.leader_id = EXCLUDED.leader_id THEN l.elected_at ELSE now() END,
+    expires_at = EXCLUDED.expires_at
+WHERE l.leader_id = EXCLUDED.leader_id OR l.expires_at < now()
+RETURNING leader_id
+
+-- name: leader_resign
+DELETE FROM {schema}.leader WHERE name = %(name)s AND leader_id = %(id)s

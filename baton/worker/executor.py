@@ -1,0 +1,151 @@
+"""The executor: runs one fetched job and turns what happened into an :class:`Outcome`."""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from baton.backoff import backoff_seconds
+from baton.context import Context
+from baton.errors import ArgsError, UnknownStepError
+from baton.job import JobState
+from baton.signals import Cancel, Discard, Signal, Snooze
+
+if TYPE_CHECKING:
+    from baton.app import Baton
+    from baton.step import Step
+
+log = structlog.get_logger("baton.job")
+
+
+@dataclass(slots=True)
+class FetchedJob:
+    """The columns of a claimed job that running it needs."""
+
+    id: int
+    step: str
+    args: dict[str, Any]
+    meta: dict[str, Any]
+    queue: str
+    attempt: int
+    max_attempts: int
+    snoozes: int
+    priority: int
+    timeout: float | None
+    workflow_id: uuid.UUID | None
+    workflow_step: str | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended, as the completer writes it."""
+
+    job: FetchedJob
+    state: JobState
+    delay: float | None = None
+    error: dict[str, Any] | None = None
+    snooze: bool = False
+    result: Any = None
+    has_result: bool = False
+    duration: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        """Return the JSON row for the batched finish statement."""
+        return {
+            "id": self.job.id,
+            "state": self.state.value,
+            "delay": self.delay,
+            "error": self.error,
+            "snooze": self.snooze,
+        }
+
+
+def error_entry(job: FetchedJob, exc: BaseException, *, kind: str) -> dict[str, Any]:
+    """Return the record of a failed attempt kept in the job's ``errors``."""
+    return {
+        "attempt": job.attempt,
+        "at": datetime.now(UTC).isoformat(),
+        "kind": kind,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+class Executor:
+    """Runs jobs for one worker process."""
+
+    def __init__(self, app: Baton, limiter: anyio.CapacityLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    def context(self, job: FetchedJob, step: Step) -> Context:
+        """Build the context a step sees."""
+        return Context(
+            job_id=job.id,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            queue=job.queue,
+            step=job.workflow_step or step.name,
+            args=job.args,
+            meta=job.meta,
+            snoozes=job.snoozes,
+            workflow_id=job.workflow_id,
+        )
+
+    async def call(self, step: Step, kwargs: dict[str, Any]) -> Any:
+        """Call the step function: awaited if async, else in a worker thread."""
+        if step.is_async:
+            return await step.fn(**kwargs)
+        return await anyio.to_thread.run_sync(
+            functools.partial(step.fn, **kwargs), abandon_on_cancel=True, limiter=self.limiter
+        )
+
+    async def run(self, job: FetchedJob, ctx: Context | None = None) -> Outcome:
+        """Run ``job`` to an outcome. Cancellation from outside propagates untouched."""
+        started = time.monotonic()
+        try:
+            step = self.app.get_step(job.step)
+            kwargs = step.load_args(job.args)
+            ctx = ctx or self.context(job, step)
+            timeout = job.timeout
+            with anyio.fail_after(timeout) if timeout else nullcontext():
+                result = await self.call(step, step.bind(kwargs, ctx))
+            if isinstance(result, Signal):
+                raise result
+            outcome = Outcome(job, JobState.COMPLETED, result=result, has_result=True)
+        except (UnknownStepError, ArgsError) as exc:
+            outcome = Outcome(job, JobState.DISCARDED, error=error_entry(job, exc, kind="invalid"))
+        except Snooze as exc:
+            state = JobState.SCHEDULED if exc.seconds > 0 else JobState.AVAILABLE
+            outcome = Outcome(job, state, delay=exc.seconds, snooze=True)
+        except Cancel as exc:
+            outcome = Outcome(job, JobState.CANCELLED, error=error_entry(job, exc, kind="cancel"))
+        except Discard as exc:
+            outcome = Outcome(job, JobState.DISCARDED, error=error_entry(job, exc, kind="discard"))
+        except TimeoutError as exc:
+            outcome = self.failed(job, exc, kind="timeout")
+        except Exception as exc:
+            outcome = self.failed(job, exc, kind="error")
+        outcome.duration = time.monotonic() - started
+        return outcome
+
+    def failed(self, job: FetchedJob, exc: BaseException, *, kind: str) -> Outcome:
+        """Return a retry with backoff, or a discard once attempts are used up."""
+        entry = error_entry(job, exc, kind=kind)
+        if job.attempt >= job.max_attempts:
+            return Outcome(job, JobState.DISCARDED, error=entry)
+        step = self.app.steps.get(job.step)
+        backoff = step.options.backoff if step is not None else None
+        delay = backoff(job.attempt) if backoff is not None else backoff_seconds(job.attempt)
+        return Outcome(job, JobState.RETRYABLE, delay=max(0.0, delay), error=entry)

@@ -1,0 +1,130 @@
+"""Maintenance run by the elected leader only: staging, rescue and pruning."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import psycopg
+import structlog
+
+from baton.db import describe
+
+if TYPE_CHECKING:
+    from baton.worker.worker import Worker
+
+log = structlog.get_logger("baton.maintenance")
+
+LEADER_NAME = "maintenance"
+
+
+class Maintenance:
+    """Elects a leader by lease row; the leader stages due jobs, rescues and prunes."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.is_leader = False
+        self.ticks = 0
+        self._tick = anyio.Event()
+
+    async def wait_tick(self) -> None:
+        """Wait until the next maintenance pass has run (a test signal)."""
+        await self._tick.wait()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run a pass every ``maintenance_interval`` seconds."""
+        task_status.started()
+        interval = self.worker.settings.maintenance_interval
+        while True:
+            try:
+                await self.run_once()
+            except psycopg.Error as exc:
+                self.is_leader = False
+                log.warning("maintenance.failed", error=describe(exc))
+            self.ticks += 1
+            self._tick.set()
+            self._tick = anyio.Event()
+            await anyio.sleep(interval)
+
+    async def run_once(self) -> None:
+        """Renew or take the lease; if leading, do one pass of every chore."""
+        worker = self.worker
+        app = worker.app
+        q = app.queries
+        settings = worker.settings
+        async with app.connection() as conn:
+            cur = await conn.execute(
+                q["leader_elect"],
+                {"name": LEADER_NAME, "id": worker.id, "ttl": settings.leader_ttl},
+            )
+            leading = await cur.fetchone() is not None
+        if leading != self.is_leader:
+            log.info("leader.elected" if leading else "leader.lost", worker_id=worker.id)
+        self.is_leader = leading
+        if not leading:
+            return
+        await self.stage()
+        await self.rescue()
+        if settings.prune_after is not None:
+            await self.prune(settings.prune_after)
+
+    async def _rows(
+        self, name: str, params: dict[str, Any], *, queue_column: int | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run one query; if ``queue_column`` is given, wake the queues of the rows."""
+        app = self.worker.app
+        async with app.connection() as conn:
+            cur = await conn.execute(app.queries[name], params)
+            rows = await cur.fetchall() if cur.description is not None else []
+            if rows and queue_column is not None:
+                queues = sorted({r[queue_column] for r in rows})
+                await conn.execute(
+                    app.queries["queues_notify"],
+                    {"channel": app.queries.channel("insert"), "queues": queues},
+                )
+        return rows
+
+    async def stage(self) -> int:
+        """Make due scheduled and retryable jobs available; return how many."""
+        rows = await self._rows(
+            "jobs_stage", {"limit": self.worker.settings.stage_limit}, queue_column=1
+        )
+        if rows:
+            log.info("maintenance.staged", count=len(rows))
+        return len(rows)
+
+    async def rescue(self) -> int:
+        """Recover jobs of workers whose heartbeat expired; return how many."""
+        settings = self.worker.settings
+        rows = await self._rows("jobs_rescue", {"limit": settings.rescue_limit}, queue_column=2)
+        for job_id, state, queue, attempted_by, _wf in rows:
+            log.warning("job.rescued", job_id=job_id, queue=queue, state=state,
+                        lost_worker=attempted_by)
+        await self.worker.after_rescue(rows)
+        await self._rows("workers_prune", {"after": settings.heartbeat_ttl * 6})
+        return len(rows)
+
+    async def prune(self, max_age: float) -> int:
+        """Delete one bounded batch of old finished jobs; return how many."""
+        rows = await self._rows(
+            "jobs_prune", {"max_age": max_age, "limit": self.worker.settings.prune_limit}
+        )
+        count = int(rows[0][0]) if rows else 0
+        if count:
+            log.info("maintenance.pruned", table="jobs", count=count)
+        return count
+
+    async def resign(self) -> None:
+        """Give up the lease so another worker takes over at once."""
+        if not self.is_leader:
+            return
+        app = self.worker.app
+        try:
+            async with app.connection() as conn:
+                await conn.execute(app.queries["leader_resign"],
+                                   {"name": LEADER_NAME, "id": self.worker.id})
+        except psycopg.Error as exc:
+            log.warning("leader.resign_failed", error=describe(exc))
+        self.is_leader = False

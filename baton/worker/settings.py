@@ -1,0 +1,61 @@
+"""Worker settings: one validated model instead of a long constructor."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class WorkerSettings(BaseModel):
+    """How a worker process runs. Every duration is in seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queues: dict[str, int] = Field(default_factory=lambda: {"default": 10})
+    poll_interval: float = Field(default=1.0, gt=0)
+    """Fallback fetch interval for missed notifications; not the main wake-up path."""
+    debounce: float = Field(default=0.002, ge=0)
+    """How long a producer gathers freed slots before fetching again."""
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_ttl: float = Field(default=10.0, gt=0)
+    """A worker silent for this long is dead and its jobs are rescued."""
+    maintenance_interval: float = Field(default=1.0, gt=0)
+    leader_ttl: float = Field(default=10.0, gt=0)
+    shutdown_grace: float = Field(default=15.0, ge=0)
+    flush_interval: float = Field(default=0.002, ge=0)
+    """How long the completer gathers outcomes before writing them in one statement."""
+    flush_max: int = Field(default=2000, gt=0)
+    max_pending_outcomes: int = Field(default=10_000, gt=0)
+    stage_limit: int = Field(default=5000, gt=0)
+    rescue_limit: int = Field(default=1000, gt=0)
+    prune_after: float | None = Field(default=None, gt=0)
+    """Delete finished jobs older than this; ``None`` (the default) keeps them."""
+    prune_limit: int = Field(default=10_000, gt=0)
+
+    @field_validator("queues")
+    @classmethod
+    def _check_queues(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value:
+            raise ValueError("at least one queue is required")
+        for name, limit in value.items():
+            if not name or len(name) > 128:
+                raise ValueError(f"invalid queue name {name!r}")
+            if limit < 1:
+                raise ValueError(f"queue {name!r} needs a concurrency of at least 1")
+        return value
+
+
+def parse_queues(text: str) -> dict[str, int]:
+    """Parse ``"default=10,llm=4"`` (a bare name gets concurrency 10)."""
+    queues: dict[str, int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, limit = part.partition("=")
+        try:
+            queues[name.strip()] = int(limit) if limit else 10
+        except ValueError:
+            raise ValueError(f"invalid queue spec {part!r}: expected NAME=LIMIT") from None
+    if not queues:
+        raise ValueError("no queues given: expected e.g. default=10,llm=4")
+    return queues

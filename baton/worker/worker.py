@@ -1,0 +1,226 @@
+"""The worker process: composes notifier, producers, executor, completer and maintenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import psycopg
+import structlog
+
+from baton import migrations
+from baton.db import describe, translate_errors
+from baton.worker.completer import Completer
+from baton.worker.executor import Executor, FetchedJob, Outcome
+from baton.worker.maintenance import Maintenance
+from baton.worker.notifier import Notifier
+from baton.worker.producer import Producer
+from baton.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from baton.app import Baton
+
+log = structlog.get_logger("baton.worker")
+
+
+def new_worker_id() -> str:
+    """Return a worker id that says where the worker runs: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Runs the jobs of an app's queues until stopped.
+
+    ``await worker.run()`` returns after :meth:`stop` (or SIGTERM/SIGINT in the CLI): it
+    stops fetching, lets running jobs finish within ``shutdown_grace``, then hands the
+    unfinished ones back to the queue without burning their attempt.
+    """
+
+    def __init__(
+        self, app: Baton, settings: WorkerSettings | None = None, *, worker_id: str | None = None
+    ) -> None:
+        self.app = app
+        self.settings = settings or WorkerSettings()
+        self.id = worker_id or new_worker_id()
+        self.producers = {
+            queue: Producer(self, queue, limit) for queue, limit in self.settings.queues.items()
+        }
+        self.limiter = anyio.CapacityLimiter(sum(self.settings.queues.values()))
+        self.executor = Executor(app, self.limiter)
+        self.completer = Completer(
+            app,
+            self.id,
+            flush_interval=self.settings.flush_interval,
+            flush_max=self.settings.flush_max,
+            max_pending=self.settings.max_pending_outcomes,
+        )
+        self.maintenance = Maintenance(self)
+        self.started = anyio.Event()
+        self.stopped = anyio.Event()
+        self._stop = anyio.Event()
+        self._cancel_requested: set[int] = set()
+        self._unfinished: list[int] = []
+        self._notifier: Notifier | None = None
+
+    # -- hooks the workflow engine extends -------------------------------------------------
+
+    async def execute(self, job: FetchedJob) -> Outcome:
+        """Run one job to its outcome."""
+        return await self.executor.run(job)
+
+    async def after_rescue(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """React to rescued jobs (the leader calls this after each rescue)."""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully."""
+        self._stop.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run until :meth:`stop`; report started once every service is ready."""
+        await self._startup()
+        channel = self.app.queries.channel
+        self._notifier = Notifier(
+            self.app.dsn,
+            {channel("insert"): self._on_insert, channel("control"): self._on_control},
+            on_reconnect=self._wake_all,
+        )
+        try:
+            async with anyio.create_task_group() as services:
+                await services.start(self._notifier.run)
+                await services.start(self.completer.run)
+                services.start_soon(self._heartbeat)
+                await services.start(self.maintenance.run)
+                async with anyio.create_task_group() as producers:
+                    for producer in self.producers.values():
+                        await producers.start(producer.run)
+                    log.info("worker.started", worker_id=self.id, queues=self.settings.queues)
+                    self.started.set()
+                    task_status.started()
+                    await self._stop.wait()
+                    await self._wind_down()
+                await self._finish()
+                services.cancel_scope.cancel()
+        finally:
+            self.stopped.set()
+        log.info("worker.stopped", worker_id=self.id)
+
+    async def _startup(self) -> None:
+        await self.app.open()
+        with translate_errors("worker start"):
+            async with self.app.connection() as conn:
+                await conn.execute("SELECT 1")
+        await anyio.to_thread.run_sync(self._check_schema)
+        await self._register()
+
+    def _check_schema(self) -> None:
+        with psycopg.connect(self.app.dsn) as conn:
+            migrations.check_schema(conn, self.app.schema)
+
+    async def _wind_down(self) -> None:
+        log.info("worker.stopping", worker_id=self.id, grace=self.settings.shutdown_grace)
+        for producer in self.producers.values():
+            producer.stop()
+        with anyio.move_on_after(self.settings.shutdown_grace):
+            for producer in self.producers.values():
+                await producer.wait_idle()
+        for producer in self.producers.values():
+            producer.cancel_running()
+
+    async def _finish(self) -> None:
+        deadline = anyio.current_time() + max(5.0, self.settings.shutdown_grace)
+        with anyio.CancelScope(shield=True):
+            await self.completer.drain(deadline)
+            await self._hand_back()
+            await self.maintenance.resign()
+            try:
+                async with self.app.connection() as conn:
+                    await conn.execute(self.app.queries["worker_unregister"], {"id": self.id})
+            except psycopg.Error as exc:
+                log.warning("worker.unregister_failed", error=describe(exc))
+
+    async def _hand_back(self) -> None:
+        if not self._unfinished:
+            return
+        try:
+            async with self.app.connection() as conn:
+                cur = await conn.execute(
+                    self.app.queries["jobs_hand_back"],
+                    {"ids": self._unfinished, "worker_id": self.id},
+                )
+                rows = await cur.fetchall()
+                if rows:
+                    await conn.execute(
+                        self.app.queries["queues_notify"],
+                        {"channel": self.app.queries.channel("insert"),
+                         "queues": sorted({r[1] for r in rows})},
+                    )
+        except psycopg.Error as exc:
+            log.warning("worker.hand_back_failed", error=describe(exc), job_ids=self._unfinished)
+            return
+        for job_id, queue in rows:
+            log.info("job.handed_back", job_id=job_id, queue=queue)
+
+    def cancelled(self, job: FetchedJob) -> None:
+        """Note a job whose run was cancelled (by request, or at shutdown)."""
+        if job.id in self._cancel_requested:
+            self._cancel_requested.discard(job.id)
+            log.info("job.cancelled", job_id=job.id, queue=job.queue, step=job.step,
+                     attempt=job.attempt, reason="cancel requested")
+        else:
+            self._unfinished.append(job.id)
+
+    # -- registry --------------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        async with self.app.connection() as conn:
+            await conn.execute(
+                self.app.queries["worker_register"],
+                {
+                    "id": self.id,
+                    "hostname": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "queues": json.dumps(self.settings.queues),
+                    "ttl": self.settings.heartbeat_ttl,
+                },
+            )
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self._register()
+            except psycopg.Error as exc:
+                log.warning("worker.heartbeat_failed", worker_id=self.id, error=describe(exc))
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def _on_insert(self, queue: str) -> None:
+        producer = self.producers.get(queue)
+        if producer is not None:
+            producer.wake()
+
+    def _on_control(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warning("worker.bad_control_message", payload=payload[:200])
+            return
+        if message.get("action") != "cancel" or message.get("worker") != self.id:
+            return
+        job_id = int(message["job_id"])
+        for producer in self.producers.values():
+            if producer.cancel_job(job_id):
+                self._cancel_requested.add(job_id)
+
+    def _wake_all(self) -> None:
+        for producer in self.producers.values():
+            producer.wake()

@@ -1,0 +1,1 @@
+"""Peer-queue benchmarks: the same workloads run against other Postgres job queues."""
