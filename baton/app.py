@@ -154,6 +154,12 @@ class Baton:
             self._sync_pool.close()
             self._sync_pool = None
 
+    def close_sync(self) -> None:
+        """Close the sync connection pool (for programs that only use the ``_sync`` API)."""
+        if self._sync_pool is not None:
+            self._sync_pool.close()
+            self._sync_pool = None
+
     async def __aenter__(self) -> Baton:
         await self.open()
         return self
@@ -179,6 +185,7 @@ class Baton:
                 max_size=self.pool_size,
                 check=ConnectionPool.check_connection,
                 name=f"baton-{self.schema}-sync",
+                open=True,
             )
         with self._sync_pool.connection() as conn:
             yield conn

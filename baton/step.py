@@ -31,7 +31,7 @@ class StepOptions:
 
 
 class _ArgsBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 def step_name(fn: Callable[..., Any]) -> str:

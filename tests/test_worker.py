@@ -1,0 +1,246 @@
+"""The worker: every state transition, retries, snooze, cancel, priorities, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import baton
+from baton.job import JobState
+from baton.testing import running_worker, wait_for_job, wait_for_jobs
+from tests.apps import basic
+from tests.helpers import sql_rows
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Iterator[None]:
+    basic.reset()
+    yield
+    for gate in basic.GATES.values():
+        gate.set()
+
+
+async def test_job_completes(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.echo.new(value="hi"))
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["echo"] == ["hi"]
+    assert job.attempt == 1 and job.finalized_at is not None and job.attempted_by
+
+
+async def test_sync_step_runs_in_thread(app: baton.Baton) -> None:
+    ids = await app.enqueue_many([basic.sync_add.new(a=i, b=1) for i in range(20)])
+    async with running_worker(app):
+        await wait_for_jobs(app, ids, ["completed"])
+    assert sorted(basic.CALLS["sync_add"]) == list(range(1, 21))
+
+
+async def test_args_arrive_typed(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.typed.new(count=2, when="2026-01-02T03:04:05+00:00"))
+    async with running_worker(app):
+        await wait_for_job(app, job_id, "completed")
+    [(count, when)] = basic.CALLS["typed"]
+    assert count == 2 and when.year == 2026 and when.tzinfo is not None
+
+
+async def test_error_then_retry_then_success(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.flaky.new(key="f", failures=2))
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["f"] == [1, 2, 3]
+    assert job.attempt == 3
+    assert [e["attempt"] for e in job.errors] == [1, 2]
+    assert "RuntimeError: failure 1" in job.errors[0]["error"]
+    assert "Traceback" in job.errors[0]["traceback"]
+
+
+async def test_retryable_state_with_backoff(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.flaky.new(key="b", failures=1).options(max_attempts=2))
+    # The default backoff is 15 s and up: observe the retryable state, not the retry.
+    slow = basic.flaky.new(key="slow", failures=5)
+    slow_id = await app.enqueue(slow)
+    async with running_worker(app):
+        await wait_for_job(app, job_id, "completed")
+        job = await wait_for_job(app, slow_id, "retryable")
+    assert job.errors and job.scheduled_at >= job.attempted_at  # type: ignore[operator]
+
+
+async def test_retries_exhausted_discards(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.always_fails.new())
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "discarded")
+    assert job.attempt == 2 and len(job.errors) == 2
+    assert job.finalized_at is not None
+
+
+async def test_snooze_gives_attempt_back(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.snoozer.new(key="s", seconds=0.05))
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["s"] == [(1, 0), (1, 1)]
+    assert job.attempt == 1 and job.snoozes == 1 and job.errors == []
+
+
+async def test_long_snooze_is_scheduled(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.snoozer.new(key="s", seconds=3600))
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "scheduled")
+    assert job.attempt == 0 and job.snoozes == 1
+
+
+async def test_step_cancels_itself(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.canceller.new())
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "cancelled")
+    assert "not needed any more" in job.errors[-1]["error"]
+
+
+async def test_returned_discard_fails_permanently(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.discarder.new())
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "discarded")
+    assert job.attempt == 1 and "bad input" in job.errors[-1]["error"]
+
+
+async def test_timeout_fails_the_attempt(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.too_slow.new())
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "discarded")
+    assert job.errors[-1]["kind"] == "timeout"
+
+
+async def test_scheduled_job_runs_when_due(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.echo.new(value="later").options(schedule_in=0.3))
+    assert (await app.get_job(job_id)).state is JobState.SCHEDULED
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed")
+    assert job.attempted_at is not None and job.attempted_at >= job.scheduled_at
+
+
+async def test_priorities_order_the_fetch(app: baton.Baton) -> None:
+    specs = [basic.record.new(key="p", label=f"p{p}-{i}").options(priority=p)
+             for i, p in enumerate([5, 0, 9, 0, 3])]
+    ids = await app.enqueue_many(specs)
+    async with running_worker(app, queues={"ordered": 1}):
+        await wait_for_jobs(app, ids, ["completed"])
+    assert basic.CALLS["p"] == ["p0-1", "p0-3", "p3-4", "p5-0", "p9-2"]
+
+
+async def test_concurrency_limit_per_queue(app: baton.Baton) -> None:
+    ids = await app.enqueue_many([basic.counted.new(key="c", gate="g") for _ in range(12)])
+    async with running_worker(app, queues={"limited": 3}):
+        with anyio.fail_after(10):
+            while basic.RUNNING["c"] < 3:
+                await anyio.sleep(0.01)
+        running = sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs WHERE state='executing'")
+        assert running == [(3,)]
+        basic.GATES["g"].set()
+        await wait_for_jobs(app, ids, ["completed"])
+    assert basic.PEAK["c"] == 3 and len(basic.CALLS["c"]) == 12
+
+
+async def test_cancel_running_job(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocker.new(key="k"))
+    async with running_worker(app):
+        with anyio.fail_after(10):
+            await basic.STARTED.setdefault("k", anyio.Event()).wait()
+        assert await app.cancel(job_id) is True
+        job = await wait_for_job(app, job_id, "cancelled")
+        other = await app.enqueue(basic.echo.new(value="after"))
+        await wait_for_job(app, other, "completed")
+    assert basic.CALLS["k"] == []  # the step was stopped, not finished
+    assert (await app.get_job(job_id)).state is JobState.CANCELLED
+    assert job.finalized_at is not None
+
+
+async def test_cancel_waiting_and_finished_jobs(app: baton.Baton) -> None:
+    waiting = await app.enqueue(basic.echo.new(value=1).options(schedule_in=3600))
+    assert await app.cancel(waiting) is True
+    assert await app.cancel(waiting) is False
+    with pytest.raises(baton.JobNotFound):
+        await app.cancel(999_999)
+
+
+async def test_retry_makes_finished_job_run_again(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.echo.new(value="again"))
+    async with running_worker(app):
+        await wait_for_job(app, job_id, "completed")
+        assert await app.retry(job_id) is True
+        with anyio.fail_after(10):
+            while len(basic.CALLS["echo"]) < 2:
+                await anyio.sleep(0.01)
+        job = await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["echo"] == ["again", "again"] and job.attempt == 2
+
+
+async def test_retry_discarded_job_gets_another_attempt(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.always_fails.new())
+    async with running_worker(app):
+        await wait_for_job(app, job_id, "discarded")
+        assert await app.retry(job_id)
+        job = await wait_for_job(app, job_id, "discarded", timeout=10)
+        with anyio.fail_after(10):
+            while (job := await app.get_job(job_id)).attempt < 3:
+                await anyio.sleep(0.01)
+    assert job.max_attempts == 3 and len(job.errors) == 3
+
+
+async def test_unknown_step_is_discarded_and_others_run(app: baton.Baton) -> None:
+    bad = baton.JobSpec(step="tests.apps.nowhere.missing", args={})
+    [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])
+    async with running_worker(app):
+        job = await wait_for_job(app, bad_id, "discarded")
+        await wait_for_job(app, good_id, "completed")
+    assert "no step named 'tests.apps.nowhere.missing'" in job.errors[0]["error"]
+    assert job.errors[0]["kind"] == "invalid"
+
+
+async def test_invalid_stored_args_are_discarded(app: baton.Baton) -> None:
+    bad = baton.JobSpec(step=basic.typed.name, args={"count": "lots"})
+    [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])
+    async with running_worker(app):
+        job = await wait_for_job(app, bad_id, "discarded")
+        await wait_for_job(app, good_id, "completed")
+    assert "invalid arguments" in job.errors[0]["error"] and job.attempt == 1
+
+
+async def test_two_workers_never_run_one_job(app: baton.Baton) -> None:
+    ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(400)])
+    async with running_worker(app, queues={"default": 7}), \
+            running_worker(app, queues={"default": 5}):
+        jobs = await wait_for_jobs(app, ids, ["completed"])
+    assert sorted(basic.CALLS["echo"]) == list(range(400))
+    assert all(j.attempt == 1 for j in jobs)
+    workers = {j.attempted_by for j in jobs}
+    assert len(workers) == 2
+
+
+async def test_graceful_shutdown_hands_back_unfinished(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocker.new(key="stuck"))
+    async with running_worker(app, shutdown_grace=0.1):
+        with anyio.fail_after(10):
+            await basic.STARTED.setdefault("stuck", anyio.Event()).wait()
+    job = await app.get_job(job_id)
+    assert job.state is JobState.AVAILABLE
+    assert job.attempt == 0 and job.attempted_by is None
+
+
+async def test_graceful_shutdown_lets_running_jobs_finish(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocker.new(key="finish"))
+    async with running_worker(app, shutdown_grace=10) as worker:
+        with anyio.fail_after(10):
+            await basic.STARTED.setdefault("finish", anyio.Event()).wait()
+        worker.stop()
+        basic.GATES.setdefault("finish", anyio.Event()).set()
+    assert (await app.get_job(job_id)).state is JobState.COMPLETED
+
+
+async def test_leader_is_elected_once(app: baton.Baton) -> None:
+    async with running_worker(app) as one, running_worker(app) as two:
+        with anyio.fail_after(10):
+            while one.maintenance.ticks < 3 or two.maintenance.ticks < 3:
+                await anyio.sleep(0.01)
+        assert [one.maintenance.is_leader, two.maintenance.is_leader].count(True) == 1
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
