@@ -2,6 +2,7 @@
 
 from baton.app import Baton
 from baton.context import Context
+from baton.dag import Workflow
 from baton.errors import (
     ArgsError,
     BatonError,
@@ -11,6 +12,10 @@ from baton.errors import (
     DuplicateStepError,
     JobNotFound,
     MigrationError,
+    NoResultError,
+    NoSuchStepError,
+    NotADependencyError,
+    NotInWorkflowError,
     PayloadTooLargeError,
     ResultError,
     StepError,
@@ -40,6 +45,10 @@ __all__ = [
     "JobSpec",
     "JobState",
     "MigrationError",
+    "NoResultError",
+    "NoSuchStepError",
+    "NotADependencyError",
+    "NotInWorkflowError",
     "PayloadTooLargeError",
     "ResultError",
     "Signal",
@@ -50,6 +59,7 @@ __all__ = [
     "UnknownStepError",
     "Worker",
     "WorkerSettings",
+    "Workflow",
     "WorkflowError",
     "WorkflowNotFound",
 ]

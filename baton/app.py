@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, overload
@@ -10,7 +11,8 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from baton import migrations, ops
+from baton import migrations, ops, workflows
+from baton.dag import Workflow
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import StepError, UnknownStepError
@@ -80,6 +82,9 @@ class Baton:
         timeout: float | None = None,
         backoff: Callable[[int], float] | None = None,
         name: str | None = None,
+        on_dep_cancelled: Callable[..., Any] | None = None,
+        on_dep_discarded: Callable[..., Any] | None = None,
+        llm: bool = False,
     ) -> Callable[[F], Step]: ...
 
     def step(
@@ -93,11 +98,16 @@ class Baton:
         timeout: float | None = None,
         backoff: Callable[[int], float] | None = None,
         name: str | None = None,
+        on_dep_cancelled: Callable[..., Any] | None = None,
+        on_dep_discarded: Callable[..., Any] | None = None,
+        llm: bool = False,
     ) -> Step | Callable[[F], Step]:
         """Register a function (``async def`` or plain ``def``) as a step.
 
         Use bare (``@app.step``) or with options. ``backoff`` maps a failed attempt number
         to the seconds before the retry (default: exponential with jitter).
+        ``on_dep_cancelled`` / ``on_dep_discarded`` are called as ``fn(ctx, reason)`` when a
+        workflow dependency failed that way and this step is cancelled because of it.
         """
         options = StepOptions(
             queue=queue,
@@ -105,6 +115,9 @@ class Baton:
             priority=priority,
             timeout=timeout,
             backoff=backoff,
+            on_dep_cancelled=on_dep_cancelled,
+            on_dep_discarded=on_dep_discarded,
+            llm=llm,
         )
         # Validate the options once, here, rather than at every new().
         JobSpec(step="-", queue=queue, max_attempts=max_attempts, priority=priority,
@@ -255,12 +268,80 @@ class Baton:
         return self._run_sync(ops.get_job(self.queries, job_id), "get job", None)
 
     async def cancel(self, job_id: int) -> bool:
-        """Cancel a job; a running one is told to stop. ``False`` if it already finished."""
-        return await self._run(ops.cancel(self.queries, job_id), "cancel", None)
+        """Cancel a job; a running one is told to stop. ``False`` if it already finished.
+
+        A cancelled workflow step settles at once: its dependents are released to cancel
+        themselves (or run, if they ignore cancelled dependencies).
+        """
+        cancelled, finished = await self._run(
+            workflows.cancel_step(self.queries, job_id), "cancel", None
+        )
+        self._announce(finished)
+        return cancelled
 
     def cancel_sync(self, job_id: int) -> bool:
         """Cancel a job from synchronous code."""
-        return self._run_sync(ops.cancel(self.queries, job_id), "cancel", None)
+        cancelled, finished = self._run_sync(
+            workflows.cancel_step(self.queries, job_id), "cancel", None
+        )
+        self._announce(finished)
+        return cancelled
+
+    # -- workflows -----------------------------------------------------------------------
+
+    async def insert(
+        self, workflow: Workflow, *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> uuid.UUID:
+        """Validate ``workflow`` and insert all of it in one transaction; return its id.
+
+        :param conn: insert in the caller's transaction on this connection.
+        :raises WorkflowError: (cycles, unknown dependencies, ...) before anything is written.
+        """
+        return await self._run(workflows.insert(self.queries, workflow), "insert workflow",
+                               conn)
+
+    def insert_sync(
+        self, workflow: Workflow, *, conn: psycopg.Connection[Any] | None = None
+    ) -> uuid.UUID:
+        """Insert a workflow from synchronous code; return its id."""
+        return self._run_sync(workflows.insert(self.queries, workflow), "insert workflow", conn)
+
+    async def append(self, workflow_id: uuid.UUID, workflow: Workflow) -> list[str]:
+        """Add the steps of ``workflow`` to a running workflow; return their names."""
+        return await self._run(workflows.append(self.queries, workflow_id, workflow),
+                               "append to workflow", None)
+
+    async def result(self, workflow_id: uuid.UUID, step: str) -> Any:
+        """Return the stored result of one step of a workflow.
+
+        :raises NoSuchStepError: if the workflow has no such step.
+        :raises NoResultError: if the step stored no result.
+        """
+        return await self._run(workflows.result(self.queries, workflow_id, step),
+                               "read result", None)
+
+    async def results(self, workflow_id: uuid.UUID) -> dict[str, Any]:
+        """Return every stored result of a workflow, by step name."""
+        return await self._run(workflows.results(self.queries, workflow_id), "read results",
+                               None)
+
+    async def get_workflow(self, workflow_id: uuid.UUID) -> workflows.WorkflowInfo:
+        """Return a workflow's row (state, counts, failed steps).
+
+        :raises WorkflowNotFound: if there is none.
+        """
+        return await self._run(workflows.get(self.queries, workflow_id), "get workflow", None)
+
+    def workflow_from_template(self, data: dict[str, Any] | str) -> Workflow:
+        """Compile a workflow from a template (dict or JSON); see :mod:`baton.templates`."""
+        from baton.templates import compile_template
+
+        return compile_template(self, data)
+
+    def _announce(self, finished: Sequence[workflows.Finished]) -> None:
+        for wf in finished:
+            log.info("workflow.finished", workflow_id=str(wf.workflow_id),
+                     workflow_label=wf.label, outcome=wf.outcome, failed_steps=wf.failed_steps)
 
     async def retry(self, job_id: int) -> bool:
         """Make a job that is not running available again. ``False`` if it is running."""

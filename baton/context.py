@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from pydantic import TypeAdapter
+
+from baton.errors import NoResultError, NotADependencyError, NotInWorkflowError
+
+if TYPE_CHECKING:
+    from baton.app import Baton
+    from baton.dag import Workflow
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -13,10 +23,14 @@ class Context:
 
     :ivar job_id: the job's id.
     :ivar attempt: which attempt this is, from 1.
-    :ivar results: for a workflow step, each dependency's name mapped to its result.
+    :ivar results: for a workflow step, each dependency's name mapped to its result (a
+        fan-out group maps to ``{model: result}``); dependencies without a result are left
+        out.
     :ivar workflow_id: the workflow this step belongs to, else ``None``.
     :ivar step: the step's name within its workflow (else the registered step name).
-    :ivar model: the model of a multi-model fan-out copy, else ``None``.
+    :ivar model: the model of a multi-model fan-out copy (or the workflow's model map).
+    :ivar failed_deps: for a step that runs despite failed dependencies (``ignore_*`` or
+        ``min_success``), their names.
     """
 
     job_id: int
@@ -28,10 +42,56 @@ class Context:
     meta: dict[str, Any] = field(default_factory=dict)
     snoozes: int = 0
     workflow_id: uuid.UUID | None = None
+    workflow_label: str | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    deps: list[str] = field(default_factory=list)
+    failed_deps: list[str] = field(default_factory=list)
     model: str | None = None
+    app: Baton | None = field(default=None, repr=False)
 
     @property
     def is_last_attempt(self) -> bool:
         """Whether a failure now discards the job."""
         return self.attempt >= self.max_attempts
+
+    @overload
+    def result(self, name: str) -> Any: ...
+
+    @overload
+    def result(self, name: str, as_: type[T]) -> T: ...
+
+    def result(self, name: str, as_: type[T] | None = None) -> Any:
+        """Return dependency ``name``'s result, validated as ``as_`` if given.
+
+        :raises NotInWorkflowError: if this job is not a workflow step.
+        :raises NotADependencyError: if ``name`` is not one of this step's dependencies.
+        :raises NoResultError: if that dependency stored no result.
+        """
+        if self.workflow_id is None:
+            raise NotInWorkflowError()
+        if name not in self.deps:
+            raise NotADependencyError(self.step, name)
+        if name not in self.results:
+            raise NoResultError(name)
+        value = self.results[name]
+        return TypeAdapter(as_).validate_python(value) if as_ is not None else value
+
+    async def read_result(self, name: str) -> Any:
+        """Read the stored result of any step of this workflow (this one included).
+
+        :raises NotInWorkflowError: if this job is not a workflow step.
+        :raises NoSuchStepError: if the workflow has no such step.
+        :raises NoResultError: if it stored no result.
+        """
+        if self.workflow_id is None or self.app is None:
+            raise NotInWorkflowError()
+        return await self.app.result(self.workflow_id, name)
+
+    async def append(self, workflow: Workflow) -> list[str]:
+        """Add the steps of ``workflow`` to this step's workflow (validated the same way).
+
+        The new steps may depend on this step and any other existing step.
+        """
+        if self.workflow_id is None or self.app is None:
+            raise NotInWorkflowError()
+        return await self.app.append(self.workflow_id, workflow)

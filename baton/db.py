@@ -83,8 +83,8 @@ def channel_name(schema: str, name: str) -> str:
     return f"{validate_schema(schema)}.{name}"
 
 
-def describe(exc: psycopg.Error) -> str:
-    """Return a one-line description of a driver error."""
+def describe(exc: BaseException) -> str:
+    """Return a one-line description of an error (a driver error's primary message)."""
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) if diag is not None else None
     if primary:

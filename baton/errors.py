@@ -108,3 +108,33 @@ class WorkflowNotFound(BatonError):
 
 class ResultError(BatonError):
     """A step result could not be read."""
+
+
+class NotInWorkflowError(ResultError):
+    """This job is not a workflow step, so it has no dependency results."""
+
+
+class NotADependencyError(ResultError):
+    """The named step is not a dependency of this step."""
+
+    def __init__(self, step: str, name: str) -> None:
+        self.step = step
+        self.name = name
+        super().__init__(f"{name!r} is not a dependency of step {step!r}; add it to deps")
+
+
+class NoSuchStepError(ResultError):
+    """The workflow has no step of that name."""
+
+    def __init__(self, workflow_id: str, name: str) -> None:
+        self.workflow_id = workflow_id
+        self.name = name
+        super().__init__(f"workflow {workflow_id} has no step named {name!r}")
+
+
+class NoResultError(ResultError):
+    """The step exists but stored no result."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"step {name!r} has no result (it returned None or has not completed)")

@@ -28,6 +28,12 @@ class StepOptions:
     priority: int = 0
     timeout: float | None = None
     backoff: Callable[[int], float] | None = None
+    on_dep_cancelled: Callable[..., Any] | None = None
+    """Called as ``fn(ctx, reason)`` when a dependency was cancelled and this step is not."""
+    on_dep_discarded: Callable[..., Any] | None = None
+    """Called as ``fn(ctx, reason)`` when a dependency was discarded and this step is not."""
+    llm: bool = False
+    """An LLM step: a provider's HTTP 429 snoozes the job instead of failing it."""
 
 
 class _ArgsBase(BaseModel):

@@ -7,6 +7,7 @@ and ``running_worker`` runs a real worker for the length of a block.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from baton.errors import BatonError
 from baton.job import Job, JobSpec, JobState
 from baton.worker import Worker, WorkerSettings
 from baton.worker.executor import FetchedJob, Outcome
+from baton.workflows import WorkflowInfo
 
 FAST_SETTINGS: dict[str, Any] = {
     "poll_interval": 0.2,
@@ -79,6 +81,25 @@ async def wait_for_jobs(
     wanted = [JobState(s) for s in states]
     with anyio.fail_after(timeout):
         return [await wait_for_job(app, job_id, wanted, timeout=timeout) for job_id in job_ids]
+
+
+async def wait_for_workflow(
+    app: Baton, workflow_id: uuid.UUID, *, timeout: float = 30.0, interval: float = 0.01
+) -> WorkflowInfo:
+    """Return the workflow once it finished (completed or failed).
+
+    :raises TimeoutError: if it is still running after ``timeout`` seconds.
+    """
+    info = await app.get_workflow(workflow_id)
+    with anyio.move_on_after(timeout):
+        while info.state == "running":
+            await anyio.sleep(interval)
+            info = await app.get_workflow(workflow_id)
+        return info
+    raise TimeoutError(
+        f"workflow {workflow_id} still running after {timeout}s: "
+        f"{info.settled_steps} of {info.total_steps} steps settled"
+    )
 
 
 async def perform_job(app: Baton, job: JobSpec, *, attempt: int = 1) -> Outcome:

@@ -12,6 +12,7 @@ import psycopg
 import structlog
 
 from baton.db import describe
+from baton.errors import DatabaseError
 from baton.job import JobState
 from baton.worker.executor import Outcome
 
@@ -95,7 +96,7 @@ class Completer:
             try:
                 await self.flush_once()
                 failures = 0
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseError) as exc:
                 failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(failures, 7))
                 log.warning("completer.write_failed", error=describe(exc),
@@ -147,7 +148,7 @@ class Completer:
         while self.pending and anyio.current_time() < deadline:
             try:
                 await self.flush_once()
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseError) as exc:
                 failures += 1
                 log.warning("completer.write_failed", error=describe(exc),
                             pending=len(self.pending))

@@ -114,6 +114,7 @@ class Executor:
     async def run(self, job: FetchedJob, ctx: Context | None = None) -> Outcome:
         """Run ``job`` to an outcome. Cancellation from outside propagates untouched."""
         started = time.monotonic()
+        step: Step | None = None
         try:
             step = self.app.get_step(job.step)
             kwargs = step.load_args(job.args)
@@ -123,7 +124,8 @@ class Executor:
                 result = await self.call(step, step.bind(kwargs, ctx))
             if isinstance(result, Signal):
                 raise result
-            outcome = Outcome(job, JobState.COMPLETED, result=result, has_result=True)
+            outcome = Outcome(job, JobState.COMPLETED, result=result,
+                              has_result=result is not None)
         except (UnknownStepError, ArgsError) as exc:
             outcome = Outcome(job, JobState.DISCARDED, error=error_entry(job, exc, kind="invalid"))
         except Snooze as exc:
@@ -136,7 +138,11 @@ class Executor:
         except TimeoutError as exc:
             outcome = self.failed(job, exc, kind="timeout")
         except Exception as exc:
-            outcome = self.failed(job, exc, kind="error")
+            retry_after = _rate_limited(exc) if step is not None and step.options.llm else None
+            if retry_after is not None:
+                outcome = Outcome(job, JobState.SCHEDULED, delay=retry_after, snooze=True)
+            else:
+                outcome = self.failed(job, exc, kind="error")
         outcome.duration = time.monotonic() - started
         return outcome
 
@@ -149,3 +155,20 @@ class Executor:
         backoff = step.options.backoff if step is not None else None
         delay = backoff(job.attempt) if backoff is not None else backoff_seconds(job.attempt)
         return Outcome(job, JobState.RETRYABLE, delay=max(0.0, delay), error=entry)
+
+
+def _rate_limited(exc: BaseException, default: float = 5.0) -> float | None:
+    """Return seconds to wait if ``exc`` is a provider's HTTP 429, else ``None``.
+
+    Recognizes exceptions with ``status_code`` or ``response.status_code`` of 429 (httpx,
+    the OpenAI and Anthropic clients) and honours a ``Retry-After`` header in seconds.
+    """
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    if status != 429:
+        return None
+    headers = getattr(response, "headers", None) or {}
+    try:
+        return max(0.0, float(headers.get("retry-after", default)))
+    except (TypeError, ValueError):
+        return default

@@ -9,7 +9,9 @@ import anyio.abc
 import psycopg
 import structlog
 
+from baton import ops, workflows
 from baton.db import describe
+from baton.errors import DatabaseError
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
@@ -40,7 +42,7 @@ class Maintenance:
         while True:
             try:
                 await self.run_once()
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseError) as exc:
                 self.is_leader = False
                 log.warning("maintenance.failed", error=describe(exc))
             self.ticks += 1
@@ -67,6 +69,7 @@ class Maintenance:
             return
         await self.stage()
         await self.rescue()
+        await self.sweep()
         if settings.prune_after is not None:
             await self.prune(settings.prune_after)
 
@@ -102,9 +105,30 @@ class Maintenance:
         for job_id, state, queue, attempted_by, _wf in rows:
             log.warning("job.rescued", job_id=job_id, queue=queue, state=state,
                         lost_worker=attempted_by)
-        await self.worker.after_rescue(rows)
         await self._rows("workers_prune", {"after": settings.heartbeat_ttl * 6})
         return len(rows)
+
+    async def sweep(self) -> int:
+        """Backstop the workflow engine; return how many steps it settled or released.
+
+        Settles finished steps whose settlement was never recorded (a rescue that
+        discarded a step, a cancel made by hand in SQL) and releases held steps that have
+        nothing left to wait on.
+        """
+        app = self.worker.app
+        q = app.queries
+        async with app.connection() as conn:
+            cur = await conn.execute(
+                q["jobs_unsettled"], {"limit": self.worker.settings.rescue_limit}
+            )
+            steps = [(w, n, s) for w, n, s in await cur.fetchall()]
+            finished = await ops.run_async(conn, workflows.settle(q, steps), "sweep settle")
+        app._announce(finished)
+        released = await self._rows("nodes_stranded", {}, queue_column=1)
+        if steps or released:
+            log.info("maintenance.swept", settled=len(steps), released=len(released),
+                     finished=len(finished))
+        return len(steps) + len(released)
 
     async def prune(self, max_age: float) -> int:
         """Delete one bounded batch of old finished jobs; return how many."""

@@ -14,7 +14,7 @@ import anyio.abc
 import psycopg
 import structlog
 
-from baton import migrations
+from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
 from baton.worker.completer import Completer
 from baton.worker.executor import Executor, FetchedJob, Outcome
@@ -22,6 +22,7 @@ from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
 from baton.worker.settings import WorkerSettings
+from baton.worker.steps import StepRunner
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -59,7 +60,9 @@ class Worker:
             flush_interval=self.settings.flush_interval,
             flush_max=self.settings.flush_max,
             max_pending=self.settings.max_pending_outcomes,
+            after_write=self._after_write,
         )
+        self.steps = StepRunner(self)
         self.maintenance = Maintenance(self)
         self.started = anyio.Event()
         self.stopped = anyio.Event()
@@ -71,11 +74,25 @@ class Worker:
     # -- hooks the workflow engine extends -------------------------------------------------
 
     async def execute(self, job: FetchedJob) -> Outcome:
-        """Run one job to its outcome."""
+        """Run one job to its outcome (a workflow step through its gate)."""
+        if job.workflow_id is not None:
+            return await self.steps.run(job)
         return await self.executor.run(job)
 
-    async def after_rescue(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """React to rescued jobs (the leader calls this after each rescue)."""
+    async def _after_write(
+        self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
+    ) -> None:
+        """Settle the workflow steps among written outcomes, in the same transaction."""
+        steps = [
+            (o.job.workflow_id, o.job.workflow_step, o.state.value)
+            for o in outcomes
+            if o.job.workflow_id is not None and o.job.workflow_step is not None
+            and o.state in workflows.SETTLED_STATES
+        ]
+        if steps:
+            finished = await ops.run_async(conn, workflows.settle(self.app.queries, steps),
+                                           "settle steps")
+            self.app._announce(finished)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -1,0 +1,238 @@
+"""Workflows as data: the builder users call and the validation run before insertion.
+
+Pure: nothing here touches the database. A :class:`Workflow` is checked whole (unknown
+dependencies, duplicate names, cycles by Kahn's algorithm) before one row is written.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from baton.errors import CycleError, DuplicateStepError, UnknownDependencyError, WorkflowError
+from baton.job import JobSpec
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid step name (1-200 of letters, digits, ``_.:-``)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise WorkflowError(
+            f"invalid step name {name!r}: use 1-200 letters, digits, '_', '.', ':' or '-'"
+        )
+    return name
+
+
+def model_slug(model: str) -> str:
+    """Return the short form of a model name used in fan-out step names.
+
+    ``"openai/gpt-4o-mini"`` → ``"gpt_4o_mini"``.
+    """
+    short = model.rsplit("/", 1)[-1]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", short).strip("_").lower()
+    return slug or "model"
+
+
+@dataclass
+class Node:
+    """One step of a workflow as the builder holds it."""
+
+    name: str
+    job: JobSpec
+    deps: list[str]
+    ignore_cancelled: bool | None = None
+    ignore_discarded: bool | None = None
+    group: str | None = None
+    model: str | None = None
+    min_success: int | None = None
+
+
+@dataclass
+class Workflow:
+    """A DAG of jobs with named dependencies.
+
+    >>> wf = Workflow("ingest")
+    >>> wf.add("fetch", fetch.new(url=url))          # doctest: +SKIP
+    >>> wf.add("parse", parse.new(), deps=["fetch"])  # doctest: +SKIP
+
+    :param label: a free human label (``workflow_name`` in Baton), e.g. ``"patent:US1"``.
+    :param id: the workflow's id; a fresh UUID by default.
+    :param ignore_cancelled: run steps whose dependency was cancelled (workflow default).
+    :param ignore_discarded: run steps whose dependency was discarded (workflow default).
+    :param debug: capture the context of every step.
+    :param models: a per-step model map: ``ctx.model`` for the named steps.
+    """
+
+    label: str = "workflow"
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    ignore_cancelled: bool = False
+    ignore_discarded: bool = False
+    debug: bool = False
+    models: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.id, str):
+            self.id = uuid.UUID(self.id)
+
+    def add(
+        self,
+        name: str,
+        job: JobSpec,
+        *,
+        deps: Iterable[str] = (),
+        ignore_cancelled: bool | None = None,
+        ignore_discarded: bool | None = None,
+        model: str | None = None,
+        min_success: int | None = None,
+    ) -> Workflow:
+        """Add a step called ``name`` that runs ``job`` after ``deps``; return the workflow.
+
+        A dependency may name a step or a fan-out group (meaning all of its copies).
+        Per-step ``ignore_*`` flags override the workflow's. ``min_success`` (with group
+        dependencies) lets the step run once at least that many of them completed.
+
+        :raises DuplicateStepError: if the name is taken.
+        """
+        check_name(name)
+        if name in self.nodes or name in self.groups:
+            raise DuplicateStepError(name)
+        if not isinstance(job, JobSpec):
+            raise WorkflowError(f"step {name!r}: expected a job from step.new(), got {job!r}")
+        dep_names = [str(d) for d in ([deps] if isinstance(deps, str) else deps)]
+        if len(set(dep_names)) != len(dep_names):
+            raise WorkflowError(f"step {name!r} lists a dependency twice")
+        if min_success is not None and min_success < 0:
+            raise WorkflowError(f"step {name!r}: min_success must be >= 0")
+        self.nodes[name] = Node(
+            name, job, dep_names, ignore_cancelled, ignore_discarded,
+            model=model or self.models.get(name), min_success=min_success,
+        )
+        return self
+
+    def add_fan_out(
+        self,
+        name: str,
+        job: JobSpec,
+        *,
+        models: Sequence[str],
+        deps: Iterable[str] = (),
+        synthesize_with: JobSpec | None = None,
+        synthesize_model: str | None = None,
+        min_success: int | None = None,
+        ignore_cancelled: bool | None = None,
+        ignore_discarded: bool | None = None,
+    ) -> list[str]:
+        """Run ``job`` once per model as a group called ``name``; return the copies' names.
+
+        Each copy is named ``<name>_<model short form>`` and sees its model in
+        ``ctx.model``. With ``synthesize_with``, a ``<name>_synthesis`` step depends on the
+        whole group and reads every copy's result keyed by model in ``ctx.results[name]``;
+        it runs once ``min_success`` copies completed (default: all of them).
+        """
+        check_name(name)
+        if not models:
+            raise WorkflowError(f"fan-out {name!r} needs at least one model")
+        if len(set(models)) != len(models):
+            raise WorkflowError(f"fan-out {name!r} lists a model twice")
+        if name in self.nodes or name in self.groups:
+            raise DuplicateStepError(name)
+        if min_success is not None and not 0 <= min_success <= len(models):
+            raise WorkflowError(f"fan-out {name!r}: min_success must be within 0..{len(models)}")
+        members: list[str] = []
+        taken: set[str] = set()
+        for model in models:
+            base = f"{name}_{model_slug(model)}"
+            member, n = base, 2
+            while member in taken or member in self.nodes:
+                member, n = f"{base}_{n}", n + 1
+            taken.add(member)
+            self.add(member, job, deps=deps, model=model, ignore_cancelled=ignore_cancelled,
+                     ignore_discarded=ignore_discarded)
+            self.nodes[member].group = name
+            members.append(member)
+        self.groups[name] = members
+        if synthesize_with is not None:
+            # Failed copies must not cancel the synthesis: it decides by min_success.
+            self.add(f"{name}_synthesis", synthesize_with, deps=[name],
+                     model=synthesize_model, min_success=len(models) if min_success is None
+                     else min_success, ignore_cancelled=True, ignore_discarded=True)
+        return members
+
+    def expand(self, deps: Iterable[str]) -> list[str]:
+        """Return ``deps`` with group names replaced by their members."""
+        out: list[str] = []
+        for dep in deps:
+            out.extend(self.groups.get(dep, [dep]))
+        return out
+
+    def validate(self, existing: Iterable[str] = ()) -> list[str]:
+        """Check the whole DAG and return the step names in a topological order.
+
+        ``existing`` names steps already stored (a dynamic append may depend on them).
+
+        :raises WorkflowError: if the workflow is empty.
+        :raises UnknownDependencyError: if a dependency names no step or group.
+        :raises CycleError: if the dependencies form a cycle (the error names it).
+        """
+        if not self.nodes:
+            raise WorkflowError("a workflow needs at least one step")
+        known_outside = set(existing)
+        for name in self.nodes:
+            if name in known_outside:
+                raise DuplicateStepError(name)
+        for node in self.nodes.values():
+            for dep in node.deps:
+                if dep not in self.nodes and dep not in self.groups and dep not in known_outside:
+                    raise UnknownDependencyError(node.name, dep)
+                if dep == node.name or node.name in self.groups.get(dep, ()):
+                    raise CycleError([node.name, node.name])
+        return topological_order(
+            {n.name: [d for d in self.expand(n.deps) if d in self.nodes]
+             for n in self.nodes.values()}
+        )
+
+
+def topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
+    """Order ``graph`` (node → its dependencies) by Kahn's algorithm.
+
+    :raises CycleError: naming the steps of one cycle, in order.
+    """
+    indegree = {name: len(deps) for name, deps in graph.items()}
+    dependents: dict[str, list[str]] = {name: [] for name in graph}
+    for name, deps in graph.items():
+        for dep in deps:
+            dependents[dep].append(name)
+    ready = deque(sorted(n for n, d in indegree.items() if d == 0))
+    order: list[str] = []
+    while ready:
+        name = ready.popleft()
+        order.append(name)
+        for child in dependents[name]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    if len(order) == len(graph):
+        return order
+    raise CycleError(_find_cycle({n: list(graph[n]) for n, d in indegree.items() if d > 0}))
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str]:
+    # Every node left has an unresolved dependency inside the remainder: walk until a
+    # node repeats, then cut the walk at its first visit.
+    start = sorted(graph)[0]
+    path: list[str] = []
+    seen: dict[str, int] = {}
+    node = start
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = next(d for d in graph[node] if d in graph)
+    cycle = path[seen[node]:]
+    cycle.reverse()  # dependency order: a -> b means b depends on a
+    return [*cycle, cycle[0]]

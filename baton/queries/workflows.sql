@@ -1,0 +1,172 @@
+-- Runtime queries of the workflow engine. {schema} is the quoted schema name.
+
+-- name: workflow_insert
+INSERT INTO {schema}.workflows (id, label, ignore_cancelled, ignore_discarded, debug, total_steps)
+VALUES (%(id)s, %(label)s, %(ignore_cancelled)s, %(ignore_discarded)s, %(debug)s, %(total)s)
+
+-- name: nodes_insert
+INSERT INTO {schema}.nodes (
+    workflow_id, name, job_id, step, deps, group_name, model, ignore_cancelled,
+    ignore_discarded, min_success, pending_deps)
+SELECT workflow_id, name, job_id, step, ARRAY(SELECT jsonb_array_elements_text(deps)),
+    group_name, model, ignore_cancelled, ignore_discarded, min_success, pending_deps
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
+    workflow_id uuid, name text, job_id bigint, step text, deps jsonb, group_name text,
+    model text, ignore_cancelled boolean, ignore_discarded boolean, min_success integer,
+    pending_deps integer)
+
+-- name: edges_insert
+INSERT INTO {schema}.edges (workflow_id, dep, node)
+SELECT %(workflow_id)s, dep, node
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(dep text, node text)
+
+-- name: workflows_lock
+-- Serialize settlement per workflow (in id order, so two batches never deadlock).
+SELECT id FROM {schema}.workflows
+WHERE id = ANY(%(ids)s::uuid[])
+ORDER BY id
+FOR UPDATE
+
+-- name: workflow_lock_for_append
+SELECT finished_at IS NOT NULL AS finished,
+       ARRAY(SELECT name FROM {schema}.nodes WHERE workflow_id = w.id) AS names,
+       ARRAY(SELECT name FROM {schema}.completions WHERE workflow_id = w.id) AS settled,
+       ARRAY(SELECT DISTINCT group_name FROM {schema}.nodes
+             WHERE workflow_id = w.id AND group_name IS NOT NULL) AS groups
+FROM {schema}.workflows AS w
+WHERE id = %(id)s
+FOR UPDATE
+
+-- name: workflow_group_members
+SELECT group_name, array_agg(name ORDER BY name)
+FROM {schema}.nodes
+WHERE workflow_id = %(id)s AND group_name = ANY(%(groups)s::text[])
+GROUP BY group_name
+
+-- name: workflow_grow
+UPDATE {schema}.workflows SET total_steps = total_steps + %(count)s WHERE id = %(id)s
+
+-- name: completions_insert
+-- Record settlements; only the first record of a step comes back.
+INSERT INTO {schema}.completions (workflow_id, name, outcome)
+SELECT workflow_id, name, outcome
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text, outcome text)
+ON CONFLICT DO NOTHING
+RETURNING workflow_id, name, outcome
+
+-- name: workflows_tally
+-- Count newly settled steps; a workflow whose every step settled finishes here, once.
+WITH settled AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text,
+                                                            outcome text)
+), counts AS (
+    SELECT workflow_id,
+           count(*)::integer AS n,
+           COALESCE(array_agg(name ORDER BY name) FILTER (WHERE outcome <> 'completed'),
+                    '{}') AS failed
+    FROM settled
+    GROUP BY workflow_id
+)
+UPDATE {schema}.workflows AS w
+SET settled_steps = w.settled_steps + counts.n,
+    failed_steps = w.failed_steps || counts.failed,
+    state = CASE
+        WHEN w.settled_steps + counts.n < w.total_steps THEN 'running'
+        WHEN cardinality(w.failed_steps || counts.failed) > 0 THEN 'failed'
+        ELSE 'completed' END,
+    finished_at = CASE WHEN w.settled_steps + counts.n >= w.total_steps THEN now() END
+FROM counts
+WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
+RETURNING w.id, w.label, w.state, w.failed_steps, w.finished_at
+
+-- name: nodes_release
+-- Count down the dependents of settled steps; release those with nothing left to wait on.
+WITH settled AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text)
+), hits AS (
+    SELECT e.workflow_id, e.node, count(*)::integer AS n
+    FROM {schema}.edges AS e
+    JOIN settled AS s ON e.workflow_id = s.workflow_id AND e.dep = s.name
+    GROUP BY e.workflow_id, e.node
+), counted AS (
+    UPDATE {schema}.nodes AS d
+    SET pending_deps = d.pending_deps - hits.n
+    FROM hits
+    WHERE d.workflow_id = hits.workflow_id AND d.name = hits.node
+    RETURNING d.job_id, d.pending_deps
+), released AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'available', scheduled_at = now()
+    FROM counted
+    WHERE j.id = counted.job_id AND counted.pending_deps <= 0 AND j.state = 'pending'
+    RETURNING j.id, j.queue
+), woken AS (
+    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM released) AS q
+)
+SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM woken) AS woken
+
+-- name: node_gate
+-- What a step needs before it runs: its node, its workflow's flags and its dependencies.
+SELECT n.has_result, n.result -> 'value', n.deps, n.model, n.min_success,
+    COALESCE(n.ignore_cancelled, w.ignore_cancelled),
+    COALESCE(n.ignore_discarded, w.ignore_discarded),
+    w.label, w.debug,
+    COALESCE((
+        SELECT jsonb_agg(jsonb_build_object(
+            'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL,
+            'has_result', COALESCE(d.has_result, false), 'result', d.result -> 'value',
+            'group', d.group_name, 'model', d.model) ORDER BY e.dep)
+        FROM {schema}.edges AS e
+        LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
+        LEFT JOIN {schema}.completions AS c
+            ON c.workflow_id = e.workflow_id AND c.name = e.dep
+        WHERE e.workflow_id = n.workflow_id AND e.node = n.name), '[]'::jsonb)
+FROM {schema}.nodes AS n
+JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+WHERE n.workflow_id = %(workflow_id)s AND n.name = %(name)s
+
+-- name: node_store_result
+-- Keep a step's result the moment it returns, before its job is marked completed.
+UPDATE {schema}.nodes
+SET result = jsonb_build_object('value', %(result)s::jsonb), has_result = true,
+    result_at = now()
+WHERE workflow_id = %(workflow_id)s AND name = %(name)s
+
+-- name: node_result
+SELECT has_result, result -> 'value'
+FROM {schema}.nodes
+WHERE workflow_id = %(workflow_id)s AND name = %(name)s
+
+-- name: workflow_results
+SELECT name, result -> 'value' FROM {schema}.nodes
+WHERE workflow_id = %(workflow_id)s AND has_result
+ORDER BY name
+
+-- name: workflow_get
+SELECT id, label, state, total_steps, settled_steps, failed_steps, inserted_at, finished_at
+FROM {schema}.workflows WHERE id = %(id)s
+
+-- name: job_workflow
+SELECT workflow_id, workflow_step FROM {schema}.jobs WHERE id = %(id)s
+
+-- name: jobs_unsettled
+-- Backstop: finished steps of running workflows whose settlement was never recorded.
+SELECT j.workflow_id, j.workflow_step, j.state
+FROM {schema}.workflows AS w
+JOIN {schema}.jobs AS j ON j.workflow_id = w.id
+WHERE w.finished_at IS NULL
+  AND j.state IN ('completed', 'discarded', 'cancelled')
+  AND NOT EXISTS (
+      SELECT 1 FROM {schema}.completions AS c
+      WHERE c.workflow_id = j.workflow_id AND c.name = j.workflow_step)
+LIMIT %(limit)s
+
+-- name: nodes_stranded
+-- Backstop: held steps with nothing left to wait on (release them).
+UPDATE {schema}.jobs AS j
+SET state = 'available', scheduled_at = now()
+FROM {schema}.nodes AS n
+JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+WHERE w.finished_at IS NULL AND n.pending_deps <= 0 AND j.id = n.job_id
+  AND j.state = 'pending'
+RETURNING j.id, j.queue

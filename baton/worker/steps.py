@@ -1,0 +1,127 @@
+"""Running workflow steps: the stored-result guard, the dependency gate, result keeping."""
+
+from __future__ import annotations
+
+import inspect
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import psycopg
+import structlog
+
+from baton import ops, workflows
+from baton.db import describe
+from baton.errors import DatabaseError
+from baton.gating import WAIT_SECONDS, Dep, decide, gather_results
+from baton.job import JobState
+from baton.worker.executor import FetchedJob, Outcome
+
+if TYPE_CHECKING:
+    from baton.context import Context
+    from baton.worker.worker import Worker
+
+log = structlog.get_logger("baton.workflow")
+
+
+class StepRunner:
+    """Runs one workflow step: guard, gate, call, keep the result."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def run(self, job: FetchedJob) -> Outcome:
+        """Run a workflow step to its outcome."""
+        assert job.workflow_id is not None and job.workflow_step is not None
+        app = self.worker.app
+        async with app.connection() as conn:
+            cur = await conn.execute(
+                app.queries["node_gate"],
+                {"workflow_id": job.workflow_id, "name": job.workflow_step},
+                prepare=True,
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return Outcome(job, JobState.CANCELLED, error=_reason(job, "its workflow node is gone"))
+        (has_result, stored, declared, model, min_success, ignore_cancelled, ignore_discarded,
+         label, _debug, dep_rows) = row
+        if has_result:
+            # The retry-idempotency guard: the step already produced a result.
+            log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
+                     step=job.workflow_step, job_id=job.id)
+            return Outcome(job, JobState.COMPLETED, result=stored, has_result=True,
+                           extra={"reused": True})
+        deps = [Dep(**d) for d in dep_rows]
+        decision = decide(deps, ignore_cancelled=ignore_cancelled,
+                          ignore_discarded=ignore_discarded, min_success=min_success)
+        step = app.steps.get(job.step)
+        if decision.action == "wait":
+            return Outcome(job, JobState.SCHEDULED, delay=WAIT_SECONDS, snooze=True)
+        ctx = None
+        if step is not None:
+            ctx = self.worker.executor.context(job, step)
+            ctx.workflow_label = label
+            ctx.deps = list(declared)
+            ctx.model = model
+            ctx.app = app
+            ctx.failed_deps = [d.name for d in decision.failed]
+        if decision.action == "cancel":
+            if ctx is not None and step is not None:
+                await self._callbacks(step.options, ctx, decision.failed, decision.reason)
+            log.info("workflow.step_cancelled", workflow_id=str(job.workflow_id),
+                     step=job.workflow_step, reason=decision.reason)
+            return Outcome(job, JobState.CANCELLED, error=_reason(job, decision.reason))
+        if ctx is not None:
+            ctx.results = gather_results(ctx.deps, deps)
+        outcome = await self.worker.executor.run(job, ctx)
+        if outcome.state is JobState.COMPLETED and outcome.result is not None:
+            await self._keep(job, outcome)
+        return outcome
+
+    async def _keep(self, job: FetchedJob, outcome: Outcome) -> None:
+        """Store the result now, so a kill before the completion cannot lose it."""
+        assert job.workflow_id is not None and job.workflow_step is not None
+        app = self.worker.app
+        try:
+            outcome.result = workflows.dump_result(outcome.result)
+        except Exception as exc:  # an unserializable result is the step's bug
+            outcome.state = JobState.DISCARDED
+            outcome.has_result = False
+            outcome.error = _reason(job, f"result is not JSON-serializable: {exc}")
+            return
+        failures = 0
+        while True:
+            try:
+                async with app.connection() as conn:
+                    await ops.run_async(conn, workflows.store_result(
+                        app.queries, job.workflow_id, job.workflow_step, outcome.result
+                    ), "store result")
+                return
+            except (DatabaseError, psycopg.Error) as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                log.warning("workflow.result_store_failed", job_id=job.id,
+                            error=describe(exc),
+                            retry_in=delay)
+                await anyio.sleep(delay)
+
+    async def _callbacks(self, options: Any, ctx: Context, failed: list[Dep], reason: str
+                         ) -> None:
+        kinds = {d.outcome for d in failed}
+        for kind, callback in (("cancelled", options.on_dep_cancelled),
+                               ("discarded", options.on_dep_discarded)):
+            if callback is None or kind not in kinds:
+                continue
+            try:
+                value = callback(ctx, reason)
+                if inspect.isawaitable(value):
+                    await value
+            except Exception as exc:
+                log.warning("workflow.callback_failed", step=ctx.step, callback=kind,
+                            error=f"{type(exc).__name__}: {exc}")
+
+
+def _reason(job: FetchedJob, reason: str) -> dict[str, Any]:
+    return {"attempt": job.attempt, "at": datetime.now(UTC).isoformat(), "kind": "workflow",
+            "error": reason}
+

@@ -1,0 +1,193 @@
+"""Workflow operations on the database: insert, append, settle, cancel, read results.
+
+Written as :mod:`baton.ops` generators, so async and sync callers share one version.
+Settlement is the heart of it: when steps finish, in the finishing transaction, their
+``completions`` rows are written once, their dependents' counters go down, dependents with
+nothing left to wait on are released (``pending`` → ``available``) and their queues woken,
+and a workflow whose every step settled is finished exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import to_jsonable_python
+
+from baton.dag import Workflow
+from baton.db import Queries
+from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
+from baton.job import JobState
+from baton.ops import Op, Stmt, insert_rows
+
+SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A workflow that finished in a settlement."""
+
+    workflow_id: uuid.UUID
+    label: str
+    outcome: str
+    failed_steps: list[str]
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """A workflow row."""
+
+    id: uuid.UUID
+    label: str
+    state: str
+    total_steps: int
+    settled_steps: int
+    failed_steps: list[str]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
+    """Validate ``wf`` and insert it in one transaction, one statement per table."""
+    order = wf.validate()
+    yield Stmt(q["workflow_insert"], {
+        "id": wf.id, "label": wf.label, "ignore_cancelled": wf.ignore_cancelled,
+        "ignore_discarded": wf.ignore_discarded, "debug": wf.debug, "total": len(order),
+    })
+    yield from _insert_steps(q, wf, order, settled=set())
+    return wf.id
+
+
+def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[str]) -> Op[None]:
+    edges = {name: wf.expand(wf.nodes[name].deps) for name in order}
+    pending = {name: sum(1 for d in deps if d not in settled) for name, deps in edges.items()}
+    rows = [
+        wf.nodes[name].job.row(
+            state=JobState.PENDING if pending[name] else JobState.AVAILABLE,
+            workflow_id=wf.id,
+            workflow_step=name,
+        )
+        for name in order
+    ]
+    ids = yield from insert_rows(q, rows)
+    node_rows = []
+    for name, job_id in zip(order, ids, strict=True):
+        node = wf.nodes[name]
+        node_rows.append({
+            "workflow_id": str(wf.id), "name": name, "job_id": job_id, "step": node.job.step,
+            "deps": node.deps, "group_name": node.group, "model": node.model,
+            "ignore_cancelled": node.ignore_cancelled,
+            "ignore_discarded": node.ignore_discarded, "min_success": node.min_success,
+            "pending_deps": pending[name],
+        })
+    yield Stmt(q["nodes_insert"], {"rows": _json(node_rows)})
+    edge_rows = [{"dep": dep, "node": name} for name, deps in edges.items() for dep in deps]
+    if edge_rows:
+        yield Stmt(q["edges_insert"], {"workflow_id": wf.id, "rows": _json(edge_rows)})
+
+
+def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
+    """Add the steps of ``wf`` to a running workflow; they may depend on existing steps.
+
+    :raises WorkflowNotFound: if there is no such workflow.
+    :raises WorkflowError: if it already finished, or ``wf`` is invalid.
+    """
+    rows = yield Stmt(q["workflow_lock_for_append"], {"id": workflow_id})
+    if not rows:
+        raise WorkflowNotFound(str(workflow_id))
+    finished, names, settled, groups = rows[0]
+    if finished:
+        raise WorkflowError(f"workflow {workflow_id} has finished; it cannot grow")
+    wanted_groups = sorted({d for n in wf.nodes.values() for d in n.deps} & set(groups))
+    if wanted_groups:
+        found = yield Stmt(q["workflow_group_members"],
+                           {"id": workflow_id, "groups": wanted_groups})
+        for group, members in found:
+            wf.groups.setdefault(group, list(members))
+    order = wf.validate(existing=set(names))
+    wf.id = workflow_id
+    yield Stmt(q["workflow_grow"], {"id": workflow_id, "count": len(order)})
+    yield from _insert_steps(q, wf, order, settled=set(settled))
+    return order
+
+
+def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[Finished]]:
+    """Record that ``steps`` (workflow id, step name, final state) settled; release dependents.
+
+    Run it in the transaction that finished the steps. Returns the workflows that
+    finished because of it (each is returned by exactly one settlement).
+    """
+    if not steps:
+        return []
+    ids = sorted({str(wf_id) for wf_id, _, _ in steps})
+    yield Stmt(q["workflows_lock"], {"ids": ids})
+    rows = [{"workflow_id": str(w), "name": n, "outcome": s} for w, n, s in steps]
+    new = yield Stmt(q["completions_insert"], {"rows": _json(rows)})
+    if not new:
+        return []
+    settled = [{"workflow_id": str(w), "name": n, "outcome": o} for w, n, o in new]
+    finished = yield Stmt(q["workflows_tally"], {"rows": _json(settled)})
+    yield Stmt(q["nodes_release"], {"rows": _json(settled), "channel": q.channel("insert")})
+    return [
+        Finished(wf_id, label, state, list(failed))
+        for wf_id, label, state, failed, _at in finished
+        if state != "running"
+    ]
+
+
+def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Finished]]]:
+    """Cancel a job; if it is a workflow step, settle it (and lock in the right order)."""
+    from baton import ops
+
+    found = yield Stmt(q["job_workflow"], {"id": job_id})
+    workflow_id, step = found[0] if found else (None, None)
+    if workflow_id is not None:
+        yield Stmt(q["workflows_lock"], {"ids": [str(workflow_id)]})
+    cancelled = yield from ops.cancel(q, job_id)
+    finished: list[Finished] = []
+    if cancelled and workflow_id is not None and step is not None:
+        finished = yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)])
+    return cancelled, finished
+
+
+def store_result(q: Queries, workflow_id: uuid.UUID, name: str, value: Any) -> Op[None]:
+    """Keep a step's result (wrapped, so a bare number or string survives)."""
+    yield Stmt(q["node_store_result"], {
+        "workflow_id": workflow_id, "name": name, "result": _json(dump_result(value)),
+    })
+
+
+def dump_result(value: Any) -> Any:
+    """Return the JSON form of a step's result (pydantic models are dumped)."""
+    return to_jsonable_python(value)
+
+
+def result(q: Queries, workflow_id: uuid.UUID, name: str) -> Op[Any]:
+    """Return one step's stored result."""
+    rows = yield Stmt(q["node_result"], {"workflow_id": workflow_id, "name": name})
+    if not rows:
+        raise NoSuchStepError(str(workflow_id), name)
+    has_result, value = rows[0]
+    if not has_result:
+        raise NoResultError(name)
+    return value
+
+
+def results(q: Queries, workflow_id: uuid.UUID) -> Op[dict[str, Any]]:
+    """Return every stored result of a workflow by step name."""
+    rows = yield Stmt(q["workflow_results"], {"workflow_id": workflow_id})
+    return {name: value for name, value in rows}
+
+
+def get(q: Queries, workflow_id: uuid.UUID) -> Op[WorkflowInfo]:
+    """Return a workflow's row."""
+    rows = yield Stmt(q["workflow_get"], {"id": workflow_id})
+    if not rows:
+        raise WorkflowNotFound(str(workflow_id))
+    wid, label, state, total, settled, failed, _ins, _fin = rows[0]
+    return WorkflowInfo(wid, label, state, total, settled, list(failed))
