@@ -16,7 +16,9 @@ from baton.dag import Workflow
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import StepError, UnknownStepError
+from baton.events import Events, Hook
 from baton.job import Job, JobSpec
+from baton.query import Query
 from baton.step import DEFAULT_MAX_ARGS_BYTES, Step, StepOptions
 
 log = structlog.get_logger("baton.app")
@@ -48,6 +50,8 @@ class Baton:
         self.max_args_bytes = max_args_bytes
         self.pool_size = pool_size
         self.steps: dict[str, Step] = {}
+        self.events = Events(self)
+        self.query = Query(self)
         self._dsn = dsn
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
@@ -338,10 +342,13 @@ class Baton:
 
         return compile_template(self, data)
 
-    def _announce(self, finished: Sequence[workflows.Finished]) -> None:
-        for wf in finished:
-            log.info("workflow.finished", workflow_id=str(wf.workflow_id),
-                     workflow_label=wf.label, outcome=wf.outcome, failed_steps=wf.failed_steps)
+    def on(self, event: str, fn: Hook) -> Hook:
+        """Call ``fn(event)`` for every ``event`` (``"workflow_step_updated"``,
+        ``"workflow_finished"`` or ``"*"``) this process commits; see :class:`Events`."""
+        return self.events.on(event, fn)
+
+    def _announce(self, payloads: Sequence[dict[str, Any]]) -> None:
+        self.events.publish(payloads)
 
     async def retry(self, job_id: int) -> bool:
         """Make a job that is not running available again. ``False`` if it is running."""

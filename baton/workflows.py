@@ -17,23 +17,47 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
+from baton import ops
 from baton.dag import Workflow
 from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
+from baton.events import channel as events_channel
 from baton.job import JobState
 from baton.ops import Op, Stmt, insert_rows
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
 
+Payload = dict[str, Any]
+
+
 @dataclass(frozen=True)
-class Finished:
-    """A workflow that finished in a settlement."""
+class StepEvent:
+    """A step transition to announce (the label is filled in by the database)."""
 
     workflow_id: uuid.UUID
-    label: str
-    outcome: str
-    failed_steps: list[str]
+    step_name: str
+    worker: str
+    state: str
+    job_id: int
+    attempt: int
+    has_result: bool = False
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {"workflow_id": str(self.workflow_id), "step_name": self.step_name,
+                "worker": self.worker, "state": self.state, "job_id": self.job_id,
+                "attempt": self.attempt, "has_result": self.has_result, "error": self.error}
+
+
+def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
+    """Send ``workflow_step_updated`` events in the current transaction."""
+    if not events:
+        return []
+    rows = yield Stmt(q["events_emit_steps"], {
+        "rows": _json([e.row() for e in events]), "channel": events_channel(q.schema),
+    })
+    return [row[0] for row in rows]
 
 
 @dataclass(frozen=True)
@@ -116,11 +140,12 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     return order
 
 
-def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[Finished]]:
+def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[Payload]]:
     """Record that ``steps`` (workflow id, step name, final state) settled; release dependents.
 
-    Run it in the transaction that finished the steps. Returns the workflows that
-    finished because of it (each is returned by exactly one settlement).
+    Run it in the transaction that finished the steps. A workflow whose last step settled
+    finishes here, and its ``workflow_finished`` event is sent: exactly once, because only
+    the first record of a step's settlement counts. Returns those events' payloads.
     """
     if not steps:
         return []
@@ -133,26 +158,28 @@ def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[F
     settled = [{"workflow_id": str(w), "name": n, "outcome": o} for w, n, o in new]
     finished = yield Stmt(q["workflows_tally"], {"rows": _json(settled)})
     yield Stmt(q["nodes_release"], {"rows": _json(settled), "channel": q.channel("insert")})
-    return [
-        Finished(wf_id, label, state, list(failed))
-        for wf_id, label, state, failed, _at in finished
-        if state != "running"
-    ]
+    done = [str(row[0]) for row in finished if row[2] != "running"]
+    if not done:
+        return []
+    emitted = yield Stmt(q["events_emit_finished"],
+                         {"ids": done, "channel": events_channel(q.schema)})
+    return [row[0] for row in emitted]
 
 
-def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Finished]]]:
-    """Cancel a job; if it is a workflow step, settle it (and lock in the right order)."""
-    from baton import ops
-
+def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
+    """Cancel a job; if it is a workflow step, settle it and announce it."""
     found = yield Stmt(q["job_workflow"], {"id": job_id})
-    workflow_id, step = found[0] if found else (None, None)
+    workflow_id, step, worker, attempt = found[0] if found else (None, None, None, 0)
     if workflow_id is not None:
+        # Lock the workflow before the job row, as settlement does, so they never deadlock.
         yield Stmt(q["workflows_lock"], {"ids": [str(workflow_id)]})
     cancelled = yield from ops.cancel(q, job_id)
-    finished: list[Finished] = []
+    events: list[Payload] = []
     if cancelled and workflow_id is not None and step is not None:
-        finished = yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)])
-    return cancelled, finished
+        events = yield from emit_steps(q, [StepEvent(workflow_id, step, worker, "cancelled",
+                                                     job_id, attempt, error="cancelled")])
+        events += yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)])
+    return cancelled, events
 
 
 def store_result(q: Queries, workflow_id: uuid.UUID, name: str, value: Any) -> Op[None]:

@@ -147,11 +147,12 @@ SELECT id, label, state, total_steps, settled_steps, failed_steps, inserted_at, 
 FROM {schema}.workflows WHERE id = %(id)s
 
 -- name: job_workflow
-SELECT workflow_id, workflow_step FROM {schema}.jobs WHERE id = %(id)s
+SELECT workflow_id, workflow_step, step, attempt FROM {schema}.jobs WHERE id = %(id)s
 
 -- name: jobs_unsettled
 -- Backstop: finished steps of running workflows whose settlement was never recorded.
-SELECT j.workflow_id, j.workflow_step, j.state
+SELECT j.workflow_id, j.workflow_step, j.state, j.step, j.id, j.attempt,
+    j.errors -> -1 ->> 'error' 
 FROM {schema}.workflows AS w
 JOIN {schema}.jobs AS j ON j.workflow_id = w.id
 WHERE w.finished_at IS NULL
@@ -170,3 +171,53 @@ JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 WHERE w.finished_at IS NULL AND n.pending_deps <= 0 AND j.id = n.job_id
   AND j.state = 'pending'
 RETURNING j.id, j.queue
+
+-- name: event_payload_get
+SELECT payload FROM {schema}.event_payloads WHERE id = %(id)s
+
+-- name: events_emit_steps
+-- Send workflow_step_updated events; returns each payload for in-process hooks.
+SELECT p, {schema}.emit(%(channel)s, p)
+FROM (
+    SELECT jsonb_build_object(
+        'type', 'workflow_step_updated', 'workflow_id', e.workflow_id,
+        'workflow_label', w.label, 'step_name', e.step_name, 'worker', e.worker,
+        'state', e.state, 'job_id', e.job_id, 'attempt', e.attempt,
+        'has_result', e.has_result, 'error', e.error, 'timestamp', clock_timestamp()) AS p
+    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS (
+        workflow_id uuid, step_name text, worker text, state text, job_id bigint,
+        attempt integer, has_result boolean, error text)) WITH ORDINALITY AS e(
+        workflow_id, step_name, worker, state, job_id, attempt, has_result, error, ord)
+    JOIN {schema}.workflows AS w ON w.id = e.workflow_id
+    ORDER BY e.ord
+) AS s
+
+-- name: events_emit_finished
+SELECT p, {schema}.emit(%(channel)s, p)
+FROM (
+    SELECT jsonb_build_object(
+        'type', 'workflow_finished', 'workflow_id', w.id, 'workflow_label', w.label,
+        'outcome', w.state, 'failed_steps', to_jsonb(w.failed_steps),
+        'timestamp', w.finished_at) AS p
+    FROM {schema}.workflows AS w
+    WHERE w.id = ANY(%(ids)s::uuid[])
+    ORDER BY w.id
+) AS s
+
+-- name: workflow_steps_get
+-- Every step of one workflow, for a page that loads after steps already ran.
+SELECT s.step_name, s.worker, s.state, s.attempt, s.max_attempts, s.deps, s.model,
+    s.has_result, s.last_error, s.job_id, s.attempted_at, s.finalized_at,
+    (SELECT sum(st.cost) FROM {schema}.step_stats AS st
+     WHERE st.workflow_id = s.workflow_id AND st.step_name = s.step_name) AS cost
+FROM {schema}.workflow_steps AS s
+WHERE s.workflow_id = %(id)s
+ORDER BY s.job_id
+
+-- name: workflows_list
+SELECT id, label, state, total_steps, settled_steps, failed_steps, inserted_at, finished_at
+FROM {schema}.workflows
+WHERE (%(label)s::text IS NULL OR label = %(label)s)
+  AND (%(state)s::text IS NULL OR state = %(state)s)
+ORDER BY inserted_at DESC, id
+LIMIT %(limit)s

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("baton.completer")
 
-AfterWrite = Callable[[psycopg.AsyncConnection[Any], Sequence[Outcome]], Awaitable[None]]
+AfterWrite = Callable[
+    [psycopg.AsyncConnection[Any], Sequence[Outcome]], Awaitable[list[dict[str, Any]]]
+]
+"""Runs in the writing transaction; returns event payloads to publish once it commits."""
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -115,9 +118,10 @@ class Completer:
                                                         "worker_id": self.worker_id})
             applied = {row[0] for row in await cur.fetchall()}
             kept = [o for o in batch if o.job.id in applied]
-            if self.after_write is not None and kept:
-                await self.after_write(conn, kept)
+            events = await self.after_write(conn, kept) if self.after_write and kept else []
         del self.pending[: len(batch)]
+        if events:
+            self.app.events.publish(events)
         for outcome in batch:
             self._log(outcome, applied=outcome.job.id in applied)
         if not self.full:

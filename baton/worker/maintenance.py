@@ -121,9 +121,15 @@ class Maintenance:
             cur = await conn.execute(
                 q["jobs_unsettled"], {"limit": self.worker.settings.rescue_limit}
             )
-            steps = [(w, n, s) for w, n, s in await cur.fetchall()]
+            rows = await cur.fetchall()
+            steps = [(w, n, s) for w, n, s, *_ in rows]
+            announce = [
+                workflows.StepEvent(w, n, worker, s, job_id, attempt, error=error)
+                for w, n, s, worker, job_id, attempt, error in rows
+            ]
+            events = await ops.run_async(conn, workflows.emit_steps(q, announce), "sweep")
             finished = await ops.run_async(conn, workflows.settle(q, steps), "sweep settle")
-        app._announce(finished)
+        app.events.publish(events + finished)
         released = await self._rows("nodes_stranded", {}, queue_column=1)
         if steps or released:
             log.info("maintenance.swept", settled=len(steps), released=len(released),

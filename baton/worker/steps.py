@@ -41,6 +41,11 @@ class StepRunner:
                 prepare=True,
             )
             row = await cur.fetchone()
+            started = workflows.StepEvent(job.workflow_id, job.workflow_step, job.step,
+                                          "executing", job.id, job.attempt)
+            events = await ops.run_async(conn, workflows.emit_steps(app.queries, [started]),
+                                         "announce step")
+        app.events.publish(events)
         if row is None:
             return Outcome(job, JobState.CANCELLED, error=_reason(job, "its workflow node is gone"))
         (has_result, stored, declared, model, min_success, ignore_cancelled, ignore_discarded,

@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 log = structlog.get_logger("baton.worker")
 
 
+def step_event(outcome: Outcome) -> workflows.StepEvent:
+    """Return the event announcing how a workflow step's attempt ended."""
+    job = outcome.job
+    assert job.workflow_id is not None and job.workflow_step is not None
+    state = "snoozed" if outcome.snooze else outcome.state.value
+    error = outcome.error.get("error") if outcome.error else None
+    return workflows.StepEvent(job.workflow_id, job.workflow_step, job.step, state, job.id,
+                               job.attempt, outcome.has_result, error)
+
+
 def new_worker_id() -> str:
     """Return a worker id that says where the worker runs: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -81,18 +91,23 @@ class Worker:
 
     async def _after_write(
         self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
-    ) -> None:
-        """Settle the workflow steps among written outcomes, in the same transaction."""
+    ) -> list[dict[str, Any]]:
+        """Announce and settle the workflow steps among written outcomes (same transaction)."""
+        flow = [o for o in outcomes if o.job.workflow_id is not None]
+        if not flow:
+            return []
+        q = self.app.queries
+        events = await ops.run_async(conn, workflows.emit_steps(q, [step_event(o) for o in flow]),
+                                     "announce steps")
         steps = [
             (o.job.workflow_id, o.job.workflow_step, o.state.value)
-            for o in outcomes
+            for o in flow
             if o.job.workflow_id is not None and o.job.workflow_step is not None
             and o.state in workflows.SETTLED_STATES
         ]
         if steps:
-            finished = await ops.run_async(conn, workflows.settle(self.app.queries, steps),
-                                           "settle steps")
-            self.app._announce(finished)
+            events += await ops.run_async(conn, workflows.settle(q, steps), "settle steps")
+        return events
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -112,6 +127,7 @@ class Worker:
         )
         try:
             async with anyio.create_task_group() as services:
+                await services.start(self.app.events.dispatch)
                 await services.start(self._notifier.run)
                 await services.start(self.completer.run)
                 services.start_soon(self._heartbeat)

@@ -19,10 +19,12 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as pkg_version
 from typing import Any, TextIO
+
+from benchmarks.peers import dbstats
 
 WORKLOADS = ("enqueue_one", "enqueue_batch", "drain", "latency")
 DEFAULT_N = {"enqueue_one": 2000, "enqueue_batch": 2000, "drain": 2000, "latency": 500}
@@ -177,6 +179,9 @@ async def _run_workers(peer: Peer, res: Result, args: argparse.Namespace) -> Non
         for ids in chunks(n, args.batch_size):
             await _bounded(peer.enqueue_batch(ids), timeout, "pre-enqueue")
         TRACKER.reset(n)
+        before = await dbstats.snapshot(peer.dsn)
+        rss = dbstats.RssSampler()
+        sampler = asyncio.create_task(rss.run(lambda: len(TRACKER.started), n))
         t0 = time.perf_counter()
         await _bounded(peer.start_worker(), 60, "worker start")
         try:
@@ -184,7 +189,15 @@ async def _run_workers(peer: Peer, res: Result, args: argparse.Namespace) -> Non
             res.seconds = time.perf_counter() - t0
             res.extra["first_job_after_s"] = round(min(TRACKER.started.values()) - t0, 4)
             await _wait_drained(peer, res, t0, 30)
+            # The window ends when the table says done; the idle worker's polling during
+            # the 1.1 s settle of the lagged counters is included (small against n jobs).
+            res.extra["db"] = dbstats.per_job(
+                dbstats.delta(before, await dbstats.snapshot(peer.dsn)), n
+            )
+            await asyncio.wait_for(sampler, 5)
+            res.extra["worker"] = rss.report()
         finally:
+            sampler.cancel()
             res.extra["bodies_run"] = len(TRACKER.started)
             res.extra["duplicate_runs"] = TRACKER.calls - len(TRACKER.started)
             await _bounded(peer.stop_worker(), 60, "worker stop")
@@ -238,17 +251,20 @@ async def run_workload(peer: Peer, res: Result, args: argparse.Namespace) -> Non
         res.seconds = round(res.seconds, 4)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None = None, defaults: dict[str, int] | None = None
+) -> argparse.Namespace:
+    defaults = {**DEFAULT_N, **(defaults or {})}
     p = argparse.ArgumentParser(description="Run one peer-queue benchmark workload.")
     p.add_argument("--dsn", required=True, help="DSN of a fresh database for this run")
-    p.add_argument("--workload", required=True, choices=WORKLOADS)
+    p.add_argument("--workload", required=True, choices=list(defaults))
     p.add_argument("--n", type=int, default=None, help="number of jobs")
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
     args = p.parse_args(argv)
     if args.n is None:
-        args.n = DEFAULT_N[args.workload]
+        args.n = defaults[args.workload]
     return args
 
 
@@ -266,12 +282,25 @@ def _watchdog(res: Result, seconds: float) -> threading.Timer:
     return timer
 
 
-def main(system: str, package: str, make_peer: Callable[[str, int], Peer]) -> None:
-    """CLI entry point shared by all peers: run one workload, print one JSON line."""
+Extra = Callable[[Any, Result, argparse.Namespace], Awaitable[None]]
+
+
+def main(
+    system: str,
+    package: str,
+    make_peer: Callable[[str, int], Peer],
+    extra: dict[str, tuple[int, Extra]] | None = None,
+) -> None:
+    """CLI entry point shared by all peers: run one workload, print one JSON line.
+
+    ``extra`` maps a system-only workload name to (default n, coroutine function run
+    instead of :func:`run_workload`, after nothing but the peer's construction).
+    """
+    extra = extra or {}
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s %(message)s"
     )
-    args = parse_args()
+    args = parse_args(defaults={k: v[0] for k, v in extra.items()})
     res = Result(system=system, version=pkg_version(package), workload=args.workload, n=args.n)
     if args.workload in ("drain", "latency"):
         res.concurrency = args.concurrency
@@ -281,7 +310,10 @@ def main(system: str, package: str, make_peer: Callable[[str, int], Peer]) -> No
         peer = make_peer(args.dsn, args.concurrency)
         res.extra["settings"] = peer.settings()
         try:
-            await run_workload(peer, res, args)
+            if args.workload in extra:
+                await extra[args.workload][1](peer, res, args)
+            else:
+                await run_workload(peer, res, args)
         finally:
             await _bounded(peer.close(), 30, "close")
 

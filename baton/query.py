@@ -1,0 +1,91 @@
+"""Read models for people and pages: workflow state, step lists, costs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from baton.errors import WorkflowNotFound
+
+if TYPE_CHECKING:
+    from baton.app import Baton
+
+
+class StepView(BaseModel):
+    """One step of a workflow as it stands."""
+
+    step_name: str
+    worker: str
+    state: str | None
+    attempt: int | None
+    max_attempts: int | None
+    deps: list[str]
+    model: str | None
+    has_result: bool
+    last_error: str | None
+    job_id: int
+    attempted_at: datetime | None
+    finalized_at: datetime | None
+    cost: Decimal | None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the last start to the finish, if both happened."""
+        if self.attempted_at and self.finalized_at:
+            return (self.finalized_at - self.attempted_at).total_seconds()
+        return None
+
+
+class WorkflowView(BaseModel):
+    """A workflow and every one of its steps."""
+
+    id: uuid.UUID
+    label: str
+    state: str
+    total_steps: int
+    settled_steps: int
+    failed_steps: list[str]
+    inserted_at: datetime
+    finished_at: datetime | None
+    steps: list[StepView] = []
+
+
+_WORKFLOW_FIELDS = ("id", "label", "state", "total_steps", "settled_steps", "failed_steps",
+                    "inserted_at", "finished_at")
+
+
+class Query:
+    """``app.query``: current state from the database (seed a view, then follow events)."""
+
+    def __init__(self, app: Baton) -> None:
+        self.app = app
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        async with self.app.connection() as conn:
+            cur = await conn.execute(self.app.queries[name], params)
+            return await cur.fetchall()
+
+    async def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowView:
+        """Return a workflow with the current state of every step.
+
+        :raises WorkflowNotFound: if there is no such workflow.
+        """
+        rows = await self._rows("workflow_get", {"id": str(workflow_id)})
+        if not rows:
+            raise WorkflowNotFound(str(workflow_id))
+        view = WorkflowView(**dict(zip(_WORKFLOW_FIELDS, rows[0], strict=True)))
+        steps = await self._rows("workflow_steps_get", {"id": str(workflow_id)})
+        view.steps = [StepView(**dict(zip(StepView.model_fields, r, strict=True))) for r in steps]
+        return view
+
+    async def workflows(
+        self, *, label: str | None = None, state: str | None = None, limit: int = 50
+    ) -> list[WorkflowView]:
+        """List workflows, newest first, optionally by label and state (without steps)."""
+        rows = await self._rows("workflows_list", {"label": label, "state": state,
+                                                    "limit": limit})
+        return [WorkflowView(**dict(zip(_WORKFLOW_FIELDS, r, strict=True))) for r in rows]
