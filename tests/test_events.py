@@ -1,0 +1,210 @@
+"""Live events: exact sequences from a second connection, hooks, large payloads, queries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import baton
+from baton.events import StepUpdated, WorkflowFinished, channel
+from baton.testing import running_worker, wait_for_workflow
+from tests.apps import flows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Iterator[None]:
+    flows.reset()
+    yield
+
+
+@pytest.fixture
+async def app(dsn: str) -> AsyncIterator[baton.Baton]:
+    flows.app.dsn = dsn
+    try:
+        yield flows.app
+    finally:
+        flows.app.events.hooks.clear()
+        await flows.app.close()
+
+
+async def collect(stream: AsyncIterator[Any], until_finished: int = 1) -> list[Any]:
+    events: list[Any] = []
+    with anyio.fail_after(30):
+        async for event in stream:
+            events.append(event)
+            if sum(isinstance(e, WorkflowFinished) for e in events) >= until_finished:
+                return events
+    return events
+
+
+async def test_exact_event_sequence_of_a_chain(app: baton.Baton) -> None:
+    wf = baton.Workflow("patent:US1")
+    wf.add("fetch", flows.fetch.new(url="u"))
+    wf.add("parse", flows.parse.new(), deps=["fetch"])
+    wf.add("quiet", flows.noop.new(), deps=["parse"])
+    async with app.events.subscribe(wf.id) as stream:
+        workflow_id = await app.insert(wf)
+        async with running_worker(app):
+            events = await collect(stream)
+    steps = [(e.step_name, e.state, e.has_result) for e in events if isinstance(e, StepUpdated)]
+    assert steps == [
+        ("fetch", "executing", False), ("fetch", "completed", True),
+        ("parse", "executing", False), ("parse", "completed", True),
+        ("quiet", "executing", False), ("quiet", "completed", False),
+    ]
+    first = events[0]
+    assert first.workflow_id == workflow_id and first.workflow_label == "patent:US1"
+    assert first.worker == flows.fetch.name and first.attempt == 1 and first.error is None
+    assert first.timestamp.utcoffset() is not None and first.timestamp.utcoffset().seconds == 0
+    finished = events[-1]
+    assert isinstance(finished, WorkflowFinished)
+    assert finished.outcome == "completed" and finished.failed_steps == []
+    assert [type(e) for e in events].count(WorkflowFinished) == 1
+
+
+async def test_failure_events_and_filtering(app: baton.Baton) -> None:
+    other = baton.Workflow("other").add("x", flows.noop.new())
+    wf = baton.Workflow("failing")
+    wf.add("a", flows.explode.new(message="kaput"))
+    wf.add("b", flows.noop.new(), deps=["a"])
+    async with app.events.subscribe(wf.id) as mine, app.events.subscribe() as everything:
+        await app.insert(other)
+        await app.insert(wf)
+        async with running_worker(app):
+            events = await collect(mine)
+            all_events = await collect(everything, until_finished=2)
+    assert {e.workflow_id for e in events} == {wf.id}
+    assert {e.workflow_id for e in all_events} == {wf.id, other.id}
+    states = [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)]
+    assert states == [("a", "executing"), ("a", "discarded"), ("b", "executing"),
+                      ("b", "cancelled")]
+    discarded = next(e for e in events if getattr(e, "state", None) == "discarded")
+    assert discarded.error == "RuntimeError: kaput"
+    assert events[-1].outcome == "failed" and events[-1].failed_steps == ["a", "b"]
+
+
+async def test_large_payload_arrives_whole(app: baton.Baton) -> None:
+    message = "x" * 50_000
+    wf = baton.Workflow("big-error").add("a", flows.explode.new(message=message))
+    async with app.events.subscribe(wf.id) as stream:
+        await app.insert(wf)
+        async with running_worker(app):
+            events = await collect(stream)
+    discarded = next(e for e in events if getattr(e, "state", None) == "discarded")
+    assert discarded.error == f"RuntimeError: {message}"
+
+
+async def test_hooks_see_events_and_bad_hooks_break_nothing(app: baton.Baton) -> None:
+    seen: list[Any] = []
+
+    def broken(event: Any) -> None:
+        raise RuntimeError("hook bug")
+
+    async def slow(event: Any) -> None:
+        await anyio.sleep(60)
+
+    app.on("workflow_step_updated", broken)
+    app.on("workflow_finished", seen.append)
+    app.on("*", slow)
+    app.events.hook_timeout = 0.05
+    wf = baton.Workflow("hooked").add("a", flows.value.new(v=1)).add(
+        "b", flows.value.new(v=2), deps=["a"])
+    workflow_id = await app.insert(wf)
+    async with running_worker(app):
+        info = await wait_for_workflow(app, workflow_id)
+        with anyio.fail_after(10):
+            while not seen:
+                await anyio.sleep(0.01)
+    assert info.state == "completed"
+    assert [e.workflow_id for e in seen] == [wf.id]
+    with pytest.raises(ValueError, match="unknown event"):
+        app.on("nope", print)
+
+
+async def test_cancel_from_outside_announces_and_finishes(app: baton.Baton) -> None:
+    wf = baton.Workflow("cancel-me")
+    wf.add("later", flows.noop.new().options(schedule_in=3600))
+    wf.add("after", flows.noop.new(), deps=["later"])
+    workflow_id = await app.insert(wf)
+    async with app.events.subscribe(workflow_id) as stream:
+        [(job_id,)] = [(s.job_id,) for s in (await app.query.workflow(workflow_id)).steps
+                       if s.step_name == "later"]
+        assert await app.cancel(job_id)
+        async with running_worker(app):
+            events = await collect(stream)
+    assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [
+        ("later", "cancelled"), ("after", "executing"), ("after", "cancelled")]
+    assert events[-1].outcome == "failed"
+
+
+async def test_query_seeds_a_view(app: baton.Baton) -> None:
+    wf = baton.Workflow("seed")
+    wf.add("a", flows.value.new(v=1))
+    wf.add("b", flows.explode.new(), deps=["a"])
+    workflow_id = await app.insert(wf)
+    before = await app.query.workflow(workflow_id)
+    assert [(s.step_name, s.state) for s in before.steps] == [("a", "available"),
+                                                              ("b", "pending")]
+    async with running_worker(app):
+        await wait_for_workflow(app, workflow_id)
+    view = await app.query.workflow(workflow_id)
+    assert view.state == "failed" and view.failed_steps == ["b"]
+    assert [(s.step_name, s.state, s.has_result) for s in view.steps] == [
+        ("a", "completed", True), ("b", "discarded", False)]
+    assert view.steps[1].last_error == "RuntimeError: boom"
+    listed = await app.query.workflows(state="failed")
+    assert [w.id for w in listed] == [workflow_id]
+    assert await app.query.workflows(label="nope") == []
+    with pytest.raises(baton.WorkflowNotFound):
+        await app.query.workflow("00000000-0000-0000-0000-000000000000")
+
+
+async def test_killed_step_still_finishes_its_workflow(app: baton.Baton) -> None:
+    """A step killed with SIGKILL on its last attempt: the sweep announces the end."""
+    from tests.apps import procs
+
+    procs.app.dsn = app.dsn
+    wf = baton.Workflow("killed")
+    wf.add("doomed", procs.hold_first_attempt.new().options(max_attempts=1))
+    wf.add("next", procs.quick.new(n=1), deps=["doomed"])
+    async with app.events.subscribe(wf.id) as stream:
+        await app.insert(wf)
+        env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "baton", "worker", "--app", "tests.apps.procs:app",
+             "--dsn", app.dsn, "--heartbeat-interval", "0.2", "--heartbeat-ttl", "1"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with anyio.fail_after(30):
+                async for event in stream:
+                    if isinstance(event, StepUpdated) and event.state == "executing":
+                        break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        async with running_worker(procs.app):
+            events = await collect(stream)
+        await procs.app.close()
+    finished = events[-1]
+    assert isinstance(finished, WorkflowFinished)
+    assert finished.outcome == "failed" and finished.failed_steps == ["doomed", "next"]
+    assert ("doomed", "discarded") in [(e.step_name, e.state) for e in events
+                                       if isinstance(e, StepUpdated)]
+
+
+def test_channel_names_come_from_the_helper() -> None:
+    assert channel("baton") == "baton.events"
+    with pytest.raises(baton.ConfigurationError):
+        channel("Not Valid")
