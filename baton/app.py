@@ -18,6 +18,7 @@ from baton.embedded import resolve_dsn
 from baton.errors import StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec
+from baton.pricing import Pricing
 from baton.query import Query
 from baton.step import DEFAULT_MAX_ARGS_BYTES, Step, StepOptions
 
@@ -35,6 +36,8 @@ class Baton:
     :param schema: the schema holding baton's tables; validated and quoted.
     :param max_args_bytes: the largest JSON a job's arguments may serialize to.
     :param pool_size: the most connections the async pool opens.
+    :param pricing: per-model prices, to turn recorded token usage into cost.
+    :param capture: keep full prompts and responses (``ctx.capture``) for every step.
     """
 
     def __init__(
@@ -44,11 +47,15 @@ class Baton:
         *,
         max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
         pool_size: int = 10,
+        pricing: Pricing | None = None,
+        capture: bool = False,
     ) -> None:
         self.schema = validate_schema(schema)
         self.queries = Queries(self.schema)
         self.max_args_bytes = max_args_bytes
         self.pool_size = pool_size
+        self.pricing = pricing or Pricing()
+        self.capture = capture
         self.steps: dict[str, Step] = {}
         self.events = Events(self)
         self.query = Query(self)
@@ -89,6 +96,7 @@ class Baton:
         on_dep_cancelled: Callable[..., Any] | None = None,
         on_dep_discarded: Callable[..., Any] | None = None,
         llm: bool = False,
+        capture: bool = False,
     ) -> Callable[[F], Step]: ...
 
     def step(
@@ -105,6 +113,7 @@ class Baton:
         on_dep_cancelled: Callable[..., Any] | None = None,
         on_dep_discarded: Callable[..., Any] | None = None,
         llm: bool = False,
+        capture: bool = False,
     ) -> Step | Callable[[F], Step]:
         """Register a function (``async def`` or plain ``def``) as a step.
 
@@ -122,6 +131,7 @@ class Baton:
             on_dep_cancelled=on_dep_cancelled,
             on_dep_discarded=on_dep_discarded,
             llm=llm,
+            capture=capture,
         )
         # Validate the options once, here, rather than at every new().
         JobSpec(step="-", queue=queue, max_attempts=max_attempts, priority=priority,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import TypeAdapter
 
 from baton.errors import NoResultError, NotADependencyError, NotInWorkflowError
+from baton.pricing import Usage
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -48,11 +49,45 @@ class Context:
     failed_deps: list[str] = field(default_factory=list)
     model: str | None = None
     app: Baton | None = field(default=None, repr=False)
+    capture_enabled: bool = False
+    usage: list[Usage] = field(default_factory=list)
+    captures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_last_attempt(self) -> bool:
         """Whether a failure now discards the job."""
         return self.attempt >= self.max_attempts
+
+    def record_usage(
+        self,
+        *,
+        model: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        duration_ms: float | None = None,
+    ) -> Usage:
+        """Record the tokens a model call used; written to ``step_stats`` with its cost.
+
+        Recorded whether the attempt then succeeds or fails (the call was paid either way).
+        """
+        usage = Usage(model=model or self.model, input_tokens=input_tokens,
+                      output_tokens=output_tokens, cached_tokens=cached_tokens,
+                      cache_write_tokens=cache_write_tokens, duration_ms=duration_ms)
+        self.usage.append(usage)
+        return usage
+
+    def capture(self, *, prompt: Any = None, response: Any = None, **extra: Any) -> bool:
+        """Keep the full prompt and response in ``debug_logs``, with the upstream context.
+
+        Does nothing (and returns ``False``) unless capture is on for the app, the step
+        or the workflow (``Workflow(debug=True)``).
+        """
+        if not self.capture_enabled:
+            return False
+        self.captures.append({"request": prompt, "response": response, "extra": extra})
+        return True
 
     @overload
     def result(self, name: str) -> Any: ...

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_jsonable_python
 
 
 class JobState(StrEnum):
@@ -101,9 +102,11 @@ class JobSpec(BaseModel):
         }
 
 
-def rows_json(rows: list[dict[str, Any]]) -> str:
-    """Serialize insert rows for ``jsonb_to_recordset`` (NaN and infinities rejected)."""
-    return json.dumps(rows, allow_nan=False, separators=(",", ":"))
+def json_text(value: Any) -> str:
+    """Serialize ``value`` for a jsonb parameter (NaN and infinities rejected; values
+    without a JSON form, such as datetimes or models, go through pydantic)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"),
+                      default=to_jsonable_python)
 
 
 class Job(BaseModel):

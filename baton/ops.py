@@ -17,7 +17,7 @@ from psycopg import sql
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound
-from baton.job import Job, JobSpec, JobState, rows_json
+from baton.job import Job, JobSpec, JobState, json_text
 
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]
@@ -63,7 +63,7 @@ def insert_rows(q: Queries, rows: Sequence[dict[str, Any]]) -> Op[list[int]]:
     if not rows:
         return []
     result = yield Stmt(
-        q["jobs_insert"], {"rows": rows_json(list(rows)), "channel": q.channel("insert")}
+        q["jobs_insert"], {"rows": json_text(list(rows)), "channel": q.channel("insert")}
     )
     return list(result[0][0])
 

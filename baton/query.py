@@ -54,6 +54,47 @@ class WorkflowView(BaseModel):
     steps: list[StepView] = []
 
 
+class CostLine(BaseModel):
+    """Usage and cost of one group of calls (a step and model, or a model)."""
+
+    step_name: str | None = None
+    model: str | None
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost: Decimal | None
+    unpriced: int
+    """Calls whose model had no price (their cost is unknown, not zero)."""
+    duration_ms: float | None
+
+
+class CostReport(BaseModel):
+    """What a workflow cost: per step and model, and in total."""
+
+    workflow_id: uuid.UUID
+    lines: list[CostLine]
+
+    @property
+    def total_cost(self) -> Decimal:
+        """The sum of priced calls."""
+        return sum((line.cost or Decimal(0) for line in self.lines), Decimal(0))
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens over every call."""
+        return sum(line.input_tokens + line.output_tokens for line in self.lines)
+
+    def by_model(self) -> dict[str | None, Decimal]:
+        """Cost per model."""
+        out: dict[str | None, Decimal] = {}
+        for line in self.lines:
+            out[line.model] = out.get(line.model, Decimal(0)) + (line.cost or Decimal(0))
+        return out
+
+
+_COST_FIELDS = ("model", "calls", "input_tokens", "output_tokens", "cached_tokens", "cost",
+                "unpriced", "duration_ms")
 _WORKFLOW_FIELDS = ("id", "label", "state", "total_steps", "settled_steps", "failed_steps",
                     "inserted_at", "finished_at")
 
@@ -89,3 +130,15 @@ class Query:
         rows = await self._rows("workflows_list", {"label": label, "state": state,
                                                     "limit": limit})
         return [WorkflowView(**dict(zip(_WORKFLOW_FIELDS, r, strict=True))) for r in rows]
+
+    async def cost(self, workflow_id: uuid.UUID | str) -> CostReport:
+        """Return a workflow's usage and cost, per step and model."""
+        rows = await self._rows("cost_workflow_steps", {"id": str(workflow_id)})
+        lines = [CostLine(step_name=r[0], **dict(zip(_COST_FIELDS, r[1:], strict=True)))
+                 for r in rows]
+        return CostReport(workflow_id=uuid.UUID(str(workflow_id)), lines=lines)
+
+    async def cost_by_model(self, since: datetime, until: datetime) -> list[CostLine]:
+        """Return usage and cost per model for calls recorded in ``[since, until)``."""
+        rows = await self._rows("cost_by_model", {"since": since, "until": until})
+        return [CostLine(**dict(zip(_COST_FIELDS, r, strict=True))) for r in rows]

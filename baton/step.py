@@ -34,6 +34,8 @@ class StepOptions:
     """Called as ``fn(ctx, reason)`` when a dependency was discarded and this step is not."""
     llm: bool = False
     """An LLM step: a provider's HTTP 429 snoozes the job instead of failing it."""
+    capture: bool = False
+    """Capture full context (``ctx.capture``) for this step even if the app does not."""
 
 
 class _ArgsBase(BaseModel):

@@ -9,7 +9,6 @@ and a workflow whose every step settled is finished exactly once.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from baton.dag import Workflow
 from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
 from baton.events import channel as events_channel
-from baton.job import JobState
+from baton.job import JobState, json_text
 from baton.ops import Op, Stmt, insert_rows
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
@@ -55,7 +54,7 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     if not events:
         return []
     rows = yield Stmt(q["events_emit_steps"], {
-        "rows": _json([e.row() for e in events]), "channel": events_channel(q.schema),
+        "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
     })
     return [row[0] for row in rows]
 
@@ -70,10 +69,6 @@ class WorkflowInfo:
     total_steps: int
     settled_steps: int
     failed_steps: list[str]
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
@@ -109,10 +104,10 @@ def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[st
             "ignore_discarded": node.ignore_discarded, "min_success": node.min_success,
             "pending_deps": pending[name],
         })
-    yield Stmt(q["nodes_insert"], {"rows": _json(node_rows)})
+    yield Stmt(q["nodes_insert"], {"rows": json_text(node_rows)})
     edge_rows = [{"dep": dep, "node": name} for name, deps in edges.items() for dep in deps]
     if edge_rows:
-        yield Stmt(q["edges_insert"], {"workflow_id": wf.id, "rows": _json(edge_rows)})
+        yield Stmt(q["edges_insert"], {"workflow_id": wf.id, "rows": json_text(edge_rows)})
 
 
 def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
@@ -152,12 +147,12 @@ def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[P
     ids = sorted({str(wf_id) for wf_id, _, _ in steps})
     yield Stmt(q["workflows_lock"], {"ids": ids})
     rows = [{"workflow_id": str(w), "name": n, "outcome": s} for w, n, s in steps]
-    new = yield Stmt(q["completions_insert"], {"rows": _json(rows)})
+    new = yield Stmt(q["completions_insert"], {"rows": json_text(rows)})
     if not new:
         return []
     settled = [{"workflow_id": str(w), "name": n, "outcome": o} for w, n, o in new]
-    finished = yield Stmt(q["workflows_tally"], {"rows": _json(settled)})
-    yield Stmt(q["nodes_release"], {"rows": _json(settled), "channel": q.channel("insert")})
+    finished = yield Stmt(q["workflows_tally"], {"rows": json_text(settled)})
+    yield Stmt(q["nodes_release"], {"rows": json_text(settled), "channel": q.channel("insert")})
     done = [str(row[0]) for row in finished if row[2] != "running"]
     if not done:
         return []
@@ -185,7 +180,7 @@ def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
 def store_result(q: Queries, workflow_id: uuid.UUID, name: str, value: Any) -> Op[None]:
     """Keep a step's result (wrapped, so a bare number or string survives)."""
     yield Stmt(q["node_store_result"], {
-        "workflow_id": workflow_id, "name": name, "result": _json(dump_result(value)),
+        "workflow_id": workflow_id, "name": name, "result": json_text(dump_result(value)),
     })
 
 

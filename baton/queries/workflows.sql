@@ -221,3 +221,44 @@ WHERE (%(label)s::text IS NULL OR label = %(label)s)
   AND (%(state)s::text IS NULL OR state = %(state)s)
 ORDER BY inserted_at DESC, id
 LIMIT %(limit)s
+
+-- name: step_stats_insert
+INSERT INTO {schema}.step_stats (
+    workflow_id, step_name, job_id, attempt, model, input_tokens, output_tokens,
+    cached_tokens, cache_write_tokens, duration_ms, cost)
+SELECT workflow_id, step_name, job_id, attempt, model, input_tokens, output_tokens,
+    cached_tokens, cache_write_tokens, duration_ms, cost
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
+    workflow_id uuid, step_name text, job_id bigint, attempt integer, model text,
+    input_tokens integer, output_tokens integer, cached_tokens integer,
+    cache_write_tokens integer, duration_ms double precision, cost numeric)
+
+-- name: debug_logs_insert
+INSERT INTO {schema}.debug_logs (
+    workflow_id, step_name, job_id, attempt, request, response, context, extra)
+SELECT workflow_id, step_name, job_id, attempt, request, response, context, extra
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
+    workflow_id uuid, step_name text, job_id bigint, attempt integer, request jsonb,
+    response jsonb, context jsonb, extra jsonb)
+
+-- name: cost_workflow_steps
+-- Usage and cost of one workflow, per step and model.
+SELECT step_name, model, count(*) AS calls, sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens,
+    sum(cost) AS cost, count(*) FILTER (WHERE cost IS NULL) AS unpriced,
+    sum(duration_ms) AS duration_ms
+FROM {schema}.step_stats
+WHERE workflow_id = %(id)s
+GROUP BY step_name, model
+ORDER BY step_name, model NULLS FIRST
+
+-- name: cost_by_model
+-- Usage and cost per model over a time range.
+SELECT model, count(*) AS calls, sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens,
+    sum(cost) AS cost, count(*) FILTER (WHERE cost IS NULL) AS unpriced,
+    sum(duration_ms) AS duration_ms
+FROM {schema}.step_stats
+WHERE inserted_at >= %(since)s AND inserted_at < %(until)s
+GROUP BY model
+ORDER BY sum(cost) DESC NULLS LAST, model

@@ -19,6 +19,7 @@ from baton.backoff import backoff_seconds
 from baton.context import Context
 from baton.errors import ArgsError, UnknownStepError
 from baton.job import JobState
+from baton.pricing import Usage, split_usage
 from baton.signals import Cancel, Discard, Signal, Snooze
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class Outcome:
     has_result: bool = False
     duration: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    usage: list[Usage] = field(default_factory=list)
+    captures: list[dict[str, Any]] = field(default_factory=list)
+    step_name: str = ""
 
     def as_row(self) -> dict[str, Any]:
         """Return the JSON row for the batched finish statement."""
@@ -101,6 +105,7 @@ class Executor:
             meta=job.meta,
             snoozes=job.snoozes,
             workflow_id=job.workflow_id,
+            capture_enabled=self.app.capture or step.options.capture,
         )
 
     async def call(self, step: Step, kwargs: dict[str, Any]) -> Any:
@@ -124,6 +129,8 @@ class Executor:
                 result = await self.call(step, step.bind(kwargs, ctx))
             if isinstance(result, Signal):
                 raise result
+            result, reported = split_usage(result)
+            ctx.usage.extend(reported)
             outcome = Outcome(job, JobState.COMPLETED, result=result,
                               has_result=result is not None)
         except (UnknownStepError, ArgsError) as exc:
@@ -144,6 +151,10 @@ class Executor:
             else:
                 outcome = self.failed(job, exc, kind="error")
         outcome.duration = time.monotonic() - started
+        if ctx is not None:
+            outcome.usage = ctx.usage
+            outcome.captures = [{**c, "context": ctx.results or None} for c in ctx.captures]
+            outcome.step_name = ctx.step
         return outcome
 
     def failed(self, job: FetchedJob, exc: BaseException, *, kind: str) -> Outcome:

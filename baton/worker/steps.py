@@ -49,7 +49,7 @@ class StepRunner:
         if row is None:
             return Outcome(job, JobState.CANCELLED, error=_reason(job, "its workflow node is gone"))
         (has_result, stored, declared, model, min_success, ignore_cancelled, ignore_discarded,
-         label, _debug, dep_rows) = row
+         label, debug, dep_rows) = row
         if has_result:
             # The retry-idempotency guard: the step already produced a result.
             log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
@@ -70,6 +70,7 @@ class StepRunner:
             ctx.model = model
             ctx.app = app
             ctx.failed_deps = [d.name for d in decision.failed]
+            ctx.capture_enabled = ctx.capture_enabled or debug
         if decision.action == "cancel":
             if ctx is not None and step is not None:
                 await self._callbacks(step.options, ctx, decision.failed, decision.reason)

@@ -16,6 +16,7 @@ import structlog
 
 from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
+from baton.job import json_text
 from baton.worker.completer import Completer
 from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.worker.maintenance import Maintenance
@@ -92,11 +93,12 @@ class Worker:
     async def _after_write(
         self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
     ) -> list[dict[str, Any]]:
-        """Announce and settle the workflow steps among written outcomes (same transaction)."""
+        """Record usage, announce and settle workflow steps (in the writing transaction)."""
+        q = self.app.queries
+        await self._record(conn, outcomes)
         flow = [o for o in outcomes if o.job.workflow_id is not None]
         if not flow:
             return []
-        q = self.app.queries
         events = await ops.run_async(conn, workflows.emit_steps(q, [step_event(o) for o in flow]),
                                      "announce steps")
         steps = [
@@ -108,6 +110,25 @@ class Worker:
         if steps:
             events += await ops.run_async(conn, workflows.settle(q, steps), "settle steps")
         return events
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
+                      ) -> None:
+        stats: list[dict[str, Any]] = []
+        captures: list[dict[str, Any]] = []
+        for o in outcomes:
+            where = {"workflow_id": str(o.job.workflow_id) if o.job.workflow_id else None,
+                     "step_name": o.step_name or o.job.step, "job_id": o.job.id,
+                     "attempt": o.job.attempt}
+            for usage in o.usage:
+                cost = self.app.pricing.cost(usage)
+                stats.append({**where, **usage.model_dump(),
+                              "cost": str(cost) if cost is not None else None})
+            captures.extend({**where, **c} for c in o.captures)
+        q = self.app.queries
+        if stats:
+            await conn.execute(q["step_stats_insert"], {"rows": json_text(stats)})
+        if captures:
+            await conn.execute(q["debug_logs_insert"], {"rows": json_text(captures)})
 
     # -- lifecycle -------------------------------------------------------------------------
 

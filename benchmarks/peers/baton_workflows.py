@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from benchmarks.peers.baton_peer import BatonPeer
 
 IDLE_SAMPLE_S = 2.0
-_POLL = "/* bench-poll */ SELECT state FROM {s}.workflows WHERE id = %s"
-_HANDOFF = """/* bench-result */
-SELECT n.name, 1000 * extract(epoch FROM jn.attempted_at - max(jd.finalized_at))
+_POLL = "SELECT state AS zz_bench_probe FROM {s}.workflows WHERE id = %s"
+_HANDOFF = """
+SELECT n.name AS zz_bench_probe,
+       1000 * extract(epoch FROM jn.attempted_at - max(jd.finalized_at))
 FROM {s}.edges AS e
 JOIN {s}.nodes AS n ON n.workflow_id = e.workflow_id AND n.name = e.node
 JOIN {s}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep

@@ -187,7 +187,11 @@ async def _run_workers(peer: Peer, res: Result, args: argparse.Namespace) -> Non
         try:
             await _bounded(TRACKER.done.wait(), timeout, f"drain of {n} jobs")
             res.seconds = time.perf_counter() - t0
-            res.extra["first_job_after_s"] = round(min(TRACKER.started.values()) - t0, 4)
+            first, last = min(TRACKER.started.values()), max(TRACKER.started.values())
+            res.extra["first_job_after_s"] = round(first - t0, 4)
+            # Throughput once running: first to last job start (worker start-up excluded).
+            if last > first:
+                res.extra["steady_jobs_per_s"] = round((n - 1) / (last - first), 1)
             await _wait_drained(peer, res, t0, 30)
             # The window ends when the table says done; the idle worker's polling during
             # the 1.1 s settle of the lagged counters is included (small against n jobs).

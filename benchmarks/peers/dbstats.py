@@ -23,21 +23,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-MARK = "/* bench-stats */"
+# pg_stat_statements drops leading comments, so probes are marked by a column alias.
+PROBE = "zz_bench_probe"
 _DB_COLS = (
     "xact_commit", "xact_rollback", "blks_hit", "blks_read", "tup_returned", "tup_fetched",
     "tup_inserted", "tup_updated", "tup_deleted",
 )  # fmt: skip
-_SNAPSHOT_SQL = f"""{MARK}
-SELECT pg_current_wal_lsn()::text, pg_backend_pid(),
+_SNAPSHOT_SQL = f"""
+SELECT pg_current_wal_lsn()::text AS {PROBE}, pg_backend_pid(),
        {", ".join("d." + c for c in _DB_COLS)}, w.wal_records, w.wal_fpi
 FROM pg_stat_database AS d, pg_stat_wal AS w
 WHERE d.datname = current_database()"""
-_STATEMENTS_SQL = f"""{MARK}
-SELECT COALESCE(sum(calls), 0)::bigint, COALESCE(sum(total_exec_time), 0)::float8
+# Statements that do work: BEGIN/COMMIT/ROLLBACK are counted as transactions instead.
+_STATEMENTS_SQL = f"""
+SELECT COALESCE(sum(calls), 0)::bigint AS {PROBE}, COALESCE(sum(total_exec_time), 0)::float8
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND query NOT LIKE '%bench-%'"""
+  AND query NOT LIKE '%{PROBE}%' AND query !~* '^\\s*(BEGIN|COMMIT|ROLLBACK)\\M'"""
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -86,7 +88,7 @@ async def snapshot(dsn: str, settle: float = 1.1) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(f"{MARK} SELECT pg_current_wal_lsn()::text, pg_backend_pid()")
+        cur = await conn.execute(f"SELECT pg_current_wal_lsn()::text AS {PROBE}, pg_backend_pid()")
         row = await cur.fetchone()
         assert row is not None
         out["lsn"], pid = row
@@ -104,7 +106,7 @@ async def snapshot(dsn: str, settle: float = 1.1) -> dict[str, Any]:
             if srow is not None:
                 out["statements"], out["exec_ms"] = int(srow[0]), float(srow[1])
         cur = await conn.execute(
-            f"{MARK} SELECT pg_wal_lsn_diff(%s::pg_lsn, '0/0')::bigint".encode(), (out["lsn"],)
+            f"SELECT pg_wal_lsn_diff(%s::pg_lsn, '0/0')::bigint AS {PROBE}".encode(), (out["lsn"],)
         )
         lsn_row = await cur.fetchone()
         out["lsn_bytes"] = int(lsn_row[0]) if lsn_row else None

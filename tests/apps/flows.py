@@ -153,3 +153,24 @@ async def rate_limited() -> None:
 @app.step
 async def modelled(ctx: baton.Context) -> str | None:
     return ctx.model
+
+
+@app.step(llm=True)
+async def ask_llm(prompt: str, ctx: baton.Context) -> dict[str, Any]:
+    """A stand-in LLM call: records usage one way and reports more in its result."""
+    ctx.record_usage(model="model-a", input_tokens=1000, output_tokens=200, cached_tokens=400)
+    ctx.capture(prompt=prompt, response="an answer", temperature=0.2)
+    return {"answer": f"re: {prompt}",
+            "__usage__": {"model": "mystery-model", "input_tokens": 10, "output_tokens": 5}}
+
+
+@app.step
+async def after_llm(ctx: baton.Context) -> Any:
+    return ctx.results["ask"]
+
+
+@app.step(max_attempts=1, capture=True)
+async def paid_then_fails(ctx: baton.Context) -> None:
+    ctx.record_usage(model="model-b", input_tokens=2_000_000, output_tokens=0)
+    ctx.capture(prompt="p", response=None)
+    raise RuntimeError("provider returned garbage")
