@@ -148,11 +148,13 @@ WHERE j.id = orphaned.id
 RETURNING j.id, j.state, j.queue, j.attempted_by, j.workflow_id
 
 -- name: jobs_prune
--- Delete a bounded batch of finished jobs older than %(max_age)s seconds.
+-- Delete a bounded batch of finished jobs older than %(max_age)s seconds (workflow steps
+-- are pruned with their workflow, never on their own).
 WITH doomed AS (
     SELECT id
     FROM {schema}.jobs
     WHERE finalized_at < now() - make_interval(secs => %(max_age)s)
+      AND workflow_id IS NULL
     ORDER BY finalized_at
     LIMIT %(limit)s
 ), deleted AS (

@@ -96,12 +96,14 @@ WITH settled AS (
     RETURNING d.job_id, d.pending_deps
 ), released AS (
     UPDATE {schema}.jobs AS j
-    SET state = 'available', scheduled_at = now()
+    SET state = CASE WHEN j.scheduled_at > now() THEN 'scheduled' ELSE 'available' END,
+        scheduled_at = GREATEST(j.scheduled_at, now())
     FROM counted
     WHERE j.id = counted.job_id AND counted.pending_deps <= 0 AND j.state = 'pending'
-    RETURNING j.id, j.queue
+    RETURNING j.id, j.queue, j.state
 ), woken AS (
-    SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM released) AS q
+    SELECT pg_notify(%(channel)s, queue)
+    FROM (SELECT DISTINCT queue FROM released WHERE state = 'available') AS q
 )
 SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM woken) AS woken
 
@@ -165,7 +167,8 @@ LIMIT %(limit)s
 -- name: nodes_stranded
 -- Backstop: held steps with nothing left to wait on (release them).
 UPDATE {schema}.jobs AS j
-SET state = 'available', scheduled_at = now()
+SET state = CASE WHEN j.scheduled_at > now() THEN 'scheduled' ELSE 'available' END,
+    scheduled_at = GREATEST(j.scheduled_at, now())
 FROM {schema}.nodes AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 WHERE w.finished_at IS NULL AND n.pending_deps <= 0 AND j.id = n.job_id
@@ -262,3 +265,48 @@ FROM {schema}.step_stats
 WHERE inserted_at >= %(since)s AND inserted_at < %(until)s
 GROUP BY model
 ORDER BY sum(cost) DESC NULLS LAST, model
+
+-- name: workflows_prune
+-- Delete finished workflows older than %(max_age)s seconds with every row they own.
+WITH doomed AS (
+    SELECT id FROM {schema}.workflows
+    WHERE finished_at < now() - make_interval(secs => %(max_age)s)
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), jobs_gone AS (
+    DELETE FROM {schema}.jobs AS j USING doomed WHERE j.workflow_id = doomed.id RETURNING 1
+), stats_gone AS (
+    DELETE FROM {schema}.step_stats AS s USING doomed WHERE s.workflow_id = doomed.id
+    RETURNING 1
+), logs_gone AS (
+    DELETE FROM {schema}.debug_logs AS d USING doomed WHERE d.workflow_id = doomed.id
+    RETURNING 1
+), workflows_gone AS (
+    DELETE FROM {schema}.workflows AS w USING doomed WHERE w.id = doomed.id RETURNING 1
+)
+SELECT (SELECT count(*) FROM workflows_gone), (SELECT count(*) FROM jobs_gone),
+    (SELECT count(*) FROM stats_gone), (SELECT count(*) FROM logs_gone)
+
+-- name: debug_logs_prune
+WITH doomed AS (
+    SELECT id FROM {schema}.debug_logs
+    WHERE inserted_at < now() - make_interval(secs => %(max_age)s)
+    ORDER BY inserted_at
+    LIMIT %(limit)s
+), deleted AS (
+    DELETE FROM {schema}.debug_logs AS d USING doomed WHERE d.id = doomed.id RETURNING 1
+)
+SELECT count(*) FROM deleted
+
+-- name: event_payloads_prune
+-- Large event payloads are read within moments of their NOTIFY; keep them an hour.
+WITH doomed AS (
+    SELECT id FROM {schema}.event_payloads
+    WHERE inserted_at < now() - interval '1 hour'
+    ORDER BY id
+    LIMIT %(limit)s
+), deleted AS (
+    DELETE FROM {schema}.event_payloads AS e USING doomed WHERE e.id = doomed.id RETURNING 1
+)
+SELECT count(*) FROM deleted

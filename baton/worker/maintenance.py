@@ -70,8 +70,7 @@ class Maintenance:
         await self.stage()
         await self.rescue()
         await self.sweep()
-        if settings.prune_after is not None:
-            await self.prune(settings.prune_after)
+        await self.prune()
 
     async def _rows(
         self, name: str, params: dict[str, Any], *, queue_column: int | None = None
@@ -136,15 +135,33 @@ class Maintenance:
                      finished=len(finished))
         return len(steps) + len(released)
 
-    async def prune(self, max_age: float) -> int:
-        """Delete one bounded batch of old finished jobs; return how many."""
-        rows = await self._rows(
-            "jobs_prune", {"max_age": max_age, "limit": self.worker.settings.prune_limit}
-        )
-        count = int(rows[0][0]) if rows else 0
-        if count:
-            log.info("maintenance.pruned", table="jobs", count=count)
-        return count
+    async def prune(self) -> dict[str, int]:
+        """Delete one bounded batch of each kind of old row; return counts by table.
+
+        Finished jobs outside workflows and finished workflows (with their jobs, nodes,
+        edges, completions, stats and logs) older than ``prune_after``; captured context
+        older than ``debug_log_max_age``; spilled event payloads older than an hour. A
+        running workflow is never touched.
+        """
+        settings = self.worker.settings
+        limit = settings.prune_limit
+        counts: dict[str, int] = {}
+        if settings.prune_after is not None:
+            age = settings.prune_after
+            [(counts["jobs"],)] = await self._rows("jobs_prune", {"max_age": age, "limit": limit})
+            [(counts["workflows"], counts["workflow_jobs"], counts["step_stats"],
+              counts["debug_logs"])] = await self._rows(
+                "workflows_prune", {"max_age": age, "limit": settings.prune_workflow_limit})
+        if settings.debug_log_max_age is not None:
+            [(aged,)] = await self._rows(
+                "debug_logs_prune", {"max_age": settings.debug_log_max_age, "limit": limit})
+            counts["debug_logs"] = counts.get("debug_logs", 0) + aged
+        [(counts["event_payloads"],)] = await self._rows("event_payloads_prune",
+                                                         {"limit": limit})
+        pruned = {table: int(n) for table, n in counts.items() if n}
+        if pruned:
+            log.info("maintenance.pruned", **pruned)
+        return pruned
 
     async def resign(self) -> None:
         """Give up the lease so another worker takes over at once."""

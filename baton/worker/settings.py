@@ -28,8 +28,14 @@ class WorkerSettings(BaseModel):
     stage_limit: int = Field(default=5000, gt=0)
     rescue_limit: int = Field(default=1000, gt=0)
     prune_after: float | None = Field(default=None, gt=0)
-    """Delete finished jobs older than this; ``None`` (the default) keeps them."""
+    """Delete finished jobs, and finished workflows with all their rows, older than this;
+    ``None`` (the default) keeps them."""
     prune_limit: int = Field(default=10_000, gt=0)
+    """The most rows one pass deletes from a table."""
+    prune_workflow_limit: int = Field(default=100, gt=0)
+    """The most finished workflows one pass deletes (with their jobs and rows)."""
+    debug_log_max_age: float | None = Field(default=None, gt=0)
+    """Delete captured context older than this, whatever ``prune_after`` says."""
 
     @field_validator("queues")
     @classmethod

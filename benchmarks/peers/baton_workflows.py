@@ -97,7 +97,7 @@ async def _run_graph(peer: BatonPeer, res: Result, args: argparse.Namespace) -> 
         await asyncio.sleep(IDLE_SAMPLE_S)
         before = await dbstats.snapshot(peer.dsn)
         idle = dbstats.delta(idle0, before)
-        idle_window = IDLE_SAMPLE_S + 1.1  # the sleep plus the snapshot's settle
+        idle_window = IDLE_SAMPLE_S + dbstats.SETTLE_S  # the sleep plus the settle
         t0 = time.perf_counter()
         wf_id = await peer.app.insert(wf)
         state, polls = await _wait_finished(peer, wf_id, args.timeout)
@@ -105,7 +105,7 @@ async def _run_graph(peer: BatonPeer, res: Result, args: argparse.Namespace) -> 
         d = dbstats.delta(before, await dbstats.snapshot(peer.dsn))
     finally:
         await peer.stop_worker()
-    window = res.seconds + 1.1
+    window = res.seconds + dbstats.SETTLE_S
     res.jobs_per_s = round(steps / res.seconds, 1)
     async with peer.app.connection() as conn:
         cur = await conn.execute(_HANDOFF.format(s=peer.app.schema).encode(), (wf_id,))

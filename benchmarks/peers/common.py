@@ -194,7 +194,7 @@ async def _run_workers(peer: Peer, res: Result, args: argparse.Namespace) -> Non
                 res.extra["steady_jobs_per_s"] = round((n - 1) / (last - first), 1)
             await _wait_drained(peer, res, t0, 30)
             # The window ends when the table says done; the idle worker's polling during
-            # the 1.1 s settle of the lagged counters is included (small against n jobs).
+            # the settle of the lagged counters is included (small against n jobs).
             res.extra["db"] = dbstats.per_job(
                 dbstats.delta(before, await dbstats.snapshot(peer.dsn)), n
             )

@@ -12,7 +12,8 @@ of them into per-job figures. What each figure is:
   database, if the extension is loaded and installed in it (``None`` otherwise).
 * ``xact_commit``, ``blks_*``, ``tup_*`` -- ``pg_stat_database`` counters for this database;
   ``wal_records``, ``wal_fpi`` -- ``pg_stat_wal`` (cluster-wide). These are flushed by each
-  backend at most once a second, so :func:`snapshot` waits ``settle`` seconds first.
+  backend when idle at most every 10 s (PGSTAT_IDLE_INTERVAL), so :func:`snapshot` waits
+  ``SETTLE_S`` seconds before reading them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SELECT COALESCE(sum(calls), 0)::bigint AS {PROBE}, COALESCE(sum(total_exec_time)
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND query NOT LIKE '%{PROBE}%' AND query !~* '^\\s*(BEGIN|COMMIT|ROLLBACK)\\M'"""
+SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "11"))
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -82,7 +84,7 @@ def rss_mb() -> float | None:
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
-async def snapshot(dsn: str, settle: float = 1.1) -> dict[str, Any]:
+async def snapshot(dsn: str, settle: float = SETTLE_S) -> dict[str, Any]:
     """Read the counters; ``settle`` seconds are waited between instant and lagged ones."""
     import psycopg
 
