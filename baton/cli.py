@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import structlog
 
+from baton import render
 from baton.app import Baton
 from baton.errors import BatonError, ConfigurationError
 from baton.logs import configure_logging
@@ -23,6 +25,7 @@ from baton.migrations import migrate_down, migrate_up
 from baton.worker import Worker, WorkerSettings, parse_queues
 
 log = structlog.get_logger("baton.cli")
+T = TypeVar("T")
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -105,7 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
                         default=float(_env("PRUNE_AFTER")) if _env("PRUNE_AFTER") else None,
                         help="delete finished jobs older than this many seconds "
                              "[BATON_PRUNE_AFTER]")
+    status = sub.add_parser("status", help="queues by state and live workers")
+    _common(status)
+    _inspect(status)
+
+    workflow = sub.add_parser("workflow", help="inspect workflows")
+    wf_sub = workflow.add_subparsers(dest="action", required=True)
+    show = wf_sub.add_parser("show", help="every step, its state, attempts, duration, cost")
+    show.add_argument("id")
+    cost = wf_sub.add_parser("cost", help="what a workflow cost, per step and model")
+    cost.add_argument("id")
+    listing = wf_sub.add_parser("list", help="recent workflows")
+    listing.add_argument("--label")
+    listing.add_argument("--state", choices=["running", "completed", "failed"])
+    listing.add_argument("--limit", type=int, default=20)
+    for p in (show, cost, listing):
+        _common(p)
+        _inspect(p)
+
+    job = sub.add_parser("job", help="steer one job")
+    job_sub = job.add_subparsers(dest="action", required=True)
+    for name, text in (("retry", "make a job that is not running available again"),
+                       ("cancel", "cancel a job (a running one is told to stop)")):
+        p = job_sub.add_parser(name, help=text)
+        p.add_argument("id", type=int)
+        _common(p)
+        _inspect(p)
     return parser
+
+
+def _inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--app", default=_env("APP"), help="take dsn and schema from this app")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _app_for(args: argparse.Namespace) -> Baton:
@@ -163,13 +197,83 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out(args: argparse.Namespace, data: Any, human: str) -> int:
+    sys.stdout.write((json.dumps(data, indent=2, default=str) if args.json else human) + "\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    status = anyio.run(_using(app, app.query.status))
+    states = ["available", "executing", "scheduled", "retryable", "pending", "completed",
+              "discarded", "cancelled"]
+    rows = [[q.queue, *(q.counts.get(s, 0) for s in states),
+             f"{q.oldest_available_seconds:.1f}s" if q.oldest_available_seconds else "-"]
+            for q in status.queues]
+    human = render.table(["queue", *states, "oldest available"], rows)
+    human += "\n\n" + render.table(
+        ["worker", "queues", "last heartbeat"],
+        [[w.id, ",".join(f"{k}={v}" for k, v in w.queues.items()), w.heartbeat_at]
+         for w in status.workers])
+    return _out(args, status.model_dump(mode="json"), human)
+
+
+def cmd_workflow(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    if args.action == "list":
+        views = anyio.run(_using(app, lambda: app.query.workflows(
+            label=args.label, state=args.state, limit=args.limit)))
+        rows = [[v.id, v.label, v.state, f"{v.settled_steps}/{v.total_steps}",
+                 ",".join(v.failed_steps), v.inserted_at] for v in views]
+        return _out(args, [v.model_dump(mode="json") for v in views], render.table(
+            ["id", "label", "state", "settled", "failed", "inserted"], rows))
+    if args.action == "cost":
+        report = anyio.run(_using(app, lambda: app.query.cost(args.id)))
+        rows = [[line.step_name, line.model, line.calls, line.input_tokens, line.output_tokens,
+                 line.cached_tokens, render.money(line.cost)] for line in report.lines]
+        human = render.table(["step", "model", "calls", "input", "output", "cached", "cost"],
+                             rows)
+        by_model = render.table(["model", "cost"], [[m, render.money(c)] for m, c in
+                                                   report.by_model().items()])
+        human += f"\n\n{by_model}\n\ntotal: {render.money(report.total_cost)}"
+        data = {**report.model_dump(mode="json"), "total_cost": str(report.total_cost)}
+        return _out(args, data, human)
+
+    async def both() -> tuple[Any, Any]:
+        return await app.query.workflow(args.id), await app.query.cost(args.id)
+
+    view, report = anyio.run(_using(app, both))
+    return _out(args, view.model_dump(mode="json"), render.workflow_dag(view, report))
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    action = app.retry if args.action == "retry" else app.cancel
+    changed = anyio.run(_using(app, lambda: action(args.id)))
+    verb = "retried" if args.action == "retry" else "cancelled"
+    human = f"job {args.id} {verb}" if changed else f"job {args.id} unchanged (" + (
+        "it is running)" if args.action == "retry" else "it had already finished)")
+    return _out(args, {"job_id": args.id, "changed": changed}, human)
+
+
+def _using(app: Baton, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    async def run() -> T:
+        try:
+            return await fn()
+        finally:
+            await app.close()
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         configure_logging(args.log_level, json=args.log_json)
-        handler = {"migrate": cmd_migrate, "worker": cmd_worker}[args.command]
+        handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
+                   "workflow": cmd_workflow, "job": cmd_job}[args.command]
         return handler(args)
     except (BatonError, ValueError) as exc:
         log.error("cli.failed", command=args.command, error=str(exc))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from baton.db import translate_errors
 from baton.errors import WorkflowNotFound
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class StepView(BaseModel):
     job_id: int
     attempted_at: datetime | None
     finalized_at: datetime | None
+    group_name: str | None
     cost: Decimal | None
 
     @property
@@ -93,6 +95,32 @@ class CostReport(BaseModel):
         return out
 
 
+class QueueStatus(BaseModel):
+    """One queue: its jobs by state and how long the oldest available one has waited."""
+
+    queue: str
+    counts: dict[str, int]
+    oldest_available_seconds: float | None
+
+
+class WorkerInfo(BaseModel):
+    """A live worker process."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: dict[str, int]
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class Status(BaseModel):
+    """Queues and live workers."""
+
+    queues: list[QueueStatus]
+    workers: list[WorkerInfo]
+
+
 _COST_FIELDS = ("model", "calls", "input_tokens", "output_tokens", "cached_tokens", "cost",
                 "unpriced", "duration_ms")
 _WORKFLOW_FIELDS = ("id", "label", "state", "total_steps", "settled_steps", "failed_steps",
@@ -106,9 +134,10 @@ class Query:
         self.app = app
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        async with self.app.connection() as conn:
-            cur = await conn.execute(self.app.queries[name], params)
-            return await cur.fetchall()
+        with translate_errors(f"query {name}"):
+            async with self.app.connection() as conn:
+                cur = await conn.execute(self.app.queries[name], params)
+                return await cur.fetchall()
 
     async def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowView:
         """Return a workflow with the current state of every step.
@@ -142,3 +171,16 @@ class Query:
         """Return usage and cost per model for calls recorded in ``[since, until)``."""
         rows = await self._rows("cost_by_model", {"since": since, "until": until})
         return [CostLine(**dict(zip(_COST_FIELDS, r, strict=True))) for r in rows]
+
+    async def status(self) -> Status:
+        """Return every queue's counts by state and the live workers."""
+        queues: dict[str, QueueStatus] = {}
+        for queue, state, count, oldest in await self._rows("queues_status", {}):
+            entry = queues.setdefault(queue, QueueStatus(queue=queue, counts={},
+                                                         oldest_available_seconds=None))
+            entry.counts[state] = int(count)
+            if oldest is not None:
+                entry.oldest_available_seconds = float(oldest)
+        workers = [WorkerInfo(**dict(zip(WorkerInfo.model_fields, r, strict=True)))
+                   for r in await self._rows("workers_live", {})]
+        return Status(queues=list(queues.values()), workers=workers)

@@ -88,7 +88,8 @@ SELECT
     j.errors -> -1 ->> 'error' AS last_error,
     j.attempted_at,
     j.finalized_at,
-    n.job_id
+    n.job_id,
+    n.group_name
 FROM {schema}.nodes AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 LEFT JOIN {schema}.jobs AS j ON j.id = n.job_id;

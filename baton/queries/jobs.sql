@@ -206,3 +206,18 @@ WHERE step = %(step)s
   AND args @> %(args)s::jsonb
 ORDER BY id
 LIMIT 1
+
+-- name: queues_status
+-- Per queue: jobs by state and the age of the oldest job waiting to run.
+SELECT queue, state, count(*) AS jobs,
+    EXTRACT(EPOCH FROM now() - min(scheduled_at) FILTER (
+        WHERE state = 'available')) AS oldest_available_seconds
+FROM {schema}.jobs
+GROUP BY queue, state
+ORDER BY queue, state
+
+-- name: workers_live
+SELECT id, hostname, pid, queues, started_at, heartbeat_at
+FROM {schema}.worker_registry
+WHERE expires_at > now()
+ORDER BY started_at
