@@ -37,14 +37,8 @@ FAST_SETTINGS: dict[str, Any] = {
 @asynccontextmanager
 async def running_worker(app: Baton, **settings: Any) -> AsyncIterator[Worker]:
     """Run a worker for ``app`` during the block, with :data:`FAST_SETTINGS` by default."""
-    worker = Worker(app, WorkerSettings(**{**FAST_SETTINGS, **settings}))
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-            await worker.stopped.wait()
+    async with Worker(app, WorkerSettings(**{**FAST_SETTINGS, **settings})) as worker:
+        yield worker
 
 
 async def wait_for_job(

@@ -35,8 +35,8 @@ SMALL_N = {
     "enqueue_one": 50, "enqueue_batch": 300, "drain": 300, "latency": 20,
     "chain": 10, "fanout": 20, "insert10k": 500,
 }  # fmt: skip
-# Drain/latency concurrency per system: baton's best from a sweep (see docs/benchmarks.md).
-CONCURRENCY = {"baton": 100, "procrastinate": 50, "pgqueuer": 50, "chancy": 50, "oban": 50}
+# Drain/latency concurrency: the same for every system (sweep in docs/benchmarks.md).
+CONCURRENCY = {"baton": 100, "procrastinate": 100, "pgqueuer": 100, "chancy": 100, "oban": 100}
 
 
 def err(msg: str) -> None:

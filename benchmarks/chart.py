@@ -23,6 +23,10 @@ PANELS = (
 )  # fmt: skip
 
 
+def _label(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def draw(results: Sequence[dict[str, Any]], systems: Sequence[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -36,7 +40,7 @@ def draw(results: Sequence[dict[str, Any]], systems: Sequence[str], path: Path, 
         shown = [(s, v) for s, v in zip(systems, vals, strict=True) if isinstance(v, int | float)]
         colors = ["tab:orange" if s == "baton" else "tab:blue" for s, _ in shown]
         bars = ax.bar([s for s, _ in shown], [v for _, v in shown], color=colors)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.bar_label(bars, fmt=_label, fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.margins(y=0.15)

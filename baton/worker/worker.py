@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,11 @@ class Worker:
 
     ``await worker.run()`` returns after :meth:`stop` (or SIGTERM/SIGINT in the CLI): it
     stops fetching, lets running jobs finish within ``shutdown_grace``, then hands the
-    unfinished ones back to the queue without burning their attempt.
+    unfinished ones back to the queue without burning their attempt. To run one beside
+    other code, use it as an async context manager::
+
+        async with Worker(app, WorkerSettings(queues={"default": 10})):
+            ...  # jobs run while the block runs; leaving it stops the worker gracefully
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Worker:
         self._cancel_requested: set[int] = set()
         self._unfinished: list[int] = []
         self._notifier: Notifier | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # -- hooks the workflow engine extends -------------------------------------------------
 
@@ -131,6 +137,23 @@ class Worker:
             await conn.execute(q["debug_logs_insert"], {"rows": json_text(captures)})
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        """Start the worker in the background; the block runs once it is ready."""
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self.run)
+        except BaseException:
+            await self._tg.__aexit__(*sys.exc_info())
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        """Stop gracefully and wait until the worker has stopped."""
+        self.stop()
+        assert self._tg is not None
+        return await self._tg.__aexit__(*exc)
 
     def stop(self) -> None:
         """Ask the worker to shut down gracefully."""
