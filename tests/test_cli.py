@@ -43,7 +43,8 @@ def test_workflow_views(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["workflow", "show", workflow_id, "--dsn", dsn]) == 0
     out = capsys.readouterr().out
     assert "workflow cli-demo" in out and "failed: draft_bad" in out
-    lines = {line.split()[1]: line for line in out.splitlines() if line.strip() and line.strip()[0] in "✓✗⊘"}
+    lines = {line.split()[1]: line for line in out.splitlines()
+             if line.strip() and line.strip()[0] in "✓✗⊘"}
     assert set(lines) == {"ask", "draft_m1", "draft_bad", "draft_synthesis"}
     assert lines["draft_synthesis"].startswith("    ✓")  # depth 2: indented twice
     assert "← draft" in lines["draft_synthesis"] and "0.0012" in lines["ask"]
