@@ -158,6 +158,11 @@ class Baton:
 
     # -- connections ---------------------------------------------------------------------
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the async connection pool is open."""
+        return self._pool is not None
+
     async def open(self) -> None:
         """Open the async connection pool (done on first use; call it to fail early)."""
         if self._pool is None:

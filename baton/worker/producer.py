@@ -121,7 +121,11 @@ class Producer:
                   attempt=job.attempt)
         try:
             with scope:
-                outcome = await self.worker.execute(job)
+                try:
+                    outcome = await self.worker.execute(job)
+                except Exception as exc:  # a fault in baton itself must not stop the worker
+                    log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
+                    outcome = self.worker.executor.failed(job, exc, kind="crash")
             if not scope.cancelled_caught:
                 self.worker.completer.push(outcome)
             else:

@@ -17,7 +17,8 @@ import structlog
 
 from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
-from baton.job import json_text
+from baton.errors import DatabaseError
+from baton.job import JobState, json_text
 from baton.worker.completer import Completer
 from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.worker.maintenance import Maintenance
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from baton.app import Baton
 
 log = structlog.get_logger("baton.worker")
+
+DEFER_SECONDS = 1.0
 
 
 def step_event(outcome: Outcome) -> workflows.StepEvent:
@@ -92,9 +95,15 @@ class Worker:
 
     async def execute(self, job: FetchedJob) -> Outcome:
         """Run one job to its outcome (a workflow step through its gate)."""
-        if job.workflow_id is not None:
+        if job.workflow_id is None:
+            return await self.executor.run(job)
+        try:
             return await self.steps.run(job)
-        return await self.executor.run(job)
+        except (psycopg.Error, DatabaseError) as exc:
+            # The gate could not read its rows: not the step's fault, so no attempt is used.
+            log.warning("workflow.step_deferred", job_id=job.id, step=job.workflow_step,
+                        error=describe(exc), retry_in=DEFER_SECONDS)
+            return Outcome(job, JobState.SCHEDULED, delay=DEFER_SECONDS, snooze=True)
 
     async def _after_write(
         self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
@@ -191,6 +200,10 @@ class Worker:
         log.info("worker.stopped", worker_id=self.id)
 
     async def _startup(self) -> None:
+        if not self.app.is_open:
+            # Workflow steps each borrow a connection for their gate: size the pool to match.
+            self.app.pool_size = max(self.app.pool_size,
+                                     min(sum(self.settings.queues.values()) // 2 + 5, 40))
         await self.app.open()
         with translate_errors("worker start"):
             async with self.app.connection() as conn:
