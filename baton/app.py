@@ -146,6 +146,22 @@ class Baton:
 
         return register(fn) if fn is not None else register
 
+    def llm_step(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        queue: str = "llm",
+        max_attempts: int = 5,
+        timeout: float | None = 300.0,
+        **options: Any,
+    ) -> Step | Callable[[F], Step]:
+        """Register an LLM step: the ``llm`` queue, five jittered attempts, a timeout, and
+        a provider's HTTP 429 turned into a snooze. Takes the options of :meth:`step`."""
+        register = self.step(queue=queue, max_attempts=max_attempts, timeout=timeout,
+                             llm=True, **options)
+        return register(fn) if fn is not None else register
+
     def get_step(self, name: str) -> Step:
         """Return the registered step called ``name``.
 

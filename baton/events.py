@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -93,6 +94,9 @@ class Events:
     def __init__(self, app: Baton) -> None:
         self.app = app
         self.hooks: dict[str, list[Hook]] = {}
+        self.counts: Counter[str] = Counter()
+        """Events this process committed, by state (``"completed"``, ...) and outcome
+        (``"workflow_completed"``, ``"workflow_failed"``): counters for metrics."""
         self.hook_timeout = 5.0
         self._send: MemoryObjectSendStream[StepUpdated | WorkflowFinished] | None = None
 
@@ -117,6 +121,8 @@ class Events:
         """Log and hand committed events to the in-process hooks."""
         for payload in payloads:
             event = parse_event(payload)
+            self.counts[event.state if isinstance(event, StepUpdated)
+                        else f"workflow_{event.outcome}"] += 1
             fields = event.model_dump(mode="json", exclude={"type"})
             log.info("workflow.finished" if isinstance(event, WorkflowFinished)
                      else "workflow.step_updated", **fields)

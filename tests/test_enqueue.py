@@ -114,3 +114,16 @@ async def test_bad_options_fail_at_definition() -> None:
         app.step(priority=12)(basic.echo.fn)
     with pytest.raises(ValueError):
         basic.echo.new(value=1).options(max_attempts=0)
+
+
+async def test_hot_queries_use_their_partial_indexes(app: baton.Baton) -> None:
+    await app.enqueue_many([basic.echo.new(value=i).options(queue=f"q{i % 50}")
+                            for i in range(5000)])
+    sql_rows(app.dsn, "ANALYZE baton.jobs")
+    fetch = app.queries["jobs_fetch"].as_string(None)
+    plan = sql_rows(app.dsn, "EXPLAIN " + fetch.replace("%(queue)s", "'q7'")
+                    .replace("%(demand)s", "10").replace("%(worker_id)s", "'w'"))
+    assert "jobs_fetch_idx" in "\n".join(r[0] for r in plan)
+    stage = app.queries["jobs_stage"].as_string(None).replace("%(limit)s", "100")
+    plan = sql_rows(app.dsn, "EXPLAIN " + stage)
+    assert "jobs_stage_idx" in "\n".join(r[0] for r in plan)

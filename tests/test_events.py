@@ -69,6 +69,7 @@ async def test_exact_event_sequence_of_a_chain(app: baton.Baton) -> None:
     assert isinstance(finished, WorkflowFinished)
     assert finished.outcome == "completed" and finished.failed_steps == []
     assert [type(e) for e in events].count(WorkflowFinished) == 1
+    assert app.events.counts["executing"] >= 3 and app.events.counts["workflow_completed"] >= 1
 
 
 async def test_failure_events_and_filtering(app: baton.Baton) -> None:

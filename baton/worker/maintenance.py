@@ -67,10 +67,13 @@ class Maintenance:
         self.is_leader = leading
         if not leading:
             return
+        started = anyio.current_time()
         await self.stage()
         await self.rescue()
         await self.sweep()
         await self.prune()
+        log.debug("maintenance.pass", worker_id=worker.id,
+                  duration=round(anyio.current_time() - started, 6))
 
     async def _rows(
         self, name: str, params: dict[str, Any], *, queue_column: int | None = None
@@ -104,6 +107,8 @@ class Maintenance:
         for job_id, state, queue, attempted_by, _wf in rows:
             log.warning("job.rescued", job_id=job_id, queue=queue, state=state,
                         lost_worker=attempted_by)
+        if rows:
+            log.warning("sweep.rescued", job_ids=[r[0] for r in rows])
         await self._rows("workers_prune", {"after": settings.heartbeat_ttl * 6})
         return len(rows)
 
@@ -129,6 +134,10 @@ class Maintenance:
             events = await ops.run_async(conn, workflows.emit_steps(q, announce), "sweep")
             finished = await ops.run_async(conn, workflows.settle(q, steps), "sweep settle")
         app.events.publish(events + finished)
+        for payload in finished:
+            if payload["outcome"] == "failed":
+                log.warning("workflow.failed", workflow_id=str(payload["workflow_id"]),
+                            failed_steps=payload["failed_steps"], found_by="sweep")
         released = await self._rows("nodes_stranded", {}, queue_column=1)
         if steps or released:
             log.info("maintenance.swept", settled=len(steps), released=len(released),
