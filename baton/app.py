@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, overload
@@ -26,6 +28,35 @@ log = structlog.get_logger("baton.app")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# A pooled connection that was used moments ago is alive; checking it would cost a round
+# trip per checkout. One idle for longer is checked before it is lent (the server may have
+# restarted meanwhile).
+_IDLE_CHECK_SECONDS = 2.0
+_last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+async def _stamp(conn: psycopg.AsyncConnection[Any]) -> None:
+    _last_used[conn] = time.monotonic()
+
+
+def _stamp_sync(conn: psycopg.Connection[Any]) -> None:
+    _last_used[conn] = time.monotonic()
+
+
+def _recently_used(conn: Any) -> bool:
+    return time.monotonic() - _last_used.get(conn, float("-inf")) < _IDLE_CHECK_SECONDS
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    if not _recently_used(conn):
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _check_if_idle_sync(conn: psycopg.Connection[Any]) -> None:
+    if not _recently_used(conn):
+        ConnectionPool.check_connection(conn)
 
 
 class Baton:
@@ -187,7 +218,8 @@ class Baton:
                 min_size=1,
                 max_size=self.pool_size,
                 open=False,
-                check=AsyncConnectionPool.check_connection,
+                check=_check_if_idle,
+                reset=_stamp,
                 name=f"baton-{self.schema}",
             )
             await pool.open()
@@ -231,7 +263,8 @@ class Baton:
                 self.dsn,
                 min_size=1,
                 max_size=self.pool_size,
-                check=ConnectionPool.check_connection,
+                check=_check_if_idle_sync,
+                reset=_stamp_sync,
                 name=f"baton-{self.schema}-sync",
                 open=True,
             )

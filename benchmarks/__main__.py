@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,28 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def git_state() -> dict[str, Any]:
+    """The commit benchmarked and whether baton/ had uncommitted changes (read-only git)."""
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *cmd],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # never write the index
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "baton_dirty": bool(git("status", "--porcelain", "--", "baton")),
+    }
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
     """(system, workload, label, n) for every run, in order."""
     sizes = dict(SMALL_N if args.small else FULL_N)
@@ -149,6 +172,7 @@ def main() -> None:
             "postgres": pg,
             "pg_stat_statements": statements,
             "machine": machine(),
+            "git": git_state(),
             "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
             "concurrency": conc,
             "small": args.small,

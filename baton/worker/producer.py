@@ -8,6 +8,7 @@ import anyio
 import anyio.abc
 import psycopg
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from baton.db import describe
 from baton.worker.executor import FetchedJob
@@ -32,6 +33,7 @@ class Producer:
         self.running: dict[int, anyio.CancelScope] = {}
         self.stopping = False
         self._wake = anyio.Event()
+        self._wake.set()  # fetch at once on start, not after the first poll interval
         self._idle = anyio.Event()
         self._idle.set()
         self._maybe_more = True
@@ -70,8 +72,13 @@ class Producer:
         """Fetch and start jobs until stopped, then wait for the running ones."""
         settings = self.worker.settings
         failures = 0
+        # One long-lived task per slot takes jobs from a buffer: no task per job.
+        send, receive = anyio.create_memory_object_stream[tuple[FetchedJob, anyio.CancelScope]](
+            self.limit)
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            for _ in range(self.limit):
+                tg.start_soon(self._slot, receive)
             task_status.started()
             while not self.stopping:
                 with anyio.move_on_after(settings.poll_interval) as poll:
@@ -97,11 +104,14 @@ class Producer:
                     self._wake.set()
                     continue
                 self._maybe_more = len(jobs) == demand
+                if jobs:
+                    self._idle = anyio.Event()
                 for job in jobs:
                     scope = anyio.CancelScope()
                     self.running[job.id] = scope
-                    self._idle = anyio.Event()
-                    tg.start_soon(self._execute, job, scope)
+                    send.send_nowait((job, scope))
+            send.close()  # the slots finish what is buffered, then end
+        receive.close()
         self._tg = None
 
     async def fetch(self, demand: int) -> list[FetchedJob]:
@@ -115,6 +125,13 @@ class Producer:
             )
             rows: list[tuple[Any, ...]] = await cur.fetchall()
         return [FetchedJob(*row) for row in rows]
+
+    async def _slot(
+        self, receive: MemoryObjectReceiveStream[tuple[FetchedJob, anyio.CancelScope]]
+    ) -> None:
+        with receive.clone() as mine:
+            async for job, scope in mine:
+                await self._execute(job, scope)
 
     async def _execute(self, job: FetchedJob, scope: anyio.CancelScope) -> None:
         log.debug("job.executing", job_id=job.id, queue=job.queue, step=job.step,
