@@ -19,7 +19,7 @@ from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import StepError, UnknownStepError
 from baton.events import Events, Hook
-from baton.job import Job, JobSpec
+from baton.job import Job, JobSpec, check_options
 from baton.pricing import Pricing
 from baton.query import Query
 from baton.step import DEFAULT_MAX_ARGS_BYTES, Step, StepOptions
@@ -165,8 +165,7 @@ class Baton:
             capture=capture,
         )
         # Validate the options once, here, rather than at every new().
-        JobSpec(step="-", queue=queue, max_attempts=max_attempts, priority=priority,
-                timeout=timeout)
+        check_options(queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout)
 
         def register(f: F) -> Step:
             step = Step(f, options, name=name, max_args_bytes=self.max_args_bytes)

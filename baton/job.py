@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 
@@ -33,22 +34,42 @@ class JobState(StrEnum):
 _FINISHED = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
 
-class JobSpec(BaseModel):
+_ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def encode_json(value: Any) -> str:
+    """Encode plain JSON data compactly (NaN and infinities are refused)."""
+    return _ENCODE(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
     """A job ready to enqueue: built by ``step.new(**args)``, immutable.
 
     ``args`` already passed validation against the step's signature and are JSON-safe.
+    Build one by hand (``JobSpec(step=name, args={...})``) only for a step that lives in
+    another code base; its args are then checked when a worker runs it.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     step: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     queue: str = "default"
-    priority: int = Field(default=0, ge=0, le=9)
-    max_attempts: int = Field(default=20, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
+    priority: int = 0
+    max_attempts: int = 20
+    timeout: float | None = None
     scheduled_at: datetime | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    args_json: str = field(default="", repr=False, compare=False)
+    """The args as JSON text (computed once, when the job is built)."""
+
+    def __post_init__(self) -> None:
+        check_options(queue=self.queue, priority=self.priority, max_attempts=self.max_attempts,
+                      timeout=self.timeout)
+        if not self.args_json:
+            try:
+                object.__setattr__(self, "args_json", encode_json(self.args))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"job args are not JSON-serializable: {exc}") from exc
 
     def options(
         self,
@@ -62,44 +83,56 @@ class JobSpec(BaseModel):
         meta: dict[str, Any] | None = None,
     ) -> JobSpec:
         """Return a copy with some options changed (``schedule_in`` is seconds from now)."""
-        changes: dict[str, Any] = {
-            "queue": queue,
-            "priority": priority,
-            "max_attempts": max_attempts,
-            "timeout": timeout,
-            "meta": meta,
-        }
         if schedule_in is not None:
             seconds = (
                 schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
             )
             scheduled_at = datetime.now(UTC) + timedelta(seconds=seconds)
-        changes["scheduled_at"] = scheduled_at
-        update = {k: v for k, v in changes.items() if v is not None}
-        return self.model_validate({**self.model_dump(), **update})
+        if scheduled_at is not None and scheduled_at.tzinfo is None:
+            raise ValueError("scheduled_at must be timezone-aware")
+        changes: dict[str, Any] = {
+            "queue": queue, "priority": priority, "max_attempts": max_attempts,
+            "timeout": timeout, "scheduled_at": scheduled_at, "meta": meta,
+        }
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def row(
+    def row_json(
         self,
         *,
         state: JobState = JobState.AVAILABLE,
         workflow_id: uuid.UUID | None = None,
         workflow_step: str | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Return the JSON-ready row for the insert statement."""
-        return {
-            "state": state.value,
-            "queue": self.queue,
-            "step": self.step,
-            "args": self.args,
-            "meta": meta if meta is not None else self.meta,
-            "max_attempts": self.max_attempts,
-            "priority": self.priority,
-            "timeout": self.timeout,
-            "scheduled_at": self.scheduled_at.isoformat() if self.scheduled_at else None,
-            "workflow_id": str(workflow_id) if workflow_id else None,
-            "workflow_step": workflow_step,
-        }
+    ) -> str:
+        """Return the job's JSON object for the insert statement."""
+        at = _ENCODE(self.scheduled_at.isoformat()) if self.scheduled_at else "null"
+        return (
+            f'{{"state":"{state.value}","queue":{_ENCODE(self.queue)},'
+            f'"step":{_ENCODE(self.step)},"args":{self.args_json},'
+            f'"meta":{_ENCODE(self.meta) if self.meta else "{}"},'
+            f'"max_attempts":{self.max_attempts},"priority":{self.priority},'
+            f'"timeout":{_ENCODE(self.timeout)},'
+            f'"scheduled_at":{at},'
+            f'"workflow_id":{_ENCODE(str(workflow_id)) if workflow_id else "null"},'
+            f'"workflow_step":{_ENCODE(workflow_step)}}}'
+        )
+
+
+def check_options(*, queue: str, priority: int, max_attempts: int, timeout: float | None
+                  ) -> None:
+    """Raise ``ValueError`` unless the job options are in range."""
+    if not isinstance(queue, str) or not 1 <= len(queue) <= 128:
+        raise ValueError(f"queue must be a name of 1 to 128 characters, not {queue!r}")
+    if not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise ValueError(f"priority must be an integer from 0 (first) to 9, not {priority!r}")
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+
+
+def rows_text(rows: list[str]) -> str:
+    """Join JSON objects into one JSON array."""
+    return "[" + ",".join(rows) + "]"
 
 
 def json_text(value: Any) -> str:

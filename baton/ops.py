@@ -17,7 +17,7 @@ from psycopg import sql
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound
-from baton.job import Job, JobSpec, JobState, json_text
+from baton.job import Job, JobSpec, JobState, rows_text
 
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]
@@ -58,19 +58,17 @@ def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
             return done.value  # type: ignore[no-any-return]
 
 
-def insert_rows(q: Queries, rows: Sequence[dict[str, Any]]) -> Op[list[int]]:
-    """Insert prepared job rows; return their ids in order."""
+def insert_rows(q: Queries, rows: list[str]) -> Op[list[int]]:
+    """Insert job rows (JSON objects from :meth:`JobSpec.row_json`); return their ids."""
     if not rows:
         return []
-    result = yield Stmt(
-        q["jobs_insert"], {"rows": json_text(list(rows)), "channel": q.channel("insert")}
-    )
+    result = yield Stmt(q["jobs_insert"], {"rows": rows_text(rows), "channel": q.channel("insert")})
     return list(result[0][0])
 
 
 def enqueue(q: Queries, jobs: Sequence[JobSpec]) -> Op[list[int]]:
     """Insert ``jobs`` (available or scheduled) in one statement; return their ids."""
-    return (yield from insert_rows(q, [job.row() for job in jobs]))
+    return (yield from insert_rows(q, [job.row_json() for job in jobs]))
 
 
 def get_job(q: Queries, job_id: int) -> Op[Job]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -14,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError
-from baton.job import JobSpec
+from baton.job import JobSpec, encode_json
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -87,29 +86,24 @@ class Step:
         :raises ArgsError: if the arguments fail validation or are not JSON-serializable.
         :raises PayloadTooLargeError: if their JSON exceeds the app's limit.
         """
-        return JobSpec(
-            step=self.name,
-            args=self.dump_args(args),
-            queue=self.options.queue,
-            priority=self.options.priority,
-            max_attempts=self.options.max_attempts,
-            timeout=self.options.timeout,
-        )
+        data, text = self.dump_args(args)
+        options = self.options
+        return JobSpec(self.name, data, options.queue, options.priority, options.max_attempts,
+                       options.timeout, None, {}, text)
 
-    def dump_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Validate ``args`` and return their JSON-safe form."""
+    def dump_args(self, args: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Validate ``args``; return their JSON-safe form and its JSON text."""
         try:
             model = self.args_model.model_validate(args)
             data: dict[str, Any] = model.model_dump(mode="json")
-            text = json.dumps(data, allow_nan=False)
+            text = encode_json(data)
         except pydantic.ValidationError as exc:
             raise ArgsError(self.name, _summarize(exc)) from exc
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
             raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
-        size = len(text.encode())
-        if size > self.max_args_bytes:
-            raise PayloadTooLargeError(self.name, size, self.max_args_bytes)
-        return data
+        if len(text) > self.max_args_bytes or len(text.encode()) > self.max_args_bytes:
+            raise PayloadTooLargeError(self.name, len(text.encode()), self.max_args_bytes)
+        return data, text
 
     def load_args(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validate stored JSON args and return the keyword arguments for the function."""

@@ -86,7 +86,7 @@ def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[st
     edges = {name: wf.expand(wf.nodes[name].deps) for name in order}
     pending = {name: sum(1 for d in deps if d not in settled) for name, deps in edges.items()}
     rows = [
-        wf.nodes[name].job.row(
+        wf.nodes[name].job.row_json(
             state=JobState.PENDING if pending[name] else JobState.AVAILABLE,
             workflow_id=wf.id,
             workflow_step=name,

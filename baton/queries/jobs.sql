@@ -46,8 +46,8 @@ SET state = 'executing',
     attempted_by = %(worker_id)s
 FROM picked
 WHERE j.id = picked.id
-RETURNING j.id, j.step, j.args, j.meta, j.queue, j.attempt, j.max_attempts, j.snoozes,
-    j.priority, j.timeout, j.workflow_id, j.workflow_step
+RETURNING j.id, j.step, j.args, NULLIF(j.meta, '{}'::jsonb), j.queue, j.attempt, j.max_attempts,
+    j.snoozes, j.priority, j.timeout, j.workflow_id, j.workflow_step
 
 -- name: jobs_finish
 -- Write many attempt outcomes at once; only rows still executing by this worker change.

@@ -107,9 +107,10 @@ WITH settled AS (
 )
 SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM woken) AS woken
 
--- name: node_gate
--- What a step needs before it runs: its node, its workflow's flags and its dependencies.
-SELECT n.has_result, n.result -> 'value', n.deps, n.model, n.min_success,
+-- name: node_gates
+-- What steps need before they run: their node, their workflow's flags, their dependencies.
+SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value', n.deps, n.model,
+    n.min_success,
     COALESCE(n.ignore_cancelled, w.ignore_cancelled),
     COALESCE(n.ignore_discarded, w.ignore_discarded),
     w.label, w.debug,
@@ -123,9 +124,9 @@ SELECT n.has_result, n.result -> 'value', n.deps, n.model, n.min_success,
         LEFT JOIN {schema}.completions AS c
             ON c.workflow_id = e.workflow_id AND c.name = e.dep
         WHERE e.workflow_id = n.workflow_id AND e.node = n.name), '[]'::jsonb)
-FROM {schema}.nodes AS n
+FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
+JOIN {schema}.nodes AS n ON n.workflow_id = t.workflow_id AND n.name = t.name
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
-WHERE n.workflow_id = %(workflow_id)s AND n.name = %(name)s
 
 -- name: node_store_result
 -- Keep a step's result the moment it returns, before its job is marked completed.

@@ -36,7 +36,7 @@ class FetchedJob:
     id: int
     step: str
     args: dict[str, Any]
-    meta: dict[str, Any]
+    meta: dict[str, Any] | None
     queue: str
     attempt: int
     max_attempts: int
@@ -45,6 +45,9 @@ class FetchedJob:
     timeout: float | None
     workflow_id: uuid.UUID | None
     workflow_step: str | None
+    gate: tuple[Any, ...] | None = None
+    """For a workflow step, its gate row once loaded (see ``StepRunner.load_gates``)."""
+    gated: bool = False
 
 
 @dataclass(slots=True)
@@ -102,7 +105,7 @@ class Executor:
             queue=job.queue,
             step=job.workflow_step or step.name,
             args=job.args,
-            meta=job.meta,
+            meta=job.meta or {},
             snoozes=job.snoozes,
             workflow_id=job.workflow_id,
             capture_enabled=self.app.capture or step.options.capture,

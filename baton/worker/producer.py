@@ -115,7 +115,8 @@ class Producer:
         self._tg = None
 
     async def fetch(self, demand: int) -> list[FetchedJob]:
-        """Claim up to ``demand`` available jobs in one statement."""
+        """Claim up to ``demand`` available jobs in one statement (and, in the same
+        transaction, load the gates of the workflow steps among them)."""
         app = self.worker.app
         async with app.connection() as conn:
             cur = await conn.execute(
@@ -124,7 +125,10 @@ class Producer:
                 prepare=True,
             )
             rows: list[tuple[Any, ...]] = await cur.fetchall()
-        return [FetchedJob(*row) for row in rows]
+            jobs = [FetchedJob(*row) for row in rows]
+            events = await self.worker.steps.load_gates(conn, jobs)
+        app.events.publish(events)
+        return jobs
 
     async def _slot(
         self, receive: MemoryObjectReceiveStream[tuple[FetchedJob, anyio.CancelScope]]

@@ -30,22 +30,37 @@ class StepRunner:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
+    async def load_gates(
+        self, conn: psycopg.AsyncConnection[Any], jobs: list[FetchedJob]
+    ) -> list[dict[str, Any]]:
+        """Load the gate rows of workflow steps in one statement and announce them as
+        executing; returns the event payloads to publish once the transaction commits."""
+        steps = [j for j in jobs if j.workflow_id is not None and j.workflow_step is not None]
+        if not steps:
+            return []
+        q = self.worker.app.queries
+        cur = await conn.execute(q["node_gates"], {
+            "workflow_ids": [j.workflow_id for j in steps],
+            "names": [j.workflow_step for j in steps],
+        }, prepare=True)
+        found = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
+        for job in steps:
+            job.gate = found.get((job.workflow_id, job.workflow_step))
+            job.gated = True
+        started = [workflows.StepEvent(j.workflow_id, j.workflow_step, j.step, "executing",
+                                       j.id, j.attempt)
+                   for j in steps if j.workflow_id is not None and j.workflow_step is not None]
+        return await ops.run_async(conn, workflows.emit_steps(q, started), "announce steps")
+
     async def run(self, job: FetchedJob) -> Outcome:
         """Run a workflow step to its outcome."""
         assert job.workflow_id is not None and job.workflow_step is not None
         app = self.worker.app
-        async with app.connection() as conn:
-            cur = await conn.execute(
-                app.queries["node_gate"],
-                {"workflow_id": job.workflow_id, "name": job.workflow_step},
-                prepare=True,
-            )
-            row = await cur.fetchone()
-            started = workflows.StepEvent(job.workflow_id, job.workflow_step, job.step,
-                                          "executing", job.id, job.attempt)
-            events = await ops.run_async(conn, workflows.emit_steps(app.queries, [started]),
-                                         "announce step")
-        app.events.publish(events)
+        if not job.gated:
+            async with app.connection() as conn:
+                events = await self.load_gates(conn, [job])
+            app.events.publish(events)
+        row = job.gate
         if row is None:
             return Outcome(job, JobState.CANCELLED, error=_reason(job, "its workflow node is gone"))
         (has_result, stored, declared, model, min_success, ignore_cancelled, ignore_discarded,
