@@ -191,20 +191,21 @@ class Events:
             async def stream() -> AsyncIterator[StepUpdated | WorkflowFinished]:
                 nonlocal reader
                 async for note in conn.notifies():
-                    data = json.loads(note.payload)
-                    if set(data) == {"ref"}:
-                        if reader is None:
-                            reader = await psycopg.AsyncConnection.connect(
-                                self.app.dsn, autocommit=True)
-                        cur = await reader.execute(self.app.queries["event_payload_get"],
-                                                   {"id": data["ref"]})
-                        row = await cur.fetchone()
-                        if row is None:
-                            continue
-                        data = row[0]
-                    event = parse_event(data)
-                    if wanted is None or event.workflow_id == wanted:
-                        yield event
+                    batch = json.loads(note.payload)
+                    for data in batch if isinstance(batch, list) else [batch]:
+                        if set(data) == {"ref"}:
+                            if reader is None:
+                                reader = await psycopg.AsyncConnection.connect(
+                                    self.app.dsn, autocommit=True)
+                            cur = await reader.execute(self.app.queries["event_payload_get"],
+                                                       {"id": data["ref"]})
+                            row = await cur.fetchone()
+                            if row is None:
+                                continue
+                            data = row[0]
+                        event = parse_event(data)
+                        if wanted is None or event.workflow_id == wanted:
+                            yield event
 
             yield stream()
         finally:

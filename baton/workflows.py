@@ -56,7 +56,7 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     rows = yield Stmt(q["events_emit_steps"], {
         "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
     })
-    return [row[0] for row in rows]
+    return list(rows[0][0]) if rows else []
 
 
 @dataclass(frozen=True)
@@ -147,18 +147,14 @@ def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[P
     ids = sorted({str(wf_id) for wf_id, _, _ in steps})
     yield Stmt(q["workflows_lock"], {"ids": ids})
     rows = [{"workflow_id": str(w), "name": n, "outcome": s} for w, n, s in steps]
-    new = yield Stmt(q["completions_insert"], {"rows": json_text(rows)})
-    if not new:
-        return []
-    settled = [{"workflow_id": str(w), "name": n, "outcome": o} for w, n, o in new]
-    finished = yield Stmt(q["workflows_tally"], {"rows": json_text(settled)})
-    yield Stmt(q["nodes_release"], {"rows": json_text(settled), "channel": q.channel("insert")})
-    done = [str(row[0]) for row in finished if row[2] != "running"]
+    result = yield Stmt(q["steps_settle"],
+                        {"rows": json_text(rows), "channel": q.channel("insert")})
+    done = [str(wf_id) for wf_id in result[0][0]]
     if not done:
         return []
     emitted = yield Stmt(q["events_emit_finished"],
                          {"ids": done, "channel": events_channel(q.schema)})
-    return [row[0] for row in emitted]
+    return list(emitted[0][0]) if emitted else []
 
 
 def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:

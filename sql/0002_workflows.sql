@@ -54,12 +54,16 @@ COMMENT ON COLUMN {schema}.nodes.pending_deps IS
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_job_idx ON {schema}.nodes (job_id);
 
 -- The dependency edges, expanded (a group dependency becomes one edge per member).
+-- The key serves a starting step reading its dependencies; the index serves a settling
+-- step finding its dependents.
 CREATE TABLE IF NOT EXISTS {schema}.edges (
     workflow_id uuid NOT NULL REFERENCES {schema}.workflows (id) ON DELETE CASCADE,
-    dep         text NOT NULL,
     node        text NOT NULL,
-    PRIMARY KEY (workflow_id, dep, node)
+    dep         text NOT NULL,
+    PRIMARY KEY (workflow_id, node, dep)
 );
+
+CREATE INDEX IF NOT EXISTS edges_dep_idx ON {schema}.edges (workflow_id, dep) INCLUDE (node);
 
 -- Each step's settlement, recorded exactly once (the first writer wins).
 CREATE TABLE IF NOT EXISTS {schema}.completions (

@@ -46,47 +46,41 @@ GROUP BY group_name
 -- name: workflow_grow
 UPDATE {schema}.workflows SET total_steps = total_steps + %(count)s WHERE id = %(id)s
 
--- name: completions_insert
--- Record settlements; only the first record of a step comes back.
-INSERT INTO {schema}.completions (workflow_id, name, outcome)
-SELECT workflow_id, name, outcome
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text, outcome text)
-ON CONFLICT DO NOTHING
-RETURNING workflow_id, name, outcome
-
--- name: workflows_tally
--- Count newly settled steps; a workflow whose every step settled finishes here, once.
-WITH settled AS (
+-- name: steps_settle
+-- Record settlements (only a step's first counts), count them on their workflows (a
+-- workflow whose every step settled finishes here, once), count down the dependents and
+-- release those with nothing left to wait on. Run after workflows_lock.
+WITH input AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text,
                                                             outcome text)
+), new AS (
+    INSERT INTO {schema}.completions (workflow_id, name, outcome)
+    SELECT workflow_id, name, outcome FROM input
+    ON CONFLICT DO NOTHING
+    RETURNING workflow_id, name, outcome
 ), counts AS (
     SELECT workflow_id,
            count(*)::integer AS n,
            COALESCE(array_agg(name ORDER BY name) FILTER (WHERE outcome <> 'completed'),
                     '{}') AS failed
-    FROM settled
+    FROM new
     GROUP BY workflow_id
-)
-UPDATE {schema}.workflows AS w
-SET settled_steps = w.settled_steps + counts.n,
-    failed_steps = w.failed_steps || counts.failed,
-    state = CASE
-        WHEN w.settled_steps + counts.n < w.total_steps THEN 'running'
-        WHEN cardinality(w.failed_steps || counts.failed) > 0 THEN 'failed'
-        ELSE 'completed' END,
-    finished_at = CASE WHEN w.settled_steps + counts.n >= w.total_steps THEN now() END
-FROM counts
-WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
-RETURNING w.id, w.label, w.state, w.failed_steps, w.finished_at
-
--- name: nodes_release
--- Count down the dependents of settled steps; release those with nothing left to wait on.
-WITH settled AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text)
+), tally AS (
+    UPDATE {schema}.workflows AS w
+    SET settled_steps = w.settled_steps + counts.n,
+        failed_steps = w.failed_steps || counts.failed,
+        state = CASE
+            WHEN w.settled_steps + counts.n < w.total_steps THEN 'running'
+            WHEN cardinality(w.failed_steps || counts.failed) > 0 THEN 'failed'
+            ELSE 'completed' END,
+        finished_at = CASE WHEN w.settled_steps + counts.n >= w.total_steps THEN now() END
+    FROM counts
+    WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
+    RETURNING w.id, w.state
 ), hits AS (
     SELECT e.workflow_id, e.node, count(*)::integer AS n
     FROM {schema}.edges AS e
-    JOIN settled AS s ON e.workflow_id = s.workflow_id AND e.dep = s.name
+    JOIN new AS s ON e.workflow_id = s.workflow_id AND e.dep = s.name
     GROUP BY e.workflow_id, e.node
 ), counted AS (
     UPDATE {schema}.nodes AS d
@@ -105,7 +99,11 @@ WITH settled AS (
     SELECT pg_notify(%(channel)s, queue)
     FROM (SELECT DISTINCT queue FROM released WHERE state = 'available') AS q
 )
-SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM woken) AS woken
+SELECT
+    COALESCE((SELECT array_agg(id) FROM tally WHERE state <> 'running'), '{}') AS finished,
+    (SELECT count(*) FROM new) AS settled,
+    (SELECT count(*) FROM released) AS released,
+    (SELECT count(*) FROM woken) AS woken
 
 -- name: node_gates
 -- What steps need before they run: their node, their workflow's flags, their dependencies.
@@ -180,33 +178,34 @@ RETURNING j.id, j.queue
 SELECT payload FROM {schema}.event_payloads WHERE id = %(id)s
 
 -- name: events_emit_steps
--- Send workflow_step_updated events; returns each payload for in-process hooks.
-SELECT p, {schema}.emit(%(channel)s, p)
-FROM (
-    SELECT jsonb_build_object(
+-- Send workflow_step_updated events; returns their payloads for in-process hooks.
+WITH events AS (
+    SELECT jsonb_agg(jsonb_build_object(
         'type', 'workflow_step_updated', 'workflow_id', e.workflow_id,
         'workflow_label', w.label, 'step_name', e.step_name, 'worker', e.worker,
         'state', e.state, 'job_id', e.job_id, 'attempt', e.attempt,
-        'has_result', e.has_result, 'error', e.error, 'timestamp', clock_timestamp()) AS p
+        'has_result', e.has_result, 'error', e.error, 'timestamp', clock_timestamp())
+        ORDER BY e.ord) AS payloads
     FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS (
         workflow_id uuid, step_name text, worker text, state text, job_id bigint,
         attempt integer, has_result boolean, error text)) WITH ORDINALITY AS e(
         workflow_id, step_name, worker, state, job_id, attempt, has_result, error, ord)
     JOIN {schema}.workflows AS w ON w.id = e.workflow_id
-    ORDER BY e.ord
-) AS s
+)
+SELECT payloads, {schema}.emit_many(%(channel)s, payloads) FROM events
+WHERE payloads IS NOT NULL
 
 -- name: events_emit_finished
-SELECT p, {schema}.emit(%(channel)s, p)
-FROM (
-    SELECT jsonb_build_object(
+WITH events AS (
+    SELECT jsonb_agg(jsonb_build_object(
         'type', 'workflow_finished', 'workflow_id', w.id, 'workflow_label', w.label,
         'outcome', w.state, 'failed_steps', to_jsonb(w.failed_steps),
-        'timestamp', w.finished_at) AS p
+        'timestamp', w.finished_at) ORDER BY w.id) AS payloads
     FROM {schema}.workflows AS w
     WHERE w.id = ANY(%(ids)s::uuid[])
-    ORDER BY w.id
-) AS s
+)
+SELECT payloads, {schema}.emit_many(%(channel)s, payloads) FROM events
+WHERE payloads IS NOT NULL
 
 -- name: workflow_steps_get
 -- Every step of one workflow, for a page that loads after steps already ran.
