@@ -7,10 +7,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from baton.db import translate_errors
 from baton.errors import WorkflowNotFound
+from baton.workflows import WorkflowInfo
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -42,18 +43,10 @@ class StepView(BaseModel):
         return None
 
 
-class WorkflowView(BaseModel):
+class WorkflowView(WorkflowInfo):
     """A workflow and every one of its steps."""
 
-    id: uuid.UUID
-    label: str
-    state: str
-    total_steps: int
-    settled_steps: int
-    failed_steps: list[str]
-    inserted_at: datetime
-    finished_at: datetime | None
-    steps: list[StepView] = []
+    steps: list[StepView] = Field(default_factory=list)
 
 
 class CostLine(BaseModel):
@@ -123,9 +116,6 @@ class Status(BaseModel):
 
 _COST_FIELDS = ("model", "calls", "input_tokens", "output_tokens", "cached_tokens", "cost",
                 "unpriced", "duration_ms")
-_WORKFLOW_FIELDS = ("id", "label", "state", "total_steps", "settled_steps", "failed_steps",
-                    "inserted_at", "finished_at")
-
 
 class Query:
     """``app.query``: current state from the database (seed a view, then follow events)."""
@@ -147,7 +137,7 @@ class Query:
         rows = await self._rows("workflow_get", {"id": str(workflow_id)})
         if not rows:
             raise WorkflowNotFound(str(workflow_id))
-        view = WorkflowView(**dict(zip(_WORKFLOW_FIELDS, rows[0], strict=True)))
+        view = WorkflowView.from_row(rows[0])
         steps = await self._rows("workflow_steps_get", {"id": str(workflow_id)})
         view.steps = [StepView(**dict(zip(StepView.model_fields, r, strict=True))) for r in steps]
         return view
@@ -158,7 +148,7 @@ class Query:
         """List workflows, newest first, optionally by label and state (without steps)."""
         rows = await self._rows("workflows_list", {"label": label, "state": state,
                                                     "limit": limit})
-        return [WorkflowView(**dict(zip(_WORKFLOW_FIELDS, r, strict=True))) for r in rows]
+        return [WorkflowView.from_row(r) for r in rows]
 
     async def cost(self, workflow_id: uuid.UUID | str) -> CostReport:
         """Return a workflow's usage and cost, per step and model."""

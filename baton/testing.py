@@ -8,9 +8,9 @@ and ``running_worker`` runs a real worker for the length of a block.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -20,6 +20,8 @@ from baton.job import Job, JobSpec, JobState
 from baton.worker import Worker, WorkerSettings
 from baton.worker.executor import FetchedJob, Outcome
 from baton.workflows import WorkflowInfo
+
+T = TypeVar("T")
 
 FAST_SETTINGS: dict[str, Any] = {
     "poll_interval": 0.2,
@@ -41,6 +43,20 @@ async def running_worker(app: Baton, **settings: Any) -> AsyncIterator[Worker]:
         yield worker
 
 
+async def _poll(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float,
+    interval: float, describe: Callable[[T], str],
+) -> T:
+    """Read until ``done`` holds; raise ``TimeoutError`` (saying why) after ``timeout``."""
+    value = await read()
+    with anyio.move_on_after(timeout):
+        while not done(value):
+            await anyio.sleep(interval)
+            value = await read()
+        return value
+    raise TimeoutError(f"{describe(value)} after {timeout}s")
+
+
 async def wait_for_job(
     app: Baton,
     job_id: int,
@@ -55,15 +71,10 @@ async def wait_for_job(
         which state it is in instead).
     """
     wanted = {JobState(states)} if isinstance(states, str) else {JobState(s) for s in states}
-    job = await app.get_job(job_id)
-    with anyio.move_on_after(timeout):
-        while job.state not in wanted:
-            await anyio.sleep(interval)
-            job = await app.get_job(job_id)
-        return job
-    raise TimeoutError(
-        f"job {job_id} is {job.state.value}, not {sorted(s.value for s in wanted)}, "
-        f"after {timeout}s"
+    return await _poll(
+        lambda: app.get_job(job_id), lambda job: job.state in wanted, timeout, interval,
+        lambda job: f"job {job_id} is {job.state.value}, not "
+                    f"{sorted(s.value for s in wanted)},",
     )
 
 
@@ -84,15 +95,10 @@ async def wait_for_workflow(
 
     :raises TimeoutError: if it is still running after ``timeout`` seconds.
     """
-    info = await app.get_workflow(workflow_id)
-    with anyio.move_on_after(timeout):
-        while info.state == "running":
-            await anyio.sleep(interval)
-            info = await app.get_workflow(workflow_id)
-        return info
-    raise TimeoutError(
-        f"workflow {workflow_id} still running after {timeout}s: "
-        f"{info.settled_steps} of {info.total_steps} steps settled"
+    return await _poll(
+        lambda: app.get_workflow(workflow_id), lambda info: info.state != "running", timeout,
+        interval, lambda info: f"workflow {workflow_id} still running "
+                               f"({info.settled_steps} of {info.total_steps} steps settled)",
     )
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Self
 
+from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from baton import ops
@@ -59,16 +61,23 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     return list(rows[0][0]) if rows else []
 
 
-@dataclass(frozen=True)
-class WorkflowInfo:
-    """A workflow row."""
+class WorkflowInfo(BaseModel):
+    """A workflow row: its outcome so far."""
 
     id: uuid.UUID
     label: str
     state: str
+    """``running``, ``completed`` or ``failed``."""
     total_steps: int
     settled_steps: int
     failed_steps: list[str]
+    inserted_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Self:
+        """Build from a ``workflow_get`` / ``workflows_list`` row."""
+        return cls(**dict(zip(cls.model_fields, row, strict=False)))
 
 
 def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
@@ -207,5 +216,4 @@ def get(q: Queries, workflow_id: uuid.UUID) -> Op[WorkflowInfo]:
     rows = yield Stmt(q["workflow_get"], {"id": workflow_id})
     if not rows:
         raise WorkflowNotFound(str(workflow_id))
-    wid, label, state, total, settled, failed, _ins, _fin = rows[0]
-    return WorkflowInfo(wid, label, state, total, settled, list(failed))
+    return WorkflowInfo.from_row(rows[0])

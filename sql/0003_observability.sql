@@ -8,19 +8,35 @@ CREATE TABLE IF NOT EXISTS {schema}.event_payloads (
     inserted_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Send one event on a channel, whole: inline when it fits, else by reference.
-CREATE OR REPLACE FUNCTION {schema}.emit(channel text, payload jsonb) RETURNS void
+-- Send many events in as few notifications as fit: each NOTIFY carries a JSON array of
+-- events; an event too large for one goes to event_payloads and travels as {"ref": id}.
+CREATE OR REPLACE FUNCTION {schema}.emit_many(channel text, payloads jsonb) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    body text := payload::text;
-    ref  bigint;
+    item  jsonb;
+    body  text;
+    buf   text := '';
+    ref   bigint;
+    sent  integer := 0;
 BEGIN
-    IF octet_length(body) <= 7500 THEN
-        PERFORM pg_notify(channel, body);
-    ELSE
-        INSERT INTO {schema}.event_payloads (payload) VALUES (payload) RETURNING id INTO ref;
-        PERFORM pg_notify(channel, json_build_object('ref', ref)::text);
+    FOR item IN SELECT value FROM jsonb_array_elements(payloads) LOOP
+        body := item::text;
+        IF octet_length(body) > 7000 THEN
+            INSERT INTO {schema}.event_payloads (payload) VALUES (item) RETURNING id INTO ref;
+            body := json_build_object('ref', ref)::text;
+        END IF;
+        IF buf <> '' AND octet_length(buf) + octet_length(body) > 7400 THEN
+            PERFORM pg_notify(channel, '[' || buf || ']');
+            sent := sent + 1;
+            buf := '';
+        END IF;
+        buf := CASE WHEN buf = '' THEN body ELSE buf || ',' || body END;
+    END LOOP;
+    IF buf <> '' THEN
+        PERFORM pg_notify(channel, '[' || buf || ']');
+        sent := sent + 1;
     END IF;
+    RETURN sent;
 END
 $$;
 
@@ -69,5 +85,5 @@ CREATE INDEX IF NOT EXISTS debug_logs_time_idx ON {schema}.debug_logs (inserted_
 -- migrate:down
 DROP TABLE IF EXISTS {schema}.debug_logs;
 DROP TABLE IF EXISTS {schema}.step_stats;
-DROP FUNCTION IF EXISTS {schema}.emit(text, jsonb);
+DROP FUNCTION IF EXISTS {schema}.emit_many(text, jsonb);
 DROP TABLE IF EXISTS {schema}.event_payloads;

@@ -9,6 +9,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psycopg
@@ -19,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 import baton
 from baton.embedded import ENV_URL, start_embedded
 from baton.migrations import migrate_up
+from baton.pricing import Pricing
 
 TEMPLATE = "baton_test_template"
 
@@ -112,12 +114,44 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
             sql.Identifier(name)))
 
 
+@asynccontextmanager
+async def bound(app: baton.Baton, dsn: str) -> AsyncIterator[baton.Baton]:
+    """Point a test app at ``dsn`` for one test, and put it back as it was after."""
+    app.dsn = dsn
+    try:
+        yield app
+    finally:
+        app.events.hooks.clear()
+        app.pricing = Pricing()
+        await app.close()
+
+
 @pytest.fixture
 async def app(dsn: str) -> AsyncIterator[baton.Baton]:
-    from tests.apps.basic import app as basic_app
+    """The queue tests' app (tests/apps/basic.py), its recorded calls reset."""
+    from tests.apps import basic
 
-    basic_app.dsn = dsn
-    try:
-        yield basic_app
-    finally:
-        await basic_app.close()
+    basic.reset()
+    async with bound(basic.app, dsn) as bound_app:
+        yield bound_app
+    for gate in basic.GATES.values():  # never leave a step waiting on a gate
+        gate.set()
+
+
+@pytest.fixture
+async def flows_app(dsn: str) -> AsyncIterator[baton.Baton]:
+    """The workflow tests' app (tests/apps/flows.py), its recorded calls reset."""
+    from tests.apps import flows
+
+    flows.reset()
+    async with bound(flows.app, dsn) as bound_app:
+        yield bound_app
+
+
+@pytest.fixture
+async def procs_app(dsn: str) -> AsyncIterator[baton.Baton]:
+    """The app that `baton worker` subprocesses run (tests/apps/procs.py)."""
+    from tests.apps import procs
+
+    async with bound(procs.app, dsn) as bound_app:
+        yield bound_app

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -20,20 +20,9 @@ from tests.apps import flows
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> Iterator[None]:
-    flows.reset()
-    yield
-
-
 @pytest.fixture
-async def app(dsn: str) -> AsyncIterator[baton.Baton]:
-    flows.app.dsn = dsn
-    try:
-        yield flows.app
-    finally:
-        flows.app.events.hooks.clear()
-        await flows.app.close()
+def app(flows_app: baton.Baton) -> baton.Baton:
+    return flows_app
 
 
 async def collect(stream: AsyncIterator[Any], until_finished: int = 1) -> list[Any]:

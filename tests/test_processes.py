@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -30,23 +29,6 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
     env["BATON_ENV"] = "production"  # never fall back to an embedded server here
     return env
-
-
-@pytest.fixture
-async def procs_app(dsn: str) -> AsyncIterator[baton.Baton]:
-    procs.app.dsn = dsn
-    try:
-        yield procs.app
-    finally:
-        await procs.app.close()
-
-
-@pytest.fixture
-def _reset() -> Iterator[None]:
-    basic.reset()
-    yield
-    for gate in basic.GATES.values():
-        gate.set()
 
 
 async def test_killed_worker_job_is_rescued_and_completed(procs_app: baton.Baton) -> None:
@@ -100,7 +82,7 @@ async def test_worker_cli_runs_jobs_and_stops_on_sigterm(procs_app: baton.Baton)
 
 
 async def test_worker_survives_server_restart(
-    app: baton.Baton, pg_server: Server, _reset: None
+    app: baton.Baton, pg_server: Server
 ) -> None:
     if not pg_server.embedded:
         pytest.skip("needs the suite's own embedded server to restart it")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 import baton
@@ -14,12 +12,8 @@ from tests.helpers import sql_rows
 
 
 @pytest.fixture
-async def app(dsn: str) -> AsyncIterator[baton.Baton]:
-    flows.app.dsn = dsn
-    try:
-        yield flows.app
-    finally:
-        await flows.app.close()
+def app(flows_app: baton.Baton) -> baton.Baton:
+    return flows_app
 
 
 def counts(dsn: str) -> dict[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -21,14 +20,9 @@ PRICES = Pricing(models={
 
 
 @pytest.fixture
-async def app(dsn: str) -> AsyncIterator[baton.Baton]:
-    flows.app.dsn = dsn
-    flows.app.pricing = PRICES
-    try:
-        yield flows.app
-    finally:
-        flows.app.pricing = Pricing()
-        await flows.app.close()
+def app(flows_app: baton.Baton) -> baton.Baton:
+    flows_app.pricing = PRICES  # put back by the fixture
+    return flows_app
 
 
 def test_cost_follows_the_price_table() -> None:

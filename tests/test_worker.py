@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
 
@@ -12,14 +10,6 @@ from baton.job import JobState
 from baton.testing import running_worker, wait_for_job, wait_for_jobs
 from tests.apps import basic
 from tests.helpers import sql_rows
-
-
-@pytest.fixture(autouse=True)
-def _reset() -> Iterator[None]:
-    basic.reset()
-    yield
-    for gate in basic.GATES.values():
-        gate.set()
 
 
 async def test_job_completes(app: baton.Baton) -> None:

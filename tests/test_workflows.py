@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import psycopg
@@ -15,19 +14,9 @@ from tests.apps import flows
 from tests.helpers import sql_rows
 
 
-@pytest.fixture(autouse=True)
-def _reset() -> Iterator[None]:
-    flows.reset()
-    yield
-
-
 @pytest.fixture
-async def app(dsn: str) -> AsyncIterator[baton.Baton]:
-    flows.app.dsn = dsn
-    try:
-        yield flows.app
-    finally:
-        await flows.app.close()
+def app(flows_app: baton.Baton) -> baton.Baton:
+    return flows_app
 
 
 async def test_chain_passes_results(app: baton.Baton) -> None:

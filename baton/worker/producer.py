@@ -1,17 +1,17 @@
-"""The producer: one per queue; fetches up to its free slots and starts the jobs."""
+"""The producer: one per queue; fetches up to its free slots and runs the jobs."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import psycopg
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from baton.db import describe
-from baton.worker.executor import FetchedJob
+from baton.worker.executor import FetchedJob, Outcome
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
@@ -19,10 +19,28 @@ if TYPE_CHECKING:
 log = structlog.get_logger("baton.producer")
 
 
+class _Slot:
+    """One long-lived task that runs jobs one after another.
+
+    Its cancel scope spans many jobs (creating one per job costs more than a no-op job);
+    cancelling the scope interrupts the job it is running, and the slot starts afresh.
+    """
+
+    __slots__ = ("job", "scope")
+
+    def __init__(self) -> None:
+        self.job: FetchedJob | None = None
+        self.scope: anyio.CancelScope | None = None
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 class Producer:
     """Keeps at most ``limit`` jobs of one queue running in this process.
 
-    Woken by an insert notification for its queue, by a freed slot when the last fetch
+    Woken by an insert notification for its queue, by freed slots when the last fetch
     came back full, and by a poll interval as the fallback for missed notifications.
     """
 
@@ -30,8 +48,12 @@ class Producer:
         self.worker = worker
         self.queue = queue
         self.limit = limit
-        self.running: dict[int, anyio.CancelScope] = {}
+        self.running: dict[int, _Slot | None] = {}
+        """Claimed jobs: the slot running each, or ``None`` while it waits for one."""
         self.stopping = False
+        self._waiting: deque[FetchedJob] = deque()
+        self._work = anyio.Event()
+        self._closed = False
         self._wake = anyio.Event()
         self._wake.set()  # fetch at once on start, not after the first poll interval
         self._idle = anyio.Event()
@@ -55,30 +77,37 @@ class Producer:
         await self._idle.wait()
 
     def cancel_running(self) -> None:
-        """Cancel every running job (shutdown past its grace period)."""
-        for scope in self.running.values():
-            scope.cancel()
+        """Cancel every claimed job (shutdown past its grace period)."""
+        for job_id in list(self.running):
+            self._cancel(job_id)
 
     def cancel_job(self, job_id: int) -> bool:
-        """Cancel one running job; ``False`` if it does not run here."""
-        scope = self.running.get(job_id)
-        if scope is None:
+        """Cancel one claimed job; ``False`` if it is not claimed here."""
+        if job_id not in self.running:
             return False
-        scope.cancel()
+        self._cancel(job_id)
         return True
+
+    def _cancel(self, job_id: int) -> None:
+        slot = self.running.get(job_id)
+        if slot is not None:
+            slot.cancel()
+            return
+        for job in self._waiting:  # claimed but not started: never start it
+            if job.id == job_id:
+                self._waiting.remove(job)
+                self._finished(job, None)
+                return
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Fetch and start jobs until stopped, then wait for the running ones."""
         settings = self.worker.settings
         failures = 0
-        # One long-lived task per slot takes jobs from a buffer: no task per job.
-        send, receive = anyio.create_memory_object_stream[tuple[FetchedJob, anyio.CancelScope]](
-            self.limit)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for _ in range(self.limit):
-                tg.start_soon(self._slot, receive)
+                tg.start_soon(self._slot_loop, _Slot())
             task_status.started()
             while not self.stopping:
                 with anyio.move_on_after(settings.poll_interval) as poll:
@@ -106,12 +135,12 @@ class Producer:
                 self._maybe_more = len(jobs) == demand
                 if jobs:
                     self._idle = anyio.Event()
-                for job in jobs:
-                    scope = anyio.CancelScope()
-                    self.running[job.id] = scope
-                    send.send_nowait((job, scope))
-            send.close()  # the slots finish what is buffered, then end
-        receive.close()
+                    for job in jobs:
+                        self.running[job.id] = None
+                        self._waiting.append(job)
+                    self._work.set()
+            self._closed = True  # the slots finish what is claimed, then end
+            self._work.set()
         self._tg = None
 
     async def fetch(self, demand: int) -> list[FetchedJob]:
@@ -130,38 +159,60 @@ class Producer:
         app.events.publish(events)
         return jobs
 
-    async def _slot(
-        self, receive: MemoryObjectReceiveStream[tuple[FetchedJob, anyio.CancelScope]]
-    ) -> None:
-        with receive.clone() as mine:
-            async for job, scope in mine:
-                await self._execute(job, scope)
+    async def _slot_loop(self, slot: _Slot) -> None:
+        while True:
+            with anyio.CancelScope() as scope:
+                slot.scope = scope
+                while not scope.cancel_called:
+                    if not self._waiting:
+                        if self._closed:
+                            return
+                        if self._work.is_set():
+                            self._work = anyio.Event()
+                        await self._work.wait()
+                        continue
+                    job = self._waiting.popleft()
+                    slot.job = job
+                    self.running[job.id] = slot
+                    outcome = await self._execute(job)
+                    slot.job = None
+                    self._finished(job, outcome)
+            slot.scope = None
+            if slot.job is not None:  # interrupted: by a cancel request, or at shutdown
+                job, slot.job = slot.job, None
+                self._finished(job, None)
 
-    async def _execute(self, job: FetchedJob, scope: anyio.CancelScope) -> None:
+    async def _execute(self, job: FetchedJob) -> Outcome:
         log.debug("job.executing", job_id=job.id, queue=job.queue, step=job.step,
                   attempt=job.attempt)
         try:
-            with scope:
-                try:
-                    outcome = await self.worker.execute(job)
-                except Exception as exc:  # a fault in baton itself must not stop the worker
-                    log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
-                    outcome = self.worker.executor.failed(job, exc, kind="crash")
-            if not scope.cancelled_caught:
-                self.worker.completer.push(outcome)
-            else:
-                self.worker.cancelled(job)
-        finally:
-            del self.running[job.id]
-            if not self.running:
-                self._idle.set()
-            if self._maybe_more and not self.stopping:
-                self._schedule_refetch()
+            return await self.worker.execute(job)
+        except Exception as exc:  # a fault in baton itself must not stop the worker
+            log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
+            return self.worker.executor.failed(job, exc, kind="crash")
+
+    def _finished(self, job: FetchedJob, outcome: Outcome | None) -> None:
+        """Record a job's end: its outcome, or ``None`` if it was cancelled mid-way."""
+        if outcome is not None:
+            self.worker.completer.push(outcome)
+        else:
+            self.worker.cancelled(job)
+        del self.running[job.id]
+        if not self.running:
+            self._idle.set()
+        if self._maybe_more and not self.stopping:
+            self._schedule_refetch()
 
     def _schedule_refetch(self) -> None:
-        # Gather freed slots for a moment so that one fetch refills many of them.
+        # Gather freed slots for a moment so that one fetch refills many of them; once a
+        # quarter of the slots are free, fetch at once, while the rest still run.
         debounce = self.worker.settings.debounce
-        if self._wake.is_set() or self._refetch_scheduled:
+        if self._wake.is_set():
+            return
+        if self.limit - len(self.running) >= max(2, self.limit // 4):
+            self._wake.set()
+            return
+        if self._refetch_scheduled:
             return
         if self._tg is not None and debounce:
             self._refetch_scheduled = True
