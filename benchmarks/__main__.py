@@ -36,8 +36,9 @@ SMALL_N = {
     "enqueue_one": 50, "enqueue_batch": 300, "drain": 300, "latency": 20,
     "chain": 10, "fanout": 20, "insert10k": 500,
 }  # fmt: skip
-# Drain/latency concurrency: the same for every system (sweep in docs/benchmarks.md).
-CONCURRENCY = {"baton": 100, "procrastinate": 100, "pgqueuer": 100, "chancy": 100, "oban": 100}
+# Drain/latency concurrency: each system at its best setting in a drain sweep at 100, 200 and
+# 400 (50,000 jobs; see docs/benchmarks.md).
+CONCURRENCY = {"baton": 100, "procrastinate": 100, "pgqueuer": 200, "chancy": 400, "oban": 100}
 
 
 def err(msg: str) -> None:
