@@ -271,18 +271,39 @@ class Baton:
             yield conn
 
     async def _run(
-        self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None
+        self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None,
+        *, single: bool = False,
     ) -> T:
+        """Run ``op`` on the caller's connection (in its transaction) or a pooled one.
+
+        ``single``: the operation is one statement, so on a pooled connection it runs in
+        autocommit, one round trip instead of two.
+        """
         if conn is not None:
             return await ops.run_async(conn, op, action)
         async with self.connection() as own:
-            return await ops.run_async(own, op, action)
+            if not single:
+                return await ops.run_async(own, op, action)
+            await own.set_autocommit(True)
+            try:
+                return await ops.run_async(own, op, action)
+            finally:
+                await own.set_autocommit(False)
 
-    def _run_sync(self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None) -> T:
+    def _run_sync(
+        self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None,
+        *, single: bool = False,
+    ) -> T:
         if conn is not None:
             return ops.run_sync(conn, op, action)
         with self.connection_sync() as own:
-            return ops.run_sync(own, op, action)
+            if not single:
+                return ops.run_sync(own, op, action)
+            own.autocommit = True
+            try:
+                return ops.run_sync(own, op, action)
+            finally:
+                own.autocommit = False
 
     # -- schema --------------------------------------------------------------------------
 
@@ -305,30 +326,31 @@ class Baton:
         :param conn: insert in the caller's transaction on this connection (nothing is
             committed here; a rollback enqueues nothing).
         """
-        return (await self._run(ops.enqueue(self.queries, [job]), "enqueue", conn))[0]
+        return (await self._run(ops.enqueue(self.queries, [job]), "enqueue", conn,
+                                single=True))[0]
 
     async def enqueue_many(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
     ) -> list[int]:
         """Insert many jobs in one round trip and return their ids in order."""
-        return await self._run(ops.enqueue(self.queries, jobs), "enqueue", conn)
+        return await self._run(ops.enqueue(self.queries, jobs), "enqueue", conn, single=True)
 
     def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None) -> int:
         """Insert one job from synchronous code and return its id."""
-        return self._run_sync(ops.enqueue(self.queries, [job]), "enqueue", conn)[0]
+        return self._run_sync(ops.enqueue(self.queries, [job]), "enqueue", conn, single=True)[0]
 
     def enqueue_many_sync(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[int]:
         """Insert many jobs from synchronous code and return their ids in order."""
-        return self._run_sync(ops.enqueue(self.queries, jobs), "enqueue", conn)
+        return self._run_sync(ops.enqueue(self.queries, jobs), "enqueue", conn, single=True)
 
     async def get_job(self, job_id: int) -> Job:
         """Return the job row with ``job_id``.
 
         :raises JobNotFound: if there is none.
         """
-        return await self._run(ops.get_job(self.queries, job_id), "get job", None)
+        return await self._run(ops.get_job(self.queries, job_id), "get job", None, single=True)
 
     def get_job_sync(self, job_id: int) -> Job:
         """Return the job row with ``job_id`` from synchronous code."""
