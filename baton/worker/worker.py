@@ -307,9 +307,9 @@ class Worker:
         if message.get("action") != "cancel" or message.get("worker") != self.id:
             return
         job_id = int(message["job_id"])
-        for producer in self.producers.values():
-            if producer.cancel_job(job_id):
-                self._cancel_requested.add(job_id)
+        self._cancel_requested.add(job_id)  # before cancelling: a waiting job ends at once
+        if not any(producer.cancel_job(job_id) for producer in self.producers.values()):
+            self._cancel_requested.discard(job_id)
 
     def _wake_all(self) -> None:
         for producer in self.producers.values():
