@@ -35,6 +35,7 @@ async def bench_noop(i: int) -> None:
 class BatonPeer(Peer):
     system = "baton"
     package = "baton"
+    pending_filter = "WHERE state NOT IN ('completed', 'discarded', 'cancelled')"
 
     def __init__(self, dsn: str, concurrency: int) -> None:
         super().__init__(dsn, concurrency)
@@ -87,17 +88,11 @@ class BatonPeer(Peer):
         await self._task
         self._worker, self._task = None, None
 
-    async def _count(self, where: str) -> int:
+    async def count(self, where: str) -> int:
         async with self.app.connection() as conn:
             cur = await conn.execute(f"SELECT count(*) FROM {SCHEMA}.jobs {where}".encode())
             row = await cur.fetchone()
         return int(row[0]) if row else 0
-
-    async def pending(self) -> int:
-        return await self._count("WHERE state NOT IN ('completed', 'discarded', 'cancelled')")
-
-    async def total(self) -> int:
-        return await self._count("")
 
     async def close(self) -> None:
         await self.app.close()

@@ -27,6 +27,7 @@ def _stderr_logger() -> logging.Logger:
 class ChancyPeer(Peer):
     system = "chancy"
     package = "chancy"
+    pending_filter = "WHERE state IN ('pending', 'running', 'retrying')"
 
     def __init__(self, dsn: str, concurrency: int) -> None:
         super().__init__(dsn, concurrency)
@@ -84,18 +85,12 @@ class ChancyPeer(Peer):
             await self._worker.stop()
             self._worker = None
 
-    async def _count(self, where: str) -> int:
+    async def count(self, where: str) -> int:
         sql = f"SELECT count(*) FROM {self.chancy.prefix}jobs {where}"
         async with self.chancy.pool.connection() as conn:
             cur = await conn.execute(sql.encode())
             row = await cur.fetchone()
         return int(row[0]) if row else 0
-
-    async def pending(self) -> int:
-        return await self._count("WHERE state IN ('pending', 'running', 'retrying')")
-
-    async def total(self) -> int:
-        return await self._count("")
 
     async def close(self) -> None:
         await self.chancy.__aexit__(None, None, None)

@@ -120,13 +120,20 @@ class Peer(ABC):
     async def stop_worker(self) -> None:
         """Stop the worker cleanly."""
 
-    @abstractmethod
-    async def pending(self) -> int:
-        """Jobs in the library's table not yet in a finished state."""
+    pending_filter: str = ""
+    """SQL ``WHERE`` clause selecting the library's jobs not yet in a finished state."""
 
     @abstractmethod
+    async def count(self, where: str) -> int:
+        """Rows of the library's job table matching ``where`` (may be empty)."""
+
+    async def pending(self) -> int:
+        """Jobs in the library's table not yet in a finished state."""
+        return await self.count(self.pending_filter)
+
     async def total(self) -> int:
         """All jobs in the library's table (to verify enqueues)."""
+        return await self.count("")
 
     @abstractmethod
     async def close(self) -> None:

@@ -22,6 +22,7 @@ class BenchNoop:
 class ObanPeer(Peer):
     system = "oban"
     package = "oban"
+    pending_filter = "WHERE state NOT IN ('completed', 'discarded', 'cancelled')"
 
     def __init__(self, dsn: str, concurrency: int) -> None:
         super().__init__(dsn, concurrency)
@@ -58,17 +59,11 @@ class ObanPeer(Peer):
             await self._server.stop()
             self._server = None
 
-    async def _count(self, where: str) -> int:
+    async def count(self, where: str) -> int:
         async with self._pool.connection() as conn:
             cur = await conn.execute(f"SELECT count(*) FROM oban_jobs {where}".encode())
             row = await cur.fetchone()
         return int(row[0]) if row else 0
-
-    async def pending(self) -> int:
-        return await self._count("WHERE state NOT IN ('completed', 'discarded', 'cancelled')")
-
-    async def total(self) -> int:
-        return await self._count("")
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -17,6 +17,8 @@ ENTRYPOINT = "bench_noop"
 class PgQueuerPeer(Peer):
     system = "pgqueuer"
     package = "pgqueuer"
+    # PgQueuer deletes finished jobs from its queue table (they move to pgqueuer_log).
+    pending_filter = ""
 
     def __init__(self, dsn: str, concurrency: int) -> None:
         super().__init__(dsn, concurrency)
@@ -73,16 +75,9 @@ class PgQueuerPeer(Peer):
         await self._worker
         self._qm, self._worker = None, None
 
-    async def _count(self, where: str) -> int:
+    async def count(self, where: str) -> int:
         assert self._conn is not None
         return int(await self._conn.fetchval(f"SELECT count(*) FROM pgqueuer {where}"))
-
-    async def pending(self) -> int:
-        # PgQueuer deletes finished jobs from its queue table (they move to pgqueuer_log).
-        return await self._count("")
-
-    async def total(self) -> int:
-        return await self._count("")
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -18,6 +18,7 @@ QUEUE = "bench"
 class ProcrastinatePeer(Peer):
     system = "procrastinate"
     package = "procrastinate"
+    pending_filter = "WHERE status IN ('todo', 'doing')"
 
     def __init__(self, dsn: str, concurrency: int) -> None:
         super().__init__(dsn, concurrency)
@@ -70,18 +71,12 @@ class ProcrastinatePeer(Peer):
             await self._worker
         self._worker = None
 
-    async def _count(self, where: str) -> int:
+    async def count(self, where: str) -> int:
         sql = f"SELECT count(*) FROM procrastinate_jobs {where}"
         async with self.app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
             cur = await conn.execute(sql)
             row = await cur.fetchone()
         return int(row[0]) if row else 0
-
-    async def pending(self) -> int:
-        return await self._count("WHERE status IN ('todo', 'doing')")
-
-    async def total(self) -> int:
-        return await self._count("")
 
     async def close(self) -> None:
         await self.app.close_async()
