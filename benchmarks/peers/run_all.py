@@ -103,8 +103,12 @@ def oban_python() -> str | None:
     lines = [ln.split(";")[0].strip() for ln in REQUIREMENTS.read_text().splitlines()]
     pins = [ln for ln in lines if ln.startswith(("oban==", "psycopg-binary=="))]
     err(f"creating {OBAN_VENV} with {base}: {pins}")
-    subprocess.run([base, "-m", "venv", str(OBAN_VENV)], check=True, timeout=300)
-    subprocess.run([exe, "-m", "pip", "install", "-q", *pins], check=True, timeout=900)
+    try:
+        subprocess.run([base, "-m", "venv", str(OBAN_VENV)], check=True, timeout=300)
+        subprocess.run([exe, "-m", "pip", "install", "-q", *pins], check=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        err(f"could not set up {OBAN_VENV}: {exc}")
+        return None
     return str(exe)
 
 
