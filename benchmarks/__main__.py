@@ -153,7 +153,7 @@ def main() -> None:
                         "system": system,
                         "workload": wl,
                         "label": label,
-                        "skipped": "needs Python >= 3.12 with oban installed (none found or set up)",
+                        "skipped": "needs Python >= 3.12 with oban (none found, or set-up failed)",
                     }
                 )
                 continue

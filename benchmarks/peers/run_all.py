@@ -192,7 +192,7 @@ def main() -> None:
                     {
                         "system": "oban",
                         "workload": "*",
-                        "skipped": "needs Python >= 3.12, none found",
+                        "skipped": "needs Python >= 3.12 with oban (none found, or set-up failed)",
                     }
                 )
                 continue
