@@ -28,11 +28,6 @@ class Maintenance:
         self.worker = worker
         self.is_leader = False
         self.ticks = 0
-        self._tick = anyio.Event()
-
-    async def wait_tick(self) -> None:
-        """Wait until the next maintenance pass has run (a test signal)."""
-        await self._tick.wait()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -46,8 +41,6 @@ class Maintenance:
                 self.is_leader = False
                 log.warning("maintenance.failed", error=describe(exc))
             self.ticks += 1
-            self._tick.set()
-            self._tick = anyio.Event()
             await anyio.sleep(interval)
 
     async def run_once(self) -> None:
@@ -83,12 +76,9 @@ class Maintenance:
         async with app.connection() as conn:
             cur = await conn.execute(app.queries[name], params)
             rows = await cur.fetchall() if cur.description is not None else []
-            if rows and queue_column is not None:
-                queues = sorted({r[queue_column] for r in rows})
-                await conn.execute(
-                    app.queries["queues_notify"],
-                    {"channel": app.queries.channel("insert"), "queues": queues},
-                )
+            if queue_column is not None:
+                wake = ops.notify_queues(app.queries, [r[queue_column] for r in rows])
+                await ops.run_async(conn, wake, "wake queues")
         return rows
 
     async def stage(self) -> int:

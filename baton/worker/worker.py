@@ -247,13 +247,9 @@ class Worker:
                     {"ids": self._unfinished, "worker_id": self.id},
                 )
                 rows = await cur.fetchall()
-                if rows:
-                    await conn.execute(
-                        self.app.queries["queues_notify"],
-                        {"channel": self.app.queries.channel("insert"),
-                         "queues": sorted({r[1] for r in rows})},
-                    )
-        except psycopg.Error as exc:
+                wake = ops.notify_queues(self.app.queries, [r[1] for r in rows])
+                await ops.run_async(conn, wake, "wake queues")
+        except (psycopg.Error, DatabaseError) as exc:
             log.warning("worker.hand_back_failed", error=describe(exc), job_ids=self._unfinished)
             return
         for job_id, queue in rows:
