@@ -7,6 +7,7 @@ and ``running_worker`` runs a real worker for the length of a block.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -15,10 +16,9 @@ from typing import Any, TypeVar
 import anyio
 
 from baton.app import Baton
-from baton.errors import BatonError
-from baton.job import Job, JobSpec, JobState
+from baton.job import Job, JobSpec, JobState, encode_json
 from baton.worker import Worker, WorkerSettings
-from baton.worker.executor import FetchedJob, Outcome
+from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.workflows import WorkflowInfo
 
 T = TypeVar("T")
@@ -107,14 +107,10 @@ async def perform_job(app: Baton, job: JobSpec, *, attempt: int = 1) -> Outcome:
 
     Arguments go through a JSON round trip as in production; nothing is written.
     """
-    import json
-
-    from baton.worker.executor import Executor
-
     fetched = FetchedJob(
         id=0,
         step=job.step,
-        args=json.loads(json.dumps(job.args)),
+        args=json.loads(job.args_json),
         meta=dict(job.meta),
         queue=job.queue,
         attempt=attempt,
@@ -148,18 +144,10 @@ def assert_enqueued(app: Baton, step: str, **args: Any) -> Job:
     """Assert that a job of ``step`` whose args contain ``args`` is waiting; return it."""
     with app.connection_sync() as conn:
         cur = conn.execute(
-            app.queries["job_find_waiting"], {"step": step, "args": _json(args)}
+            app.queries["job_find_waiting"], {"step": step, "args": encode_json(args)}
         )
         row = cur.fetchone()
     if row is None:
         raise AssertionError(f"no waiting job of step {step!r} with args {args!r}")
     return app.get_job_sync(int(row[0]))
 
-
-def _json(value: Any) -> str:
-    import json
-
-    try:
-        return json.dumps(value)
-    except TypeError as exc:
-        raise BatonError(f"args must be JSON-serializable: {exc}") from exc

@@ -62,7 +62,6 @@ class Outcome:
     result: Any = None
     has_result: bool = False
     duration: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     usage: list[Usage] = field(default_factory=list)
     captures: list[dict[str, Any]] = field(default_factory=list)
     step_name: str = ""

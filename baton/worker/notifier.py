@@ -28,7 +28,6 @@ class Notifier:
         self.dsn = dsn
         self.handlers = handlers
         self.on_reconnect = on_reconnect
-        self.connected = anyio.Event()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -51,7 +50,6 @@ class Notifier:
                 async with conn:
                     for channel in self.handlers:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                    self.connected.set()
                     if failures:
                         log.info("notifier.reconnected")
                         self.on_reconnect()
@@ -65,7 +63,6 @@ class Notifier:
                             handler(note.payload)
             except psycopg.Error as exc:
                 failures += 1
-                self.connected = anyio.Event()
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6))
                 log.warning("notifier.disconnected", error=describe(exc), retry_in=delay)
                 await anyio.sleep(delay)

@@ -69,8 +69,7 @@ class StepRunner:
             # The retry-idempotency guard: the step already produced a result.
             log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
                      step=job.workflow_step, job_id=job.id)
-            return Outcome(job, JobState.COMPLETED, result=stored, has_result=True,
-                           extra={"reused": True})
+            return Outcome(job, JobState.COMPLETED, result=stored, has_result=True)
         deps = [Dep(**d) for d in dep_rows]
         decision = decide(deps, ignore_cancelled=ignore_cancelled,
                           ignore_discarded=ignore_discarded, min_success=min_success)
