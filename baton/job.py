@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,9 @@ class JobState(StrEnum):
 
 _FINISHED = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
+
+NULL = "\\N"
+"""NULL in COPY's text format."""
 
 _ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
@@ -115,6 +119,32 @@ class JobSpec:
             f'"workflow_id":{_ENCODE(str(workflow_id)) if workflow_id else "null"},'
             f'"workflow_step":{_ENCODE(workflow_step)}}}'
         )
+
+
+    def copy_row(
+        self, job_id: int, state: JobState, now_text: str,
+        workflow_id: str = NULL, workflow_step: str | None = None,
+    ) -> str:
+        """Return the job as one line of COPY text for the ``jobs_copy`` statement.
+
+        ``now_text`` is the server's transaction time, when an immediate job is scheduled.
+        """
+        at_text = now_text if self.scheduled_at is None else self.scheduled_at.isoformat()
+        return (
+            f"{job_id}\t{state.value}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t"
+            f"{copy_text(self.args_json)}\t{copy_text(_ENCODE(self.meta)) if self.meta else '{}'}\t"
+            f"{self.max_attempts}\t{self.priority}\t"
+            f"{NULL if self.timeout is None else repr(float(self.timeout))}\t{at_text}\t"
+            f"{workflow_id}\t{NULL if workflow_step is None else copy_text(workflow_step)}\n"
+        )
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """Escape ``value`` for COPY's text format (backslash, tab, newline, carriage return)."""
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
 
 
 def check_options(*, queue: str, priority: int, max_attempts: int, timeout: float | None

@@ -5,15 +5,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Annotated, Any, NotRequired, get_type_hints
 
 import pydantic
 import pydantic_core
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict, Field, TypeAdapter
+from typing_extensions import TypedDict
 
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError
-from baton.job import JobSpec, encode_json
+from baton.job import JobSpec, json_text
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -37,8 +38,8 @@ class StepOptions:
     """Capture full context (``ctx.capture``) for this step even if the app does not."""
 
 
-class _ArgsBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+_ARGS_CONFIG = ConfigDict(extra="forbid")
+_typed_dict: Any = TypedDict  # called with a computed name and fields
 
 
 def step_name(fn: Callable[..., Any]) -> str:
@@ -70,7 +71,10 @@ class Step:
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.max_args_bytes = max_args_bytes
-        self.ctx_param, self.args_model = _args_model(fn, self.name)
+        self.ctx_param, self.arg_names, adapter = _args_adapter(fn, self.name)
+        self.args_adapter = adapter
+        self._validate = adapter.validator.validate_python
+        self._to_python = adapter.serializer.to_python
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -94,13 +98,19 @@ class Step:
     def dump_args(self, args: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Validate ``args``; return their JSON-safe form and its JSON text."""
         try:
-            model = self.args_model.model_validate(args)
-            data: dict[str, Any] = model.model_dump(mode="json")
-            text = encode_json(data)
+            valid = self._validate(args)
+            text = pydantic_core.to_json(valid, inf_nan_mode="constants").decode()
+            data: dict[str, Any] = self._to_python(valid, mode="json")
         except pydantic.ValidationError as exc:
             raise ArgsError(self.name, _summarize(exc)) from exc
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
             raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
+        if "NaN" in text or "Infinity" in text:
+            # Either a float that JSON cannot hold (refused here) or those letters in a string.
+            try:
+                text = json_text(valid)
+            except ValueError as exc:
+                raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
         if len(text) > self.max_args_bytes or len(text.encode()) > self.max_args_bytes:
             raise PayloadTooLargeError(self.name, len(text.encode()), self.max_args_bytes)
         return data, text
@@ -108,10 +118,9 @@ class Step:
     def load_args(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validate stored JSON args and return the keyword arguments for the function."""
         try:
-            model = self.args_model.model_validate(data)
+            return self._validate(data)  # type: ignore[no-any-return]
         except pydantic.ValidationError as exc:
             raise ArgsError(self.name, _summarize(exc)) from exc
-        return {field: getattr(model, field) for field in type(model).model_fields}
 
     def bind(self, kwargs: dict[str, Any], ctx: Context) -> dict[str, Any]:
         """Return the keyword arguments with the context added where the step wants it."""
@@ -128,10 +137,17 @@ def _summarize(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _args_model(fn: Callable[..., Any], name: str) -> tuple[str | None, type[BaseModel]]:
+def _args_adapter(
+    fn: Callable[..., Any], name: str
+) -> tuple[str | None, tuple[str, ...], TypeAdapter[dict[str, Any]]]:
+    """Return the context parameter, the argument names and a validator for the arguments.
+
+    The arguments are described as a ``TypedDict`` (defaults filled in by validation):
+    validating one is several times cheaper than building a model instance per job.
+    """
     signature = inspect.signature(fn)
     try:
-        hints = get_type_hints(fn)
+        hints = get_type_hints(fn, include_extras=True)
     except Exception:  # unresolvable forward references: fall back to raw annotations
         hints = {}
     ctx_param: str | None = None
@@ -147,9 +163,15 @@ def _args_model(fn: Callable[..., Any], name: str) -> tuple[str | None, type[Bas
             raise StepError(f"step {name!r} may not take positional-only parameters")
         if annotation is inspect.Parameter.empty:
             annotation = Any
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (annotation, default)
-    model: type[BaseModel] = pydantic.create_model(
-        f"{name.rsplit('.', 1)[-1]}_args", __base__=_ArgsBase, **fields
-    )
-    return ctx_param, model
+        if param.default is inspect.Parameter.empty:
+            fields[param.name] = annotation
+        else:
+            fields[param.name] = NotRequired[Annotated[annotation, Field(default=param.default)]]
+    args_type = _typed_dict(f"{name.rsplit('.', 1)[-1]}_args", fields)
+    args_type.__module__ = fn.__module__  # where forward references are resolved
+    args_type.__pydantic_config__ = _ARGS_CONFIG
+    try:
+        adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(args_type)
+    except pydantic.PydanticUserError as exc:
+        raise StepError(f"step {name!r} has arguments pydantic cannot validate: {exc}") from exc
+    return ctx_param, tuple(fields), adapter

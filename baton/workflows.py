@@ -24,7 +24,7 @@ from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
 from baton.events import channel as events_channel
 from baton.job import JobState, json_text
-from baton.ops import Op, Stmt, insert_rows
+from baton.ops import Op, Stmt, insert_jobs
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
@@ -94,15 +94,11 @@ def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
 def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[str]) -> Op[None]:
     edges = {name: wf.expand(wf.nodes[name].deps) for name in order}
     pending = {name: sum(1 for d in deps if d not in settled) for name, deps in edges.items()}
-    rows = [
-        wf.nodes[name].job.row_json(
-            state=JobState.PENDING if pending[name] else JobState.AVAILABLE,
-            workflow_id=wf.id,
-            workflow_step=name,
-        )
-        for name in order
-    ]
-    ids = yield from insert_rows(q, rows)
+    ids = yield from insert_jobs(
+        q, [wf.nodes[name].job for name in order],
+        states=[JobState.PENDING if pending[name] else JobState.AVAILABLE for name in order],
+        workflow_id=wf.id, workflow_steps=order,
+    )
     node_rows = []
     for name, job_id in zip(order, ids, strict=True):
         node = wf.nodes[name]

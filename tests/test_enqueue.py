@@ -10,6 +10,7 @@ import pytest
 
 import baton
 from baton.job import JobState
+from baton.ops import COPY_FROM
 from tests.apps import basic
 from tests.helpers import sql_rows
 
@@ -30,6 +31,48 @@ async def test_enqueue_many_keeps_order_in_one_statement(app: baton.Baton) -> No
     rows = sql_rows(app.dsn, "SELECT id, args->>'value' FROM baton.jobs ORDER BY id")
     assert [int(v) for _, v in rows] == list(range(5000))
     assert await app.enqueue_many([]) == []
+
+
+AWKWARD = ["tab\there", "line\nbreak", "back\\slash", "\\N", "crlf\r\n", "naïve ✓", "NaN"]
+
+
+async def test_many_jobs_round_trip_awkward_values(app: baton.Baton) -> None:
+    # Both insert paths (one statement for a few jobs, COPY for a batch) store the same rows.
+    for size in (3, COPY_FROM + 5):
+        await _round_trip_awkward(app, size)
+
+
+async def _round_trip_awkward(app: baton.Baton, size: int) -> None:
+    past, future = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1)
+    jobs = []
+    for i in range(size):
+        text = AWKWARD[i % len(AWKWARD)]
+        job = basic.echo.new(value={"text": text, "i": i}).options(
+            queue=f"q\t{i % 2}", meta={"note": text}, timeout=0.25 + i)
+        if i % 3 == 1:
+            job = job.options(scheduled_at=future)
+        elif i % 3 == 2:
+            job = job.options(scheduled_at=past, priority=9)
+        jobs.append(job)
+    ids = await app.enqueue_many(jobs)
+    assert len(ids) == size and ids == sorted(ids)
+    for i, job_id in enumerate(ids):
+        job = await app.get_job(job_id)
+        text = AWKWARD[i % len(AWKWARD)]
+        assert job.args == {"value": {"text": text, "i": i}}
+        assert (job.queue, job.meta, job.timeout) == (f"q\t{i % 2}", {"note": text}, 0.25 + i)
+        expected = JobState.SCHEDULED if i % 3 == 1 else JobState.AVAILABLE
+        assert job.state is expected, (i, job.state)
+        if i % 3 == 2:
+            assert job.scheduled_at == past and job.priority == 9
+
+
+async def test_batch_in_rolled_back_transaction_enqueues_nothing(app: baton.Baton) -> None:
+    async with await psycopg.AsyncConnection.connect(app.dsn) as conn:
+        await app.enqueue_many([basic.echo.new(value=i) for i in range(COPY_FROM * 2)],
+                               conn=conn)
+        await conn.rollback()
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs") == [(0,)]
 
 
 async def test_scheduled_job_waits_in_scheduled_state(app: baton.Baton) -> None:
@@ -72,6 +115,8 @@ def test_sync_enqueue_in_callers_transaction(dsn: str) -> None:
         assert len(ids) == 3
         assert app.get_job_sync(ids[0]).state is JobState.AVAILABLE
         assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs") == [(4,)]
+        batch = app.enqueue_many_sync([basic.echo.new(value=i) for i in range(COPY_FROM)])
+        assert app.get_job_sync(batch[-1]).args == {"value": COPY_FROM - 1}
     finally:
         app.close_sync()
 

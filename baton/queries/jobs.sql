@@ -29,6 +29,17 @@ SELECT
     COALESCE((SELECT array_agg(id ORDER BY id) FROM inserted), '{}') AS ids,
     (SELECT count(*) FROM woken) AS woken
 
+-- name: jobs_reserve_ids
+-- Reserve ids for a COPY of %(n)s jobs; now() is the time the copied jobs are scheduled at.
+SELECT now(), array(SELECT nextval('{schema}.jobs_id_seq') FROM generate_series(1, %(n)s))
+
+-- name: jobs_copy
+-- Many jobs at once, as lines of JobSpec.copy_row (ids from jobs_reserve_ids).
+COPY {schema}.jobs (
+    id, state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
+    workflow_id, workflow_step)
+FROM STDIN
+
 -- name: jobs_fetch
 -- Claim up to %(demand)s available jobs of one queue for this worker.
 WITH picked AS MATERIALIZED (

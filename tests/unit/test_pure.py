@@ -88,7 +88,7 @@ def test_context_parameter_is_not_an_argument() -> None:
 
     step = app.step(name="with_ctx")(with_ctx)
     assert step.ctx_param == "ctx"
-    assert set(step.args_model.model_fields) == {"n"}
+    assert step.arg_names == ("n",)
 
 
 def test_missing_database_without_extra(monkeypatch: pytest.MonkeyPatch) -> None:
