@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,10 +34,11 @@ class Stmt:
 
 @dataclass(frozen=True)
 class Copy:
-    """A ``COPY … FROM STDIN`` statement and the text-format lines it sends."""
+    """A ``COPY … FROM STDIN`` statement and its text-format data, sent chunk by chunk
+    as the chunks are produced."""
 
     query: sql.SQL | sql.Composed
-    data: str
+    chunks: Iterable[str]
 
 
 Op = Generator[Stmt | Copy, Rows, T]
@@ -51,7 +52,8 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
             while True:
                 if isinstance(stmt, Copy):
                     async with conn.cursor().copy(stmt.query) as copy:
-                        await copy.write(stmt.data)
+                        for chunk in stmt.chunks:
+                            await copy.write(chunk)
                     stmt = op.send([])
                     continue
                 cur = await conn.execute(stmt.query, stmt.params)
@@ -68,7 +70,8 @@ def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
             while True:
                 if isinstance(stmt, Copy):
                     with conn.cursor().copy(stmt.query) as copy:
-                        copy.write(stmt.data)
+                        for chunk in stmt.chunks:
+                            copy.write(chunk)
                     stmt = op.send([])
                     continue
                 cur = conn.execute(stmt.query, stmt.params)
@@ -107,19 +110,38 @@ def insert_jobs(
                                                "channel": q.channel("insert")})
         return list(result[0][0])
     reserved = yield Stmt(q["jobs_reserve_ids"], {"n": len(jobs)})
-    now, ids = reserved[0][0], sorted(reserved[0][1])
-    now_text, wf = now.isoformat(), NULL if workflow_id is None else str(workflow_id)
-    lines, woken = [], set()
-    for job_id, job, state, step in zip(ids, jobs, states, steps, strict=True):
+    now, first, scattered = reserved[0]
+    ids = list(range(first, first + len(jobs))) if scattered is None else scattered
+    final, woken = [], set()
+    for job, state in zip(jobs, states, strict=True):
         if state is JobState.AVAILABLE:
             if job.scheduled_at is not None and job.scheduled_at > now:
                 state = JobState.SCHEDULED
             else:
                 woken.add(job.queue)
-        lines.append(job.copy_row(job_id, state, now_text, wf, step))
-    yield Copy(q["jobs_copy"], "".join(lines))
+        final.append(state)
+    wf = NULL if workflow_id is None else str(workflow_id)
+    yield Copy(q["jobs_copy"], _copy_chunks(ids, jobs, final, now.isoformat(), wf, steps))
     yield from notify_queues(q, list(woken))
     return ids
+
+
+COPY_CHUNK = 250
+"""Lines per COPY write: the server inserts one chunk while the next is formatted."""
+
+
+def _copy_chunks(
+    ids: Sequence[int], jobs: Sequence[JobSpec], states: Sequence[JobState], now_text: str,
+    workflow_id: str, steps: Sequence[str | None],
+) -> Iterator[str]:
+    for start in range(0, len(jobs), COPY_CHUNK):
+        end = start + COPY_CHUNK
+        yield "".join([
+            job.copy_row(job_id, state, now_text, workflow_id, step)
+            for job_id, job, state, step in zip(
+                ids[start:end], jobs[start:end], states[start:end], steps[start:end],
+                strict=True)
+        ])
 
 
 def enqueue(q: Queries, jobs: Sequence[JobSpec]) -> Op[list[int]]:

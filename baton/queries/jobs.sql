@@ -30,8 +30,16 @@ SELECT
     (SELECT count(*) FROM woken) AS woken
 
 -- name: jobs_reserve_ids
--- Reserve ids for a COPY of %(n)s jobs; now() is the time the copied jobs are scheduled at.
-SELECT now(), array(SELECT nextval('{schema}.jobs_id_seq') FROM generate_series(1, %(n)s))
+-- Reserve ids for a COPY of %(n)s jobs: the first, and all of them only when other sessions
+-- drew ids in between. now() is the time the copied jobs are scheduled at.
+WITH reserved AS (
+    SELECT nextval('{schema}.jobs_id_seq') AS id FROM generate_series(1, %(n)s)
+)
+SELECT
+    now(),
+    min(id),
+    CASE WHEN max(id) - min(id) + 1 = count(*) THEN NULL ELSE array_agg(id ORDER BY id) END
+FROM reserved
 
 -- name: jobs_copy
 -- Many jobs at once, as lines of JobSpec.copy_row (ids from jobs_reserve_ids).
