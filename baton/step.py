@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, NotRequired, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, NotRequired, Union, get_args, get_origin, get_type_hints
 
 import pydantic
 import pydantic_core
@@ -71,7 +72,7 @@ class Step:
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.max_args_bytes = max_args_bytes
-        self.ctx_param, self.arg_names, adapter = _args_adapter(fn, self.name)
+        self.ctx_param, self.arg_names, adapter, self._json_native = _args_adapter(fn, self.name)
         self.args_adapter = adapter
         self._validate = adapter.validator.validate_python
         self._to_python = adapter.serializer.to_python
@@ -99,21 +100,22 @@ class Step:
         """Validate ``args``; return their JSON-safe form and its JSON text."""
         try:
             valid = self._validate(args)
-            text = pydantic_core.to_json(valid, inf_nan_mode="constants").decode()
-            data: dict[str, Any] = self._to_python(valid, mode="json")
+            raw = pydantic_core.to_json(valid, inf_nan_mode="constants")
+            data: dict[str, Any] = valid if self._json_native else self._to_python(
+                valid, mode="json")
         except pydantic.ValidationError as exc:
             raise ArgsError(self.name, _summarize(exc)) from exc
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
             raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
-        if "NaN" in text or "Infinity" in text:
+        if b"NaN" in raw or b"Infinity" in raw:
             # Either a float that JSON cannot hold (refused here) or those letters in a string.
             try:
-                text = json_text(valid)
+                raw = json_text(valid).encode()
             except ValueError as exc:
                 raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
-        if len(text) > self.max_args_bytes or len(text.encode()) > self.max_args_bytes:
-            raise PayloadTooLargeError(self.name, len(text.encode()), self.max_args_bytes)
-        return data, text
+        if len(raw) > self.max_args_bytes:
+            raise PayloadTooLargeError(self.name, len(raw), self.max_args_bytes)
+        return data, raw.decode()
 
     def load_args(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validate stored JSON args and return the keyword arguments for the function."""
@@ -139,8 +141,9 @@ def _summarize(exc: pydantic.ValidationError) -> str:
 
 def _args_adapter(
     fn: Callable[..., Any], name: str
-) -> tuple[str | None, tuple[str, ...], TypeAdapter[dict[str, Any]]]:
-    """Return the context parameter, the argument names and a validator for the arguments.
+) -> tuple[str | None, tuple[str, ...], TypeAdapter[dict[str, Any]], bool]:
+    """Return the context parameter, the argument names, a validator for the arguments and
+    whether validated arguments are always plain JSON data already.
 
     The arguments are described as a ``TypedDict`` (defaults filled in by validation):
     validating one is several times cheaper than building a model instance per job.
@@ -174,4 +177,23 @@ def _args_adapter(
         adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(args_type)
     except pydantic.PydanticUserError as exc:
         raise StepError(f"step {name!r} has arguments pydantic cannot validate: {exc}") from exc
-    return ctx_param, tuple(fields), adapter
+    native = all(_json_native(hints.get(n, Any)) for n in fields)
+    return ctx_param, tuple(fields), adapter, native
+
+
+_JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+def _json_native(annotation: Any) -> bool:
+    """Whether values validated as ``annotation`` are JSON data as they are (no dates,
+    models, sets, ...), so serializing them for ``JobSpec.args`` can be skipped."""
+    if annotation in _JSON_SCALARS:
+        return True
+    origin, params = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _json_native(params[0])
+    if origin is dict:
+        return len(params) == 2 and params[0] is str and _json_native(params[1])
+    if origin in (list, Union, UnionType):
+        return bool(params) and all(_json_native(p) for p in params)
+    return False
