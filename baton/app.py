@@ -247,12 +247,25 @@ class Baton:
         await self.close()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """Lend a pooled connection; its transaction commits when the block ends cleanly."""
+    async def connection(self, *, autocommit: bool = False
+                         ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a pooled connection; its transaction commits when the block ends cleanly.
+
+        ``autocommit``: every statement commits on its own (no ``BEGIN``/``COMMIT`` round
+        trips); use ``conn.transaction()`` inside the block where several must be atomic.
+        """
         await self.open()
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            yield conn
+            if not autocommit:
+                yield conn
+                return
+            await conn.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                if not conn.closed:
+                    await conn.set_autocommit(False)
 
     @contextmanager
     def connection_sync(self) -> Iterator[psycopg.Connection[Any]]:
@@ -281,14 +294,8 @@ class Baton:
         """
         if conn is not None:
             return await ops.run_async(conn, op, action)
-        async with self.connection() as own:
-            if not single:
-                return await ops.run_async(own, op, action)
-            await own.set_autocommit(True)
-            try:
-                return await ops.run_async(own, op, action)
-            finally:
-                await own.set_autocommit(False)
+        async with self.connection(autocommit=single) as own:
+            return await ops.run_async(own, op, action)
 
     def _run_sync(
         self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None,

@@ -113,12 +113,15 @@ class Completer:
             return
         q = self.app.queries
         rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
-        async with self.app.connection() as conn:
+        # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
+        plain = self.after_write is None or all(o.plain for o in batch)
+        async with self.app.connection(autocommit=plain) as conn:
             cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
                                                         "worker_id": self.worker_id})
             applied = {row[0] for row in await cur.fetchall()}
             kept = [o for o in batch if o.job.id in applied]
-            events = await self.after_write(conn, kept) if self.after_write and kept else []
+            events = (await self.after_write(conn, kept)
+                      if self.after_write and kept and not plain else [])
         del self.pending[: len(batch)]
         if events:
             self.app.events.publish(events)

@@ -11,6 +11,7 @@ import psycopg
 import structlog
 
 from baton.db import describe
+from baton.errors import DatabaseError
 from baton.worker.executor import FetchedJob, Outcome
 
 if TYPE_CHECKING:
@@ -144,10 +145,10 @@ class Producer:
         self._tg = None
 
     async def fetch(self, demand: int) -> list[FetchedJob]:
-        """Claim up to ``demand`` available jobs in one statement (and, in the same
-        transaction, load the gates of the workflow steps among them)."""
+        """Claim up to ``demand`` available jobs in one statement (autocommit: one round
+        trip), then load the gates of the workflow steps among them in one more."""
         app = self.worker.app
-        async with app.connection() as conn:
+        async with app.connection(autocommit=True) as conn:
             cur = await conn.execute(
                 app.queries["jobs_fetch"],
                 {"queue": self.queue, "demand": demand, "worker_id": self.worker.id},
@@ -155,7 +156,15 @@ class Producer:
             )
             rows: list[tuple[Any, ...]] = await cur.fetchall()
             jobs = [FetchedJob(*row) for row in rows]
-            events = await self.worker.steps.load_gates(conn, jobs)
+            events: list[dict[str, Any]] = []
+            if any(job.workflow_id is not None for job in jobs):
+                try:
+                    async with conn.transaction():
+                        events = await self.worker.steps.load_gates(conn, jobs)
+                except (psycopg.Error, DatabaseError) as exc:
+                    # The jobs stay claimed: each step then loads its gate when it starts.
+                    log.warning("producer.gates_deferred", queue=self.queue,
+                                error=describe(exc))
         app.events.publish(events)
         return jobs
 
