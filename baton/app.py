@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, overload
 
 import psycopg
+import pydantic_core
 import structlog
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from baton import migrations, ops, workflows
@@ -47,6 +49,14 @@ def _stamp_sync(conn: psycopg.Connection[Any]) -> None:
 
 def _recently_used(conn: Any) -> bool:
     return time.monotonic() - _last_used.get(conn, float("-inf")) < _IDLE_CHECK_SECONDS
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_loads(pydantic_core.from_json, conn)  # several times faster than json.loads
+
+
+def _configure_sync(conn: psycopg.Connection[Any]) -> None:
+    set_json_loads(pydantic_core.from_json, conn)
 
 
 async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -218,6 +228,7 @@ class Baton:
                 max_size=self.pool_size,
                 open=False,
                 check=_check_if_idle,
+                configure=_configure,
                 reset=_stamp,
                 name=f"baton-{self.schema}",
             )
@@ -276,6 +287,7 @@ class Baton:
                 min_size=1,
                 max_size=self.pool_size,
                 check=_check_if_idle_sync,
+                configure=_configure_sync,
                 reset=_stamp_sync,
                 name=f"baton-{self.schema}-sync",
                 open=True,
