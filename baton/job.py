@@ -45,7 +45,7 @@ def encode_json(value: Any) -> str:
     return _ENCODE(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class JobSpec:
     """A job ready to enqueue: built by ``step.new(**args)``, immutable.
 
@@ -73,6 +73,16 @@ class JobSpec:
                 object.__setattr__(self, "args_json", encode_json(self.args))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"job args are not JSON-serializable: {exc}") from exc
+
+    def with_args(self, args: dict[str, Any], args_json: str) -> JobSpec:
+        """Return a copy with other, already validated args (what ``step.new`` builds from
+        the step's own spec: its options were checked once, so nothing is checked again)."""
+        clone = object.__new__(JobSpec)
+        fields = clone.__dict__
+        fields.update(self.__dict__)
+        fields["args"] = args
+        fields["args_json"] = args_json
+        return clone
 
     def options(
         self,

@@ -72,8 +72,13 @@ class Step:
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.max_args_bytes = max_args_bytes
-        self.ctx_param, self.arg_names, adapter, self._json_native = _args_adapter(fn, self.name)
+        self.ctx_param, self.arg_names, adapter, hints = _args_adapter(fn, self.name)
+        # Validated args of JSON types need no JSON-mode copy; without floats, no NaN check.
+        self._json_native = all(_plain_json(h, _JSON_SCALARS) for h in hints)
+        self._float_free = all(_plain_json(h, _JSON_SCALARS_NO_FLOAT) for h in hints)
         self.args_adapter = adapter
+        o = options
+        self._spec = JobSpec(self.name, {}, o.queue, o.priority, o.max_attempts, o.timeout)
         self._validate = adapter.validator.validate_python
         self._to_python = adapter.serializer.to_python
         self.__doc__ = fn.__doc__
@@ -92,9 +97,7 @@ class Step:
         :raises PayloadTooLargeError: if their JSON exceeds the app's limit.
         """
         data, text = self.dump_args(args)
-        options = self.options
-        return JobSpec(self.name, data, options.queue, options.priority, options.max_attempts,
-                       options.timeout, None, {}, text)
+        return self._spec.with_args(data, text)
 
     def dump_args(self, args: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Validate ``args``; return their JSON-safe form and its JSON text."""
@@ -107,7 +110,7 @@ class Step:
             raise ArgsError(self.name, _summarize(exc)) from exc
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
             raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
-        if b"NaN" in raw or b"Infinity" in raw:
+        if not self._float_free and (b"NaN" in raw or b"Infinity" in raw):
             # Either a float that JSON cannot hold (refused here) or those letters in a string.
             try:
                 raw = json_text(valid).encode()
@@ -141,9 +144,9 @@ def _summarize(exc: pydantic.ValidationError) -> str:
 
 def _args_adapter(
     fn: Callable[..., Any], name: str
-) -> tuple[str | None, tuple[str, ...], TypeAdapter[dict[str, Any]], bool]:
+) -> tuple[str | None, tuple[str, ...], TypeAdapter[dict[str, Any]], list[Any]]:
     """Return the context parameter, the argument names, a validator for the arguments and
-    whether validated arguments are always plain JSON data already.
+    their resolved annotations (``Any`` where unresolved).
 
     The arguments are described as a ``TypedDict`` (defaults filled in by validation):
     validating one is several times cheaper than building a model instance per job.
@@ -177,23 +180,23 @@ def _args_adapter(
         adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(args_type)
     except pydantic.PydanticUserError as exc:
         raise StepError(f"step {name!r} has arguments pydantic cannot validate: {exc}") from exc
-    native = all(_json_native(hints.get(n, Any)) for n in fields)
-    return ctx_param, tuple(fields), adapter, native
+    return ctx_param, tuple(fields), adapter, [hints.get(n, Any) for n in fields]
 
 
 _JSON_SCALARS = (int, float, str, bool, type(None))
+_JSON_SCALARS_NO_FLOAT = (int, str, bool, type(None))
 
 
-def _json_native(annotation: Any) -> bool:
-    """Whether values validated as ``annotation`` are JSON data as they are (no dates,
-    models, sets, ...), so serializing them for ``JobSpec.args`` can be skipped."""
-    if annotation in _JSON_SCALARS:
+def _plain_json(annotation: Any, scalars: tuple[type, ...]) -> bool:
+    """Whether values validated as ``annotation`` are JSON data as they are, built only of
+    ``scalars``, lists and string-keyed dicts (no dates, models, sets, ``Any``, ...)."""
+    if annotation in scalars:
         return True
     origin, params = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
-        return _json_native(params[0])
+        return _plain_json(params[0], scalars)
     if origin is dict:
-        return len(params) == 2 and params[0] is str and _json_native(params[1])
+        return len(params) == 2 and params[0] is str and _plain_json(params[1], scalars)
     if origin in (list, Union, UnionType):
-        return bool(params) and all(_json_native(p) for p in params)
+        return bool(params) and all(_plain_json(p, scalars) for p in params)
     return False

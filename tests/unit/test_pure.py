@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import sys
+from typing import Any
 
 import pytest
 
@@ -105,3 +108,19 @@ def test_production_never_starts_a_private_database(monkeypatch: pytest.MonkeyPa
     with pytest.raises(baton.ConfigurationError, match="refusing"):
         resolve_dsn(None)
     assert resolve_dsn("postgresql://explicit") == "postgresql://explicit"
+
+
+def test_args_refuse_nan_whatever_their_annotation() -> None:
+    app = baton.Baton()
+
+    def scores(value: float, names: list[str], extra: dict[str, Any] | None = None) -> None:
+        return None
+
+    step = app.step(name="scores")(scores)
+    for bad in ({"value": math.nan}, {"value": 1.0, "extra": {"x": [math.inf]}}):
+        with pytest.raises(baton.ArgsError, match="JSON"):
+            step.new(names=[], **bad)
+    # The letters alone are fine, and defaults are filled in.
+    job = step.new(value=-0.5, names=["NaN", "Infinity"])
+    assert job.args == {"value": -0.5, "names": ["NaN", "Infinity"], "extra": None}
+    assert json.loads(job.args_json) == job.args
