@@ -38,7 +38,7 @@ SMALL_N = {
 }  # fmt: skip
 # Drain/latency concurrency: each system at its best setting in a drain sweep at 100, 200 and
 # 400 (50,000 jobs; see docs/benchmarks.md).
-CONCURRENCY = {"baton": 100, "procrastinate": 100, "pgqueuer": 200, "chancy": 400, "oban": 100}
+CONCURRENCY = {"baton": 200, "procrastinate": 100, "pgqueuer": 400, "chancy": 400, "oban": 100}
 
 
 def err(msg: str) -> None:
