@@ -279,8 +279,11 @@ class Baton:
                     await conn.set_autocommit(False)
 
     @contextmanager
-    def connection_sync(self) -> Iterator[psycopg.Connection[Any]]:
-        """Lend a pooled sync connection; its transaction commits when the block ends."""
+    def connection_sync(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        """Lend a pooled sync connection; its transaction commits when the block ends.
+
+        ``autocommit``: as for :meth:`connection`.
+        """
         if self._sync_pool is None:
             self._sync_pool = ConnectionPool(
                 self.dsn,
@@ -293,7 +296,15 @@ class Baton:
                 open=True,
             )
         with self._sync_pool.connection() as conn:
-            yield conn
+            if not autocommit:
+                yield conn
+                return
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
 
     async def _run(
         self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None,
@@ -315,14 +326,8 @@ class Baton:
     ) -> T:
         if conn is not None:
             return ops.run_sync(conn, op, action)
-        with self.connection_sync() as own:
-            if not single:
-                return ops.run_sync(own, op, action)
-            own.autocommit = True
-            try:
-                return ops.run_sync(own, op, action)
-            finally:
-                own.autocommit = False
+        with self.connection_sync(autocommit=single) as own:
+            return ops.run_sync(own, op, action)
 
     # -- schema --------------------------------------------------------------------------
 

@@ -129,7 +129,6 @@ class JobSpec:
             f'"workflow_step":{_ENCODE(workflow_step)}}}'
         )
 
-
     def copy_row(
         self, job_id: int, state: JobState, now_text: str,
         workflow_id: str = NULL, workflow_step: str | None = None,
@@ -146,6 +145,7 @@ class JobSpec:
             f"{NULL if self.timeout is None else repr(float(self.timeout))}\t{at_text}\t"
             f"{workflow_id}\t{NULL if workflow_step is None else copy_text(workflow_step)}\n"
         )
+
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
