@@ -129,6 +129,15 @@ class JobSpec:
             f'"workflow_step":{_ENCODE(workflow_step)}}}'
         )
 
+    def row_params(self) -> dict[str, Any]:
+        """Return the job's parameters for the one-job ``job_insert`` statement."""
+        return {
+            "queue": self.queue, "step": self.step, "args": self.args_json,
+            "meta": _ENCODE(self.meta) if self.meta else "{}",
+            "max_attempts": self.max_attempts, "priority": self.priority,
+            "timeout": self.timeout, "scheduled_at": self.scheduled_at,
+        }
+
     def copy_row(
         self, job_id: int, state: JobState, now_text: str,
         workflow_id: str = NULL, workflow_step: str | None = None,

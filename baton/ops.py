@@ -101,6 +101,11 @@ def insert_jobs(
     """
     if not jobs:
         return []
+    if len(jobs) == 1 and states is None and workflow_id is None:
+        params = jobs[0].row_params()
+        params["channel"] = q.channel("insert")
+        inserted = yield Stmt(q["job_insert"], params)
+        return [inserted[0][0]]
     states = states or [JobState.AVAILABLE] * len(jobs)
     steps: Sequence[str | None] = workflow_steps or [None] * len(jobs)
     if len(jobs) < COPY_FROM:

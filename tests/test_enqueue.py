@@ -37,8 +37,8 @@ AWKWARD = ["tab\there", "line\nbreak", "back\\slash", "\\N", "crlf\r\n", "naïve
 
 
 async def test_many_jobs_round_trip_awkward_values(app: baton.Baton) -> None:
-    # Both insert paths (one statement for a few jobs, COPY for a batch) store the same rows.
-    for size in (3, COPY_FROM + 5):
+    # Every insert path (one job, a few jobs from JSON, COPY for a batch) stores the same rows.
+    for size in (1, 3, COPY_FROM + 5):
         await _round_trip_awkward(app, size)
 
 

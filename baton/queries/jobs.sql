@@ -29,6 +29,20 @@ SELECT
     COALESCE((SELECT array_agg(id ORDER BY id) FROM inserted), '{}') AS ids,
     (SELECT count(*) FROM woken) AS woken
 
+-- name: job_insert
+-- One job: a plain VALUES insert (no JSON to unpack); wakes its queue if it is available.
+WITH inserted AS (
+    INSERT INTO {schema}.jobs (
+        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at)
+    VALUES (
+        CASE WHEN %(scheduled_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
+        %(queue)s, %(step)s, %(args)s::jsonb, %(meta)s::jsonb, %(max_attempts)s,
+        %(priority)s, %(timeout)s, COALESCE(%(scheduled_at)s::timestamptz, now()))
+    RETURNING id, queue, state
+)
+SELECT id, CASE WHEN state = 'available' THEN pg_notify(%(channel)s, queue) END
+FROM inserted
+
 -- name: jobs_reserve_ids
 -- Reserve ids for a COPY of %(n)s jobs: the first, and all of them only when other sessions
 -- drew ids in between. now() is the time the copied jobs are scheduled at.
