@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Self
 
 from pydantic import BaseModel
@@ -22,8 +22,9 @@ from baton import ops
 from baton.dag import Workflow
 from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
+from baton.events import STEP_UPDATED
 from baton.events import channel as events_channel
-from baton.job import JobState, json_text
+from baton.job import JobState, encode_json, json_text
 from baton.ops import Op, Stmt, insert_jobs
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
@@ -34,7 +35,11 @@ Payload = dict[str, Any]
 
 @dataclass(frozen=True)
 class StepEvent:
-    """A step transition to announce (the label is filled in by the database)."""
+    """A step transition to announce.
+
+    ``label`` is the workflow's label where the caller knows it (from the step's gate row);
+    without it the database fills it in.
+    """
 
     workflow_id: uuid.UUID
     step_name: str
@@ -44,21 +49,67 @@ class StepEvent:
     attempt: int
     has_result: bool = False
     error: str | None = None
+    label: str | None = None
 
     def row(self) -> dict[str, Any]:
         return {"workflow_id": str(self.workflow_id), "step_name": self.step_name,
                 "worker": self.worker, "state": self.state, "job_id": self.job_id,
                 "attempt": self.attempt, "has_result": self.has_result, "error": self.error}
 
+    def payload(self, label: str, timestamp: str) -> Payload:
+        """The event as sent: what ``events_emit_steps`` would build in the database."""
+        return {"type": STEP_UPDATED, "workflow_id": str(self.workflow_id),
+                "workflow_label": label, "step_name": self.step_name, "worker": self.worker,
+                "state": self.state, "job_id": self.job_id, "attempt": self.attempt,
+                "has_result": self.has_result, "error": self.error, "timestamp": timestamp}
+
+
+NOTIFY_EVENT_BYTES = 7000
+"""An event larger than this travels by reference to ``event_payloads`` (as in
+``emit_many``), which only the database path does."""
+NOTIFY_BYTES = 7400
+"""The most event JSON one notification carries (NOTIFY's limit is 8000 bytes)."""
+
 
 def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
-    """Send ``workflow_step_updated`` events in the current transaction."""
+    """Send ``workflow_step_updated`` events in the current transaction.
+
+    When every event carries its workflow's label, the payloads are built here and sent as
+    a few notifications in one cheap statement; otherwise the database builds them.
+    """
     if not events:
         return []
+    if all(e.label is not None for e in events):
+        timestamp = datetime.now(UTC).isoformat()
+        payloads = [e.payload(e.label or "", timestamp) for e in events]
+        chunks = notify_chunks([encode_json(p) for p in payloads])
+        if chunks is not None:
+            yield Stmt(q["events_notify"], {"chunks": chunks,
+                                            "channel": events_channel(q.schema)})
+            return payloads
     rows = yield Stmt(q["events_emit_steps"], {
         "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
     })
     return list(rows[0][0]) if rows else []
+
+
+def notify_chunks(bodies: Sequence[str]) -> list[str] | None:
+    """Pack event JSON texts (ASCII) into notification payloads, JSON arrays of at most
+    :data:`NOTIFY_BYTES`; ``None`` if one is too large to travel inline."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for body in bodies:
+        if len(body) > NOTIFY_EVENT_BYTES:
+            return None
+        if current and size + len(body) + 1 > NOTIFY_BYTES:
+            chunks.append("[" + ",".join(current) + "]")
+            current, size = [], 0
+        current.append(body)
+        size += len(body) + 1
+    if current:
+        chunks.append("[" + ",".join(current) + "]")
+    return chunks
 
 
 class WorkflowInfo(BaseModel):

@@ -82,6 +82,27 @@ async def test_failure_events_and_filtering(app: baton.Baton) -> None:
     assert events[-1].outcome == "failed" and events[-1].failed_steps == ["a", "b"]
 
 
+async def test_wide_fan_out_events_arrive_whole_and_in_order(app: baton.Baton) -> None:
+    # Batches of step events with a long label: each batch travels in several
+    # notifications, and none is lost or reordered.
+    label = "wide-" + "x" * 1000
+    wf = baton.Workflow(label)
+    wf.add("root", flows.noop.new())
+    children = [f"c{k}" for k in range(80)]
+    for name in children:
+        wf.add(name, flows.noop.new(), deps=["root"])
+    async with app.events.subscribe(wf.id) as stream:
+        await app.insert(wf)
+        async with running_worker(app, queues={"default": 40}):
+            events = await collect(stream)
+    seen: dict[str, list[str]] = {}
+    for event in events:
+        if isinstance(event, StepUpdated):
+            assert event.workflow_label == label
+            seen.setdefault(event.step_name, []).append(event.state)
+    assert seen == {name: ["executing", "completed"] for name in ["root", *children]}
+
+
 async def test_large_payload_arrives_whole(app: baton.Baton) -> None:
     message = "x" * 50_000
     wf = baton.Workflow("big-error").add("a", flows.explode.new(message=message))

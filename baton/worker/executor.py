@@ -49,6 +49,16 @@ class FetchedJob:
     """For a workflow step, its gate row once loaded (see ``StepRunner.load_gates``)."""
     gated: bool = False
 
+    @property
+    def workflow_label(self) -> str | None:
+        """The label of the step's workflow, from its gate row (``None`` before it loads)."""
+        return None if self.gate is None else self.gate[GATE_LABEL]
+
+
+GATE_LABEL = 7
+"""Where the workflow label sits in a gate row (``node_gates`` without its first two
+columns)."""
+
 
 @dataclass(slots=True)
 class Outcome:

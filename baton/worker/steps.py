@@ -48,7 +48,7 @@ class StepRunner:
             job.gate = found.get((job.workflow_id, job.workflow_step))
             job.gated = True
         started = [workflows.StepEvent(j.workflow_id, j.workflow_step, j.step, "executing",
-                                       j.id, j.attempt)
+                                       j.id, j.attempt, label=j.workflow_label)
                    for j in steps if j.workflow_id is not None and j.workflow_step is not None]
         return await ops.run_async(conn, workflows.emit_steps(q, started), "announce steps")
 

@@ -42,7 +42,7 @@ def step_event(outcome: Outcome) -> workflows.StepEvent:
     state = "snoozed" if outcome.snooze else outcome.state.value
     error = outcome.error.get("error") if outcome.error else None
     return workflows.StepEvent(job.workflow_id, job.workflow_step, job.step, state, job.id,
-                               job.attempt, outcome.has_result, error)
+                               job.attempt, outcome.has_result, error, job.workflow_label)
 
 
 def new_worker_id() -> str:
