@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound
@@ -26,10 +26,16 @@ Rows = list[tuple[Any, ...]]
 
 @dataclass(frozen=True)
 class Stmt:
-    """One statement and its parameters."""
+    """One statement and its parameters.
+
+    ``rows``: whether the operation reads what the statement returns. On a connection in
+    pipeline mode a statement whose rows are not read is sent without waiting for it, so
+    several travel in one round trip (its errors still abort the transaction).
+    """
 
     query: sql.SQL | sql.Composed
     params: dict[str, Any]
+    rows: bool = True
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,12 @@ Op = Generator[Stmt | Copy, Rows, T]
 
 
 async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) -> T:
-    """Run ``op`` on an async connection (inside whatever transaction it has)."""
+    """Run ``op`` on an async connection (inside whatever transaction it has).
+
+    In pipeline mode (``async with conn.pipeline()``) only statements whose rows the
+    operation reads wait for the server; ``op`` must not use COPY there.
+    """
+    pipelined = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
     with translate_errors(action):
         try:
             stmt = next(op)
@@ -57,6 +68,9 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
                     stmt = op.send([])
                     continue
                 cur = await conn.execute(stmt.query, stmt.params)
+                if pipelined:
+                    stmt = op.send(await cur.fetchall() if stmt.rows else [])
+                    continue
                 stmt = op.send(await cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]

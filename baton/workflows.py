@@ -85,7 +85,7 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
         chunks = notify_chunks([encode_json(p) for p in payloads])
         if chunks is not None:
             yield Stmt(q["events_notify"], {"chunks": chunks,
-                                            "channel": events_channel(q.schema)})
+                                            "channel": events_channel(q.schema)}, rows=False)
             return payloads
     rows = yield Stmt(q["events_emit_steps"], {
         "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
@@ -201,7 +201,7 @@ def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[P
     if not steps:
         return []
     ids = sorted({str(wf_id) for wf_id, _, _ in steps})
-    yield Stmt(q["workflows_lock"], {"ids": ids})
+    yield Stmt(q["workflows_lock"], {"ids": ids}, rows=False)
     rows = [{"workflow_id": str(w), "name": n, "outcome": s} for w, n, s in steps]
     result = yield Stmt(q["steps_settle"],
                         {"rows": json_text(rows), "channel": q.channel("insert")})

@@ -203,7 +203,8 @@ WHERE payloads IS NOT NULL
 
 -- name: events_notify
 -- Send event payloads built by the caller (JSON arrays that fit one notification each).
-SELECT pg_notify(%(channel)s, chunk) FROM unnest(%(chunks)s::text[]) AS chunk
+-- The chunks go in binary: no array quoting of their JSON on either side.
+SELECT pg_notify(%(channel)s, chunk) FROM unnest(%(chunks)b::text[]) AS chunk
 
 -- name: events_emit_finished
 WITH events AS (

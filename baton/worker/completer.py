@@ -116,12 +116,22 @@ class Completer:
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
         plain = self.after_write is None or all(o.plain for o in batch)
         async with self.app.connection(autocommit=plain) as conn:
-            cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
-                                                        "worker_id": self.worker_id})
-            applied = {row[0] for row in await cur.fetchall()}
-            kept = [o for o in batch if o.job.id in applied]
-            events = (await self.after_write(conn, kept)
-                      if self.after_write and kept and not plain else [])
+            if plain:
+                cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
+                                                            "worker_id": self.worker_id})
+                applied = {row[0] for row in await cur.fetchall()}
+                events: list[dict[str, Any]] = []
+            else:
+                # Pipelined: BEGIN travels with the finish, and the statements whose rows
+                # are not read (events, locks) with the next one that is, then COMMIT.
+                async with conn.pipeline():
+                    cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
+                                                                "worker_id": self.worker_id})
+                    applied = {row[0] for row in await cur.fetchall()}
+                    kept = [o for o in batch if o.job.id in applied]
+                    events = await self.after_write(conn, kept) if self.after_write and kept \
+                        else []
+                    await conn.commit()
         del self.pending[: len(batch)]
         if events:
             self.app.events.publish(events)

@@ -159,7 +159,8 @@ class Producer:
             events: list[dict[str, Any]] = []
             if any(job.workflow_id is not None for job in jobs):
                 try:
-                    async with conn.transaction():
+                    # Pipelined: BEGIN travels with the gate query, the events with COMMIT.
+                    async with conn.pipeline(), conn.transaction():
                         events = await self.worker.steps.load_gates(conn, jobs)
                 except (psycopg.Error, DatabaseError) as exc:
                     # The jobs stay claimed: each step then loads its gate when it starts.
