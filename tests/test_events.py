@@ -16,6 +16,7 @@ import baton
 from baton.events import StepUpdated, WorkflowFinished, channel
 from baton.testing import running_worker, wait_for_workflow
 from tests.apps import flows
+from tests.helpers import sql_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +102,35 @@ async def test_wide_fan_out_events_arrive_whole_and_in_order(app: baton.Baton) -
             assert event.workflow_label == label
             seen.setdefault(event.step_name, []).append(event.state)
     assert seen == {name: ["executing", "completed"] for name in ["root", *children]}
+
+
+async def test_a_failed_outcome_write_is_retried_whole(app: baton.Baton) -> None:
+    # The first settlement fails inside the (pipelined) outcome transaction: its events
+    # and state roll back with it, the retry writes them once.
+    sql_rows(app.dsn, """
+        CREATE SEQUENCE baton.test_fail_once;
+        CREATE FUNCTION baton.test_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('baton.test_fail_once') = 1 THEN
+                RAISE EXCEPTION 'injected settlement failure';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER test_fail_once BEFORE INSERT ON baton.completions
+            FOR EACH STATEMENT EXECUTE FUNCTION baton.test_fail_once();
+    """)
+    wf = baton.Workflow("retried").add("a", flows.noop.new())
+    wf.add("b", flows.noop.new(), deps=["a"])
+    async with app.events.subscribe(wf.id) as stream:
+        await app.insert(wf)
+        async with running_worker(app):
+            events = await collect(stream)
+    steps = [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)]
+    assert steps == [("a", "executing"), ("a", "completed"), ("b", "executing"),
+                     ("b", "completed")]
+    assert sql_rows(app.dsn, "SELECT last_value FROM baton.test_fail_once") == [(3,)]
+    assert sql_rows(app.dsn, "SELECT name, outcome FROM baton.completions ORDER BY name") == [
+        ("a", "completed"), ("b", "completed")]
 
 
 async def test_large_payload_arrives_whole(app: baton.Baton) -> None:
