@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -115,23 +116,18 @@ class Completer:
         rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
         plain = self.after_write is None or all(o.plain for o in batch)
-        async with self.app.connection(autocommit=plain) as conn:
-            if plain:
-                cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
-                                                            "worker_id": self.worker_id})
-                applied = {row[0] for row in await cur.fetchall()}
-                events: list[dict[str, Any]] = []
-            else:
-                # Pipelined: BEGIN travels with the finish, and the statements whose rows
-                # are not read (events, locks) with the next one that is, then COMMIT.
-                async with conn.pipeline():
-                    cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
-                                                                "worker_id": self.worker_id})
-                    applied = {row[0] for row in await cur.fetchall()}
-                    kept = [o for o in batch if o.job.id in applied]
-                    events = await self.after_write(conn, kept) if self.after_write and kept \
-                        else []
-                    await conn.commit()
+        # Otherwise pipelined: BEGIN travels with the finish, the statements whose rows are
+        # not read (events, locks) with the next one that is, then COMMIT.
+        async with self.app.connection(autocommit=plain) as conn, \
+                (nullcontext() if plain else conn.pipeline()):
+            cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
+                                                        "worker_id": self.worker_id})
+            applied = {row[0] for row in await cur.fetchall()}
+            kept = [o for o in batch if o.job.id in applied]
+            events = (await self.after_write(conn, kept)
+                      if self.after_write and kept and not plain else [])
+            if not plain:
+                await conn.commit()
         del self.pending[: len(batch)]
         if events:
             self.app.events.publish(events)
