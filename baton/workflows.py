@@ -56,10 +56,10 @@ class StepEvent:
                 "worker": self.worker, "state": self.state, "job_id": self.job_id,
                 "attempt": self.attempt, "has_result": self.has_result, "error": self.error}
 
-    def payload(self, label: str, timestamp: str) -> Payload:
+    def payload(self, timestamp: str) -> Payload:
         """The event as sent: what ``events_emit_steps`` would build in the database."""
         return {"type": STEP_UPDATED, "workflow_id": str(self.workflow_id),
-                "workflow_label": label, "step_name": self.step_name, "worker": self.worker,
+                "workflow_label": self.label, "step_name": self.step_name, "worker": self.worker,
                 "state": self.state, "job_id": self.job_id, "attempt": self.attempt,
                 "has_result": self.has_result, "error": self.error, "timestamp": timestamp}
 
@@ -81,7 +81,7 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
         return []
     if all(e.label is not None for e in events):
         timestamp = datetime.now(UTC).isoformat()
-        payloads = [e.payload(e.label or "", timestamp) for e in events]
+        payloads = [e.payload(timestamp) for e in events]
         chunks = notify_chunks([encode_json(p) for p in payloads])
         if chunks is not None:
             yield Stmt(q["events_notify"], {"chunks": chunks,
