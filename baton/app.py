@@ -39,11 +39,17 @@ _IDLE_CHECK_SECONDS = 2.0
 _last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
-async def _stamp(conn: psycopg.AsyncConnection[Any]) -> None:
+async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Whatever the borrower did, the next one gets a connection whose statements share a
+    # transaction: a lend left in autocommit would split an insert into separate commits.
+    if conn.autocommit:
+        await conn.set_autocommit(False)
     _last_used[conn] = time.monotonic()
 
 
-def _stamp_sync(conn: psycopg.Connection[Any]) -> None:
+def _reset_sync(conn: psycopg.Connection[Any]) -> None:
+    if conn.autocommit:
+        conn.autocommit = False
     _last_used[conn] = time.monotonic()
 
 
@@ -229,7 +235,7 @@ class Baton:
                 open=False,
                 check=_check_if_idle,
                 configure=_configure,
-                reset=_stamp,
+                reset=_reset,
                 name=f"baton-{self.schema}",
             )
             await pool.open()
@@ -268,15 +274,9 @@ class Baton:
         await self.open()
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            if not autocommit:
-                yield conn
-                return
-            await conn.set_autocommit(True)
-            try:
-                yield conn
-            finally:
-                if not conn.closed:
-                    await conn.set_autocommit(False)
+            if autocommit:
+                await conn.set_autocommit(True)  # the pool's reset turns it off again
+            yield conn
 
     @contextmanager
     def connection_sync(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
@@ -291,20 +291,14 @@ class Baton:
                 max_size=self.pool_size,
                 check=_check_if_idle_sync,
                 configure=_configure_sync,
-                reset=_stamp_sync,
+                reset=_reset_sync,
                 name=f"baton-{self.schema}-sync",
                 open=True,
             )
         with self._sync_pool.connection() as conn:
-            if not autocommit:
-                yield conn
-                return
-            conn.autocommit = True
-            try:
-                yield conn
-            finally:
-                if not conn.closed:
-                    conn.autocommit = False
+            if autocommit:
+                conn.autocommit = True  # the pool's reset turns it off again
+            yield conn
 
     async def _run(
         self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None,

@@ -132,6 +132,27 @@ def test_sync_enqueue_in_callers_transaction(dsn: str) -> None:
         app.close_sync()
 
 
+async def test_a_borrower_leaving_autocommit_on_does_not_leak_it(dsn: str) -> None:
+    """The next lend of the connection still runs its statements in one transaction."""
+    app = baton.Baton(dsn, pool_size=1)
+    try:
+        async with app.connection() as conn:
+            await conn.set_autocommit(True)
+        async with app.connection() as conn:
+            assert not conn.autocommit
+            await app.enqueue(basic.echo.new(value="lost"), conn=conn)
+            await conn.rollback()
+        with app.connection_sync() as sync_conn:
+            sync_conn.autocommit = True
+        with app.connection_sync() as sync_conn:
+            assert not sync_conn.autocommit
+            app.enqueue_sync(basic.echo.new(value="lost"), conn=sync_conn)
+            sync_conn.rollback()
+        assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs") == [(0,)]
+    finally:
+        await app.close()
+
+
 async def test_args_are_validated_before_insert(app: baton.Baton) -> None:
     with pytest.raises(baton.ArgsError) as info:
         basic.typed.new(count="many", when="not a date")

@@ -74,8 +74,7 @@ async def _wait_finished(peer: BatonPeer, wf_id: Any, timeout: float) -> tuple[s
     """Poll the workflow row every 5 ms; return its final state and the polls made."""
     polls, deadline = 0, time.perf_counter() + timeout
     sql = _POLL.format(s=peer.app.schema).encode()
-    async with peer.app.connection() as conn:
-        await conn.set_autocommit(True)
+    async with peer.app.connection(autocommit=True) as conn:
         while time.perf_counter() < deadline:
             polls += 1
             row = await (await conn.execute(sql, (wf_id,))).fetchone()
