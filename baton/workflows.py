@@ -9,14 +9,14 @@ and a workflow whose every step settled is finished exactly once.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 
 from baton import ops
 from baton.dag import Workflow
@@ -24,7 +24,7 @@ from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
 from baton.events import STEP_UPDATED
 from baton.events import channel as events_channel
-from baton.job import JobState, encode_json, json_text
+from baton.job import JobState, json_text
 from baton.ops import Op, Stmt, insert_jobs
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
@@ -33,9 +33,8 @@ SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CAN
 Payload = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class StepEvent:
-    """A step transition to announce.
+class StepEvent(NamedTuple):
+    """A step transition to announce (a tuple: one is built for every step attempt).
 
     ``label`` is the workflow's label where the caller knows it (from the step's gate row);
     without it the database fills it in.
@@ -52,16 +51,22 @@ class StepEvent:
     label: str | None = None
 
     def row(self) -> dict[str, Any]:
-        return {"workflow_id": str(self.workflow_id), "step_name": self.step_name,
+        return {"workflow_id": uuid_text(self.workflow_id), "step_name": self.step_name,
                 "worker": self.worker, "state": self.state, "job_id": self.job_id,
                 "attempt": self.attempt, "has_result": self.has_result, "error": self.error}
 
     def payload(self, timestamp: str) -> Payload:
         """The event as sent: what ``events_emit_steps`` would build in the database."""
-        return {"type": STEP_UPDATED, "workflow_id": str(self.workflow_id),
+        return {"type": STEP_UPDATED, "workflow_id": uuid_text(self.workflow_id),
                 "workflow_label": self.label, "step_name": self.step_name, "worker": self.worker,
                 "state": self.state, "job_id": self.job_id, "attempt": self.attempt,
                 "has_result": self.has_result, "error": self.error, "timestamp": timestamp}
+
+
+@functools.lru_cache(maxsize=1024)
+def uuid_text(value: uuid.UUID) -> str:
+    """``str(value)``, remembered: a batch of outcomes mostly shares a few workflows."""
+    return str(value)
 
 
 NOTIFY_EVENT_BYTES = 7000
@@ -82,7 +87,7 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     if all(e.label is not None for e in events):
         timestamp = datetime.now(UTC).isoformat()
         payloads = [e.payload(timestamp) for e in events]
-        chunks = notify_chunks([encode_json(p) for p in payloads])
+        chunks = notify_chunks([to_json(p) for p in payloads])
         if chunks is not None:
             yield Stmt(q["events_notify"], {"chunks": chunks,
                                             "channel": events_channel(q.schema)}, rows=False)
@@ -93,22 +98,22 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     return list(rows[0][0]) if rows else []
 
 
-def notify_chunks(bodies: Sequence[str]) -> list[str] | None:
-    """Pack event JSON texts (ASCII) into notification payloads, JSON arrays of at most
-    :data:`NOTIFY_BYTES`; ``None`` if one is too large to travel inline."""
+def notify_chunks(bodies: Sequence[bytes]) -> list[str] | None:
+    """Pack events' UTF-8 JSON into notification payloads, JSON arrays of at most
+    :data:`NOTIFY_BYTES` bytes; ``None`` if one is too large to travel inline."""
     chunks: list[str] = []
-    current: list[str] = []
+    current: list[bytes] = []
     size = 0
     for body in bodies:
         if len(body) > NOTIFY_EVENT_BYTES:
             return None
         if current and size + len(body) + 1 > NOTIFY_BYTES:
-            chunks.append("[" + ",".join(current) + "]")
+            chunks.append((b"[" + b",".join(current) + b"]").decode())
             current, size = [], 0
         current.append(body)
         size += len(body) + 1
     if current:
-        chunks.append("[" + ",".join(current) + "]")
+        chunks.append((b"[" + b",".join(current) + b"]").decode())
     return chunks
 
 
@@ -200,11 +205,11 @@ def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[P
     """
     if not steps:
         return []
-    ids = sorted({str(wf_id) for wf_id, _, _ in steps})
+    ids = sorted({uuid_text(wf_id) for wf_id, _, _ in steps})
     yield Stmt(q["workflows_lock"], {"ids": ids}, rows=False)
-    rows = [{"workflow_id": str(w), "name": n, "outcome": s} for w, n, s in steps]
+    rows = [{"workflow_id": w, "name": n, "outcome": s} for w, n, s in steps]
     result = yield Stmt(q["steps_settle"],
-                        {"rows": json_text(rows), "channel": q.channel("insert")})
+                        {"rows": to_json(rows).decode(), "channel": q.channel("insert")})
     done = [str(wf_id) for wf_id in result[0][0]]
     if not done:
         return []

@@ -131,6 +131,8 @@ class Worker:
         stats: list[dict[str, Any]] = []
         captures: list[dict[str, Any]] = []
         for o in outcomes:
+            if not (o.usage or o.captures):
+                continue
             where = {"workflow_id": str(o.job.workflow_id) if o.job.workflow_id else None,
                      "step_name": o.step_name or o.job.step, "job_id": o.job.id,
                      "attempt": o.job.attempt}
