@@ -31,11 +31,14 @@ class Stmt:
     ``rows``: whether the operation reads what the statement returns. On a connection in
     pipeline mode a statement whose rows are not read is sent without waiting for it, so
     several travel in one round trip (its errors still abort the transaction).
+    ``commit``: commit the transaction once this statement ran, then read its rows; the
+    operation yields nothing after it. In pipeline mode the COMMIT travels with it.
     """
 
     query: sql.SQL | sql.Composed
     params: dict[str, Any]
     rows: bool = True
+    commit: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
                     stmt = op.send([])
                     continue
                 cur = await conn.execute(stmt.query, stmt.params)
+                if stmt.commit:
+                    await conn.commit()
                 if pipelined:
                     stmt = op.send(await cur.fetchall() if stmt.rows else [])
                     continue
@@ -89,6 +94,8 @@ def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
                     stmt = op.send([])
                     continue
                 cur = conn.execute(stmt.query, stmt.params)
+                if stmt.commit:
+                    conn.commit()
                 stmt = op.send(cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Self
 
@@ -196,26 +196,35 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     return order
 
 
-def settle(q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]]) -> Op[list[Payload]]:
+def settle(
+    q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]], *, locked: bool = False,
+    commit: bool = False,
+) -> Op[list[Payload]]:
     """Record that ``steps`` (workflow id, step name, final state) settled; release dependents.
 
-    Run it in the transaction that finished the steps. A workflow whose last step settled
-    finishes here, and its ``workflow_finished`` event is sent: exactly once, because only
-    the first record of a step's settlement counts. Returns those events' payloads.
+    Run it in the transaction that finished the steps (``locked``: it already holds their
+    workflows' locks; ``commit``: commit it with the settlement). A workflow whose last step
+    settled finishes here, and its ``workflow_finished`` event is sent: exactly once,
+    because only the first record of a step's settlement counts. Returns those events'
+    payloads.
     """
     if not steps:
         return []
-    ids = sorted({uuid_text(wf_id) for wf_id, _, _ in steps})
-    yield Stmt(q["workflows_lock"], {"ids": ids}, rows=False)
+    if not locked:
+        yield lock(q, [wf_id for wf_id, _, _ in steps])
     rows = [{"workflow_id": w, "name": n, "outcome": s} for w, n, s in steps]
-    result = yield Stmt(q["steps_settle"],
-                        {"rows": to_json(rows).decode(), "channel": q.channel("insert")})
-    done = [str(wf_id) for wf_id in result[0][0]]
-    if not done:
-        return []
-    emitted = yield Stmt(q["events_emit_finished"],
-                         {"ids": done, "channel": events_channel(q.schema)})
-    return list(emitted[0][0]) if emitted else []
+    result = yield Stmt(q["steps_settle"], {
+        "rows": to_json(rows).decode(), "channel": q.channel("insert"),
+        "events_channel": events_channel(q.schema),
+    }, commit=commit)
+    return list(result[0][0] or [])
+
+
+def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
+    """The statement that takes the locks settling steps of these workflows needs (in id
+    order, so two transactions never deadlock); take them before touching job rows."""
+    return Stmt(q["workflows_lock"], {"ids": sorted({uuid_text(w) for w in workflow_ids})},
+                rows=False)
 
 
 def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
@@ -223,14 +232,15 @@ def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
     found = yield Stmt(q["job_workflow"], {"id": job_id})
     workflow_id, step, worker, attempt = found[0] if found else (None, None, None, 0)
     if workflow_id is not None:
-        # Lock the workflow before the job row, as settlement does, so they never deadlock.
-        yield Stmt(q["workflows_lock"], {"ids": [str(workflow_id)]})
+        # Lock the workflow before the job row, as the completer does, so they never deadlock.
+        yield lock(q, [workflow_id])
     cancelled = yield from ops.cancel(q, job_id)
     events: list[Payload] = []
     if cancelled and workflow_id is not None and step is not None:
         events = yield from emit_steps(q, [StepEvent(workflow_id, step, worker, "cancelled",
                                                      job_id, attempt, error="cancelled")])
-        events += yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)])
+        events += yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)],
+                                    locked=True)
     return cancelled, events
 
 

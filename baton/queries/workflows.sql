@@ -48,8 +48,9 @@ UPDATE {schema}.workflows SET total_steps = total_steps + %(count)s WHERE id = %
 
 -- name: steps_settle
 -- Record settlements (only a step's first counts), count them on their workflows (a
--- workflow whose every step settled finishes here, once), count down the dependents and
--- release those with nothing left to wait on. Run after workflows_lock.
+-- workflow whose every step settled finishes here, once, and its workflow_finished event
+-- is sent), count down the dependents and release those with nothing left to wait on.
+-- Run after workflows_lock.
 WITH input AS (
     SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text,
                                                             outcome text)
@@ -76,7 +77,18 @@ WITH input AS (
         finished_at = CASE WHEN w.settled_steps + counts.n >= w.total_steps THEN now() END
     FROM counts
     WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
-    RETURNING w.id, w.state
+    RETURNING w.id, w.state, w.label, w.failed_steps, w.finished_at
+), finished AS (
+    SELECT jsonb_agg(jsonb_build_object(
+        'type', 'workflow_finished', 'workflow_id', id, 'workflow_label', label,
+        'outcome', state, 'failed_steps', to_jsonb(failed_steps),
+        'timestamp', finished_at) ORDER BY id) AS payloads
+    FROM tally
+    WHERE state <> 'running'
+), announced AS (
+    SELECT {schema}.emit_many(%(events_channel)s, payloads) AS sent
+    FROM finished
+    WHERE payloads IS NOT NULL
 ), hits AS (
     SELECT e.workflow_id, e.node, count(*)::integer AS n
     FROM {schema}.edges AS e
@@ -100,10 +112,11 @@ WITH input AS (
     FROM (SELECT DISTINCT queue FROM released WHERE state = 'available') AS q
 )
 SELECT
-    COALESCE((SELECT array_agg(id) FROM tally WHERE state <> 'running'), '{}') AS finished,
+    (SELECT payloads FROM finished) AS finished,
     (SELECT count(*) FROM new) AS settled,
     (SELECT count(*) FROM released) AS released,
-    (SELECT count(*) FROM woken) AS woken
+    (SELECT count(*) FROM woken) AS woken,
+    (SELECT sum(sent) FROM announced) AS notifications
 
 -- name: node_gates
 -- What steps need before they run: their node, their workflow's flags, their dependencies.
@@ -205,18 +218,6 @@ WHERE payloads IS NOT NULL
 -- Send event payloads built by the caller (JSON arrays that fit one notification each).
 -- The chunks go in binary: no array quoting of their JSON on either side.
 SELECT pg_notify(%(channel)s, chunk) FROM unnest(%(chunks)b::text[]) AS chunk
-
--- name: events_emit_finished
-WITH events AS (
-    SELECT jsonb_agg(jsonb_build_object(
-        'type', 'workflow_finished', 'workflow_id', w.id, 'workflow_label', w.label,
-        'outcome', w.state, 'failed_steps', to_jsonb(w.failed_steps),
-        'timestamp', w.finished_at) ORDER BY w.id) AS payloads
-    FROM {schema}.workflows AS w
-    WHERE w.id = ANY(%(ids)s::uuid[])
-)
-SELECT payloads, {schema}.emit_many(%(channel)s, payloads) FROM events
-WHERE payloads IS NOT NULL
 
 -- name: workflow_steps_get
 -- Every step of one workflow, for a page that loads after steps already ran.

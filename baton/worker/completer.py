@@ -12,6 +12,7 @@ import anyio
 import psycopg
 import structlog
 
+from baton import workflows
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.job import JobState
@@ -25,7 +26,8 @@ log = structlog.get_logger("baton.completer")
 AfterWrite = Callable[
     [psycopg.AsyncConnection[Any], Sequence[Outcome]], Awaitable[list[dict[str, Any]]]
 ]
-"""Runs in the writing transaction; returns event payloads to publish once it commits."""
+"""Runs in the writing transaction (it may commit it with its last statement); returns
+event payloads to publish once it commits."""
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -116,10 +118,15 @@ class Completer:
         rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
         plain = self.after_write is None or all(o.plain for o in batch)
-        # Otherwise pipelined: BEGIN travels with the finish, the statements whose rows are
-        # not read (events, locks) with the next one that is, then COMMIT.
+        # Otherwise pipelined: BEGIN and the workflow locks travel with the finish, the
+        # after-write statements together, the COMMIT with the last of them.
         async with self.app.connection(autocommit=plain) as conn, \
                 (nullcontext() if plain else conn.pipeline()):
+            flows = [o.job.workflow_id for o in batch if o.job.workflow_id is not None]
+            if flows and not plain:
+                # Workflows before job rows, the order a cancel takes them in too.
+                lock = workflows.lock(q, flows)
+                await conn.execute(lock.query, lock.params)
             cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
                                                         "worker_id": self.worker_id})
             applied = {row[0] for row in await cur.fetchall()}
@@ -127,7 +134,7 @@ class Completer:
             events = (await self.after_write(conn, kept)
                       if self.after_write and kept and not plain else [])
             if not plain:
-                await conn.commit()
+                await conn.commit()  # nothing to do if the after-write committed
         del self.pending[: len(batch)]
         if events:
             self.app.events.publish(events)

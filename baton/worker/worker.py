@@ -108,7 +108,8 @@ class Worker:
     async def _after_write(
         self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
     ) -> list[dict[str, Any]]:
-        """Record usage, announce and settle workflow steps (in the writing transaction)."""
+        """Record usage, announce and settle workflow steps in the writing transaction, which
+        holds their workflows' locks; the settlement commits it."""
         q = self.app.queries
         await self._record(conn, outcomes)
         flow = [o for o in outcomes if o.job.workflow_id is not None]
@@ -123,7 +124,8 @@ class Worker:
             and o.state in workflows.SETTLED_STATES
         ]
         if steps:
-            events += await ops.run_async(conn, workflows.settle(q, steps), "settle steps")
+            events += await ops.run_async(
+                conn, workflows.settle(q, steps, locked=True, commit=True), "settle steps")
         return events
 
     async def _record(self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
