@@ -77,24 +77,37 @@ NOTIFY_BYTES = 7400
 
 
 def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
-    """Send ``workflow_step_updated`` events in the current transaction.
-
-    When every event carries its workflow's label, the payloads are built here and sent as
-    a few notifications in one cheap statement; otherwise the database builds them.
-    """
+    """Send ``workflow_step_updated`` events in the current transaction; return them."""
     if not events:
         return []
+    return (yield from announce(*step_announcement(q, events)))
+
+
+def step_announcement(q: Queries, events: Sequence[StepEvent]) -> tuple[Stmt, list[Payload]]:
+    """The statement announcing ``events`` and the payloads it sends.
+
+    When every event carries its workflow's label, the payloads are built here and sent as
+    a few notifications by one cheap statement; otherwise the database builds them (the
+    statement returns them, and the payloads given here are none).
+    """
     if all(e.label is not None for e in events):
         timestamp = datetime.now(UTC).isoformat()
         payloads = [e.payload(timestamp) for e in events]
         chunks = notify_chunks([to_json(p) for p in payloads])
         if chunks is not None:
-            yield Stmt(q["events_notify"], {"chunks": chunks,
-                                            "channel": events_channel(q.schema)}, rows=False)
-            return payloads
-    rows = yield Stmt(q["events_emit_steps"], {
+            return Stmt(q["events_notify"], {"chunks": chunks,
+                                             "channel": events_channel(q.schema)},
+                        rows=False), payloads
+    return Stmt(q["events_emit_steps"], {
         "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
-    })
+    }), []
+
+
+def announce(stmt: Stmt, payloads: list[Payload]) -> Op[list[Payload]]:
+    """Run a :func:`step_announcement`; return the payloads it sent."""
+    rows = yield stmt
+    if not stmt.rows:
+        return payloads
     return list(rows[0][0]) if rows else []
 
 
@@ -198,25 +211,35 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
 
 def settle(
     q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]], *, locked: bool = False,
-    commit: bool = False,
 ) -> Op[list[Payload]]:
     """Record that ``steps`` (workflow id, step name, final state) settled; release dependents.
 
     Run it in the transaction that finished the steps (``locked``: it already holds their
-    workflows' locks; ``commit``: commit it with the settlement). A workflow whose last step
-    settled finishes here, and its ``workflow_finished`` event is sent: exactly once,
-    because only the first record of a step's settlement counts. Returns those events'
-    payloads.
+    workflows' locks). A workflow whose last step settled finishes here, and its
+    ``workflow_finished`` event is sent: exactly once, because only the first record of a
+    step's settlement counts. Returns those events' payloads.
     """
     if not steps:
         return []
     if not locked:
         yield lock(q, [wf_id for wf_id, _, _ in steps])
+    return (yield from settlement(settle_statement(q, steps)))
+
+
+def settle_statement(
+    q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]], *, commit: bool = False
+) -> Stmt:
+    """The statement of :func:`settle` (``commit``: the transaction commits with it)."""
     rows = [{"workflow_id": w, "name": n, "outcome": s} for w, n, s in steps]
-    result = yield Stmt(q["steps_settle"], {
+    return Stmt(q["steps_settle"], {
         "rows": to_json(rows).decode(), "channel": q.channel("insert"),
         "events_channel": events_channel(q.schema),
     }, commit=commit)
+
+
+def settlement(stmt: Stmt) -> Op[list[Payload]]:
+    """Run a :func:`settle_statement`; return the ``workflow_finished`` events it sent."""
+    result = yield stmt
     return list(result[0][0] or [])
 
 

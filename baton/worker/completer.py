@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("baton.completer")
 
-AfterWrite = Callable[
-    [psycopg.AsyncConnection[Any], Sequence[Outcome]], Awaitable[list[dict[str, Any]]]
-]
-"""Runs in the writing transaction (it may commit it with its last statement); returns
-event payloads to publish once it commits."""
+FollowUp = Callable[[psycopg.AsyncConnection[Any], set[int]], Awaitable[list[dict[str, Any]]]]
+"""Runs in the writing transaction once the finish applied the outcomes whose job ids it is
+given (it may commit the transaction with its last statement); returns event payloads to
+publish once it commits."""
+AfterWrite = Callable[[Sequence[Outcome]], FollowUp]
+"""Builds, before the writing transaction opens, the follow-up of a batch of outcomes."""
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -119,7 +120,8 @@ class Completer:
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
         plain = self.after_write is None or all(o.plain for o in batch)
         # Otherwise pipelined: BEGIN and the workflow locks travel with the finish, the
-        # after-write statements together, the COMMIT with the last of them.
+        # follow-up's statements together, the COMMIT with the last of them.
+        follow_up = None if plain or self.after_write is None else self.after_write(batch)
         async with self.app.connection(autocommit=plain) as conn, \
                 (nullcontext() if plain else conn.pipeline()):
             flows = [o.job.workflow_id for o in batch if o.job.workflow_id is not None]
@@ -130,11 +132,9 @@ class Completer:
             cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
                                                         "worker_id": self.worker_id})
             applied = {row[0] for row in await cur.fetchall()}
-            kept = [o for o in batch if o.job.id in applied]
-            events = (await self.after_write(conn, kept)
-                      if self.after_write and kept and not plain else [])
+            events = await follow_up(conn, applied) if follow_up and applied else []
             if not plain:
-                await conn.commit()  # nothing to do if the after-write committed
+                await conn.commit()  # nothing to do if the follow-up committed
         del self.pending[: len(batch)]
         if events:
             self.app.events.publish(events)

@@ -19,7 +19,7 @@ from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
 from baton.job import JobState, json_text
-from baton.worker.completer import Completer
+from baton.worker.completer import Completer, FollowUp
 from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
@@ -105,31 +105,49 @@ class Worker:
                         error=describe(exc), retry_in=DEFER_SECONDS)
             return Outcome(job, JobState.SCHEDULED, delay=DEFER_SECONDS, snooze=True)
 
-    async def _after_write(
-        self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
-    ) -> list[dict[str, Any]]:
-        """Record usage, announce and settle workflow steps in the writing transaction, which
-        holds their workflows' locks; the settlement commits it."""
+    def _after_write(self, outcomes: Sequence[Outcome]) -> FollowUp:
+        """Build, before the writing transaction opens, what it sends after the finish:
+        usage records, step announcements and the settlement, which commits it (the
+        transaction holds the steps' workflows' locks from its start)."""
+        prepared = self._build_write(outcomes)
+
+        async def write(conn: psycopg.AsyncConnection[Any], applied: set[int]
+                        ) -> list[dict[str, Any]]:
+            kept = [o for o in outcomes if o.job.id in applied]
+            # Outcomes not applied (the job was rescued or cancelled meanwhile) are left out.
+            stmts, announcement, settle = (
+                prepared if len(kept) == len(outcomes) else self._build_write(kept))
+            for stmt in stmts:
+                await conn.execute(stmt.query, stmt.params)
+            events: list[dict[str, Any]] = []
+            if announcement is not None:
+                events += await ops.run_async(conn, workflows.announce(*announcement),
+                                              "announce steps")
+            if settle is not None:
+                events += await ops.run_async(conn, workflows.settlement(settle),
+                                              "settle steps")
+            return events
+
+        return write
+
+    def _build_write(self, outcomes: Sequence[Outcome]) -> tuple[
+        list[ops.Stmt], tuple[ops.Stmt, list[dict[str, Any]]] | None, ops.Stmt | None
+    ]:
         q = self.app.queries
-        await self._record(conn, outcomes)
         flow = [o for o in outcomes if o.job.workflow_id is not None]
-        if not flow:
-            return []
-        events = await ops.run_async(conn, workflows.emit_steps(q, [step_event(o) for o in flow]),
-                                     "announce steps")
+        announcement = (workflows.step_announcement(q, [step_event(o) for o in flow])
+                        if flow else None)
         steps = [
             (o.job.workflow_id, o.job.workflow_step, o.state.value)
             for o in flow
             if o.job.workflow_id is not None and o.job.workflow_step is not None
             and o.state in workflows.SETTLED_STATES
         ]
-        if steps:
-            events += await ops.run_async(
-                conn, workflows.settle(q, steps, locked=True, commit=True), "settle steps")
-        return events
+        settle = workflows.settle_statement(q, steps, commit=True) if steps else None
+        return self._records(outcomes), announcement, settle
 
-    async def _record(self, conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
-                      ) -> None:
+    def _records(self, outcomes: Sequence[Outcome]) -> list[ops.Stmt]:
+        """The statements keeping the outcomes' token usage and captured calls."""
         stats: list[dict[str, Any]] = []
         captures: list[dict[str, Any]] = []
         for o in outcomes:
@@ -144,10 +162,13 @@ class Worker:
                               "cost": str(cost) if cost is not None else None})
             captures.extend({**where, **c} for c in o.captures)
         q = self.app.queries
+        stmts = []
         if stats:
-            await conn.execute(q["step_stats_insert"], {"rows": json_text(stats)})
+            stmts.append(ops.Stmt(q["step_stats_insert"], {"rows": json_text(stats)}, rows=False))
         if captures:
-            await conn.execute(q["debug_logs_insert"], {"rows": json_text(captures)})
+            stmts.append(ops.Stmt(q["debug_logs_insert"], {"rows": json_text(captures)},
+                                  rows=False))
+        return stmts
 
     # -- lifecycle -------------------------------------------------------------------------
 
