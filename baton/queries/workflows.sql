@@ -279,7 +279,8 @@ GROUP BY model
 ORDER BY sum(cost) DESC NULLS LAST, model
 
 -- name: workflows_prune
--- Delete finished workflows older than %(max_age)s seconds with every row they own.
+-- Delete finished workflows older than %(max_age)s seconds with every row they own (nodes
+-- and edges go by their foreign keys).
 WITH doomed AS (
     SELECT id FROM {schema}.workflows
     WHERE finished_at < now() - make_interval(secs => %(max_age)s)
@@ -294,6 +295,8 @@ WITH doomed AS (
 ), logs_gone AS (
     DELETE FROM {schema}.debug_logs AS d USING doomed WHERE d.workflow_id = doomed.id
     RETURNING 1
+), settled_gone AS (
+    DELETE FROM {schema}.completions AS c USING doomed WHERE c.workflow_id = doomed.id
 ), workflows_gone AS (
     DELETE FROM {schema}.workflows AS w USING doomed WHERE w.id = doomed.id RETURNING 1
 )
