@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Self
 
@@ -80,54 +81,92 @@ def emit_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
     """Send ``workflow_step_updated`` events in the current transaction; return them."""
     if not events:
         return []
-    return (yield from announce(*step_announcement(q, events)))
+    return (yield from Announcement.build(events).send(q))
 
 
-def step_announcement(q: Queries, events: Sequence[StepEvent]) -> tuple[Stmt, list[Payload]]:
-    """The statement announcing ``events`` and the payloads it sends.
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """``workflow_step_updated`` events ready to send.
 
-    When every event carries its workflow's label, the payloads are built here and sent as
-    a few notifications by one cheap statement; otherwise the database builds them (the
-    statement returns them, and the payloads given here are none).
+    When every event carries its workflow's label, the payloads are built here, their JSON
+    numbered by the notification that carries it (``chunks``): they go out in a few
+    notifications, by one cheap statement or by the finish statement of their outcomes.
+    Otherwise, or when one is too large to travel inline, the database builds them.
     """
-    if all(e.label is not None for e in events):
-        timestamp = datetime.now(UTC).isoformat()
-        payloads = [e.payload(timestamp) for e in events]
-        chunks = notify_chunks([to_json(p) for p in payloads])
-        if chunks is not None:
-            return Stmt(q["events_notify"], {"chunks": chunks,
-                                             "channel": events_channel(q.schema)},
-                        rows=False), payloads
-    return Stmt(q["events_emit_steps"], {
-        "rows": json_text([e.row() for e in events]), "channel": events_channel(q.schema),
-    }), []
+
+    events: Sequence[StepEvent]
+    payloads: list[Payload]
+    bodies: list[str]
+    chunks: list[int] | None
+
+    @classmethod
+    def build(cls, events: Sequence[StepEvent]) -> Announcement:
+        if all(e.label is not None for e in events):
+            timestamp = datetime.now(UTC).isoformat()
+            payloads = [e.payload(timestamp) for e in events]
+            encoded = [to_json(p) for p in payloads]
+            chunks = chunk_numbers(encoded)
+            if chunks is not None:
+                return cls(events, payloads, [b.decode() for b in encoded], chunks)
+        return cls(events, [], [], None)
+
+    @property
+    def inline(self) -> bool:
+        """Whether the payloads were built here (and may ride with the finish)."""
+        return self.chunks is not None
+
+    def finish_params(self) -> dict[str, Any]:
+        """The events as parameters of ``jobs_finish``, which sends those of the outcomes
+        it applies."""
+        assert self.chunks is not None
+        return {"event_jobs": [e.job_id for e in self.events], "event_chunks": self.chunks,
+                "event_bodies": self.bodies}
+
+    def sent(self, applied: set[int]) -> list[Payload]:
+        """The payloads ``jobs_finish`` sent, having applied the outcomes of ``applied``."""
+        return [p for p, e in zip(self.payloads, self.events, strict=True)
+                if e.job_id in applied]
+
+    def send(self, q: Queries) -> Op[list[Payload]]:
+        """Send the events by their own statement; return their payloads."""
+        if self.chunks is not None:
+            yield Stmt(q["events_notify"], {"chunks": pack(self.bodies, self.chunks),
+                                            "channel": events_channel(q.schema)}, rows=False)
+            return self.payloads
+        rows = yield Stmt(q["events_emit_steps"], {
+            "rows": json_text([e.row() for e in self.events]),
+            "channel": events_channel(q.schema),
+        })
+        return list(rows[0][0]) if rows else []
 
 
-def announce(stmt: Stmt, payloads: list[Payload]) -> Op[list[Payload]]:
-    """Run a :func:`step_announcement`; return the payloads it sent."""
-    rows = yield stmt
-    if not stmt.rows:
-        return payloads
-    return list(rows[0][0]) if rows else []
+NO_EVENTS: dict[str, Any] = {"event_jobs": [], "event_chunks": [], "event_bodies": []}
+"""``jobs_finish`` parameters for a batch that sends no step events."""
 
 
-def notify_chunks(bodies: Sequence[bytes]) -> list[str] | None:
-    """Pack events' UTF-8 JSON into notification payloads, JSON arrays of at most
-    :data:`NOTIFY_BYTES` bytes; ``None`` if one is too large to travel inline."""
-    chunks: list[str] = []
-    current: list[bytes] = []
-    size = 0
+def chunk_numbers(bodies: Sequence[bytes]) -> list[int] | None:
+    """Number events' UTF-8 JSON by the notification carrying it, each a JSON array of at
+    most :data:`NOTIFY_BYTES` bytes; ``None`` if one is too large to travel inline."""
+    numbers: list[int] = []
+    chunk = size = 0
     for body in bodies:
         if len(body) > NOTIFY_EVENT_BYTES:
             return None
-        if current and size + len(body) + 1 > NOTIFY_BYTES:
-            chunks.append((b"[" + b",".join(current) + b"]").decode())
-            current, size = [], 0
-        current.append(body)
+        if size and size + len(body) + 1 > NOTIFY_BYTES:
+            chunk, size = chunk + 1, 0
+        numbers.append(chunk)
         size += len(body) + 1
-    if current:
-        chunks.append((b"[" + b",".join(current) + b"]").decode())
-    return chunks
+    return numbers
+
+
+def pack(bodies: Sequence[str], numbers: Sequence[int]) -> list[str]:
+    """Join event JSON texts into one JSON array per notification number."""
+    chunks: list[list[str]] = []
+    for body, number in zip(bodies, numbers, strict=True):
+        if number == len(chunks):
+            chunks.append([])
+        chunks[number].append(body)
+    return ["[" + ",".join(chunk) + "]" for chunk in chunks]
 
 
 class WorkflowInfo(BaseModel):
@@ -209,28 +248,31 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     return order
 
 
-def settle(
-    q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]], *, locked: bool = False,
-) -> Op[list[Payload]]:
-    """Record that ``steps`` (workflow id, step name, final state) settled; release dependents.
+Settled = tuple[uuid.UUID, str, str, int]
+"""A step that settled: workflow id, step name, final state, job id."""
+
+
+def settle(q: Queries, steps: Sequence[Settled], *, locked: bool = False
+           ) -> Op[list[Payload]]:
+    """Record that ``steps`` settled; release dependents.
 
     Run it in the transaction that finished the steps (``locked``: it already holds their
-    workflows' locks). A workflow whose last step settled finishes here, and its
-    ``workflow_finished`` event is sent: exactly once, because only the first record of a
-    step's settlement counts. Returns those events' payloads.
+    workflows' locks). Only a step whose job is in that final state counts, so the
+    statement may go out along with the finish before its rows are read. A workflow whose
+    last step settled finishes here, and its ``workflow_finished`` event is sent: exactly
+    once, because only the first record of a step's settlement counts. Returns those
+    events' payloads.
     """
     if not steps:
         return []
     if not locked:
-        yield lock(q, [wf_id for wf_id, _, _ in steps])
+        yield lock(q, [wf_id for wf_id, *_ in steps])
     return (yield from settlement(settle_statement(q, steps)))
 
 
-def settle_statement(
-    q: Queries, steps: Sequence[tuple[uuid.UUID, str, str]], *, commit: bool = False
-) -> Stmt:
+def settle_statement(q: Queries, steps: Sequence[Settled], *, commit: bool = False) -> Stmt:
     """The statement of :func:`settle` (``commit``: the transaction commits with it)."""
-    rows = [{"workflow_id": w, "name": n, "outcome": s} for w, n, s in steps]
+    rows = [{"workflow_id": w, "name": n, "outcome": s, "job_id": j} for w, n, s, j in steps]
     return Stmt(q["steps_settle"], {
         "rows": to_json(rows).decode(), "channel": q.channel("insert"),
         "events_channel": events_channel(q.schema),
@@ -262,8 +304,8 @@ def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
     if cancelled and workflow_id is not None and step is not None:
         events = yield from emit_steps(q, [StepEvent(workflow_id, step, worker, "cancelled",
                                                      job_id, attempt, error="cancelled")])
-        events += yield from settle(q, [(workflow_id, step, JobState.CANCELLED.value)],
-                                    locked=True)
+        events += yield from settle(
+            q, [(workflow_id, step, JobState.CANCELLED.value, job_id)], locked=True)
     return cancelled, events
 
 

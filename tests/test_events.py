@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 import baton
 from baton.events import StepUpdated, WorkflowFinished, channel
@@ -185,6 +186,38 @@ async def test_cancel_from_outside_announces_and_finishes(app: baton.Baton) -> N
     assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [
         ("later", "cancelled"), ("after", "executing"), ("after", "cancelled")]
     assert events[-1].outcome == "failed"
+
+
+async def test_an_outcome_the_finish_drops_is_neither_announced_nor_settled(
+    app: baton.Baton,
+) -> None:
+    """The write of a batch goes out whole before the finish says what it applied: the
+    events and settlement of an outcome it dropped must still never take effect."""
+    wf = baton.Workflow("cancelled-in-sql")
+    wf.add("a", flows.cancelled_by_hand.new())
+    wf.add("b", flows.noop.new(), deps=["a"])
+    with capture_logs() as logs:
+        # The sweep would settle the cancel and hide a wrong settlement: after its first
+        # pass (at start), it runs only when the test says.
+        async with running_worker(app, maintenance_interval=3600) as worker, \
+                app.events.subscribe(wf.id) as stream:
+            with anyio.fail_after(10):
+                while worker.maintenance.ticks < 1:
+                    await anyio.sleep(0.01)
+                workflow_id = await app.insert(wf)
+                while not any(e["event"] == "job.outcome_dropped" for e in logs):
+                    await worker.completer.wait_written()
+            assert sql_rows(app.dsn, "SELECT count(*) FROM baton.completions") == [(0,)]
+            assert sql_rows(app.dsn, "SELECT workflow_step, state FROM baton.jobs "
+                            "ORDER BY id") == [("a", "cancelled"), ("b", "pending")]
+            assert await worker.maintenance.sweep() == 1
+            events = await collect(stream)
+    assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [
+        ("a", "executing"), ("a", "cancelled"), ("b", "executing"), ("b", "cancelled")]
+    assert events[-1].outcome == "failed" and events[-1].failed_steps == ["a", "b"]
+    assert sql_rows(app.dsn, "SELECT name, outcome FROM baton.completions "
+                    "WHERE workflow_id = %s ORDER BY name", (workflow_id,)) == [
+        ("a", "cancelled"), ("b", "cancelled")]
 
 
 async def test_query_seeds_a_view(app: baton.Baton) -> None:

@@ -84,24 +84,35 @@ RETURNING j.id, j.step, j.args, NULLIF(j.meta, '{}'::jsonb), j.queue, j.attempt,
 
 -- name: jobs_finish
 -- Write many attempt outcomes at once; only rows still executing by this worker change.
+-- Step events given with them (JSON texts, numbered by the notification carrying each) are
+-- sent for the outcomes applied; the event texts go in binary, unquoted.
 WITH outcome AS (
     SELECT *
     FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
         id bigint, state text, delay double precision, error jsonb, snooze boolean)
+), finished AS (
+    UPDATE {schema}.jobs AS j
+    SET state = o.state,
+        finalized_at = CASE WHEN o.state IN ('completed', 'discarded', 'cancelled')
+                            THEN now() END,
+        scheduled_at = CASE WHEN o.delay IS NULL THEN j.scheduled_at
+                            ELSE now() + make_interval(secs => o.delay) END,
+        errors = CASE WHEN o.error IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(o.error) END,
+        attempt = CASE WHEN o.snooze THEN j.attempt - 1 ELSE j.attempt END,
+        snoozes = j.snoozes + CASE WHEN o.snooze THEN 1 ELSE 0 END
+    FROM outcome AS o
+    WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
+    RETURNING j.id, j.state, j.workflow_id
+), announced AS (
+    SELECT pg_notify(%(events_channel)s, '[' || string_agg(e.body, ',' ORDER BY e.n) || ']')
+    FROM unnest(%(event_jobs)s::bigint[], %(event_chunks)s::integer[],
+                %(event_bodies)b::text[]) WITH ORDINALITY AS e(job_id, chunk, body, n)
+    JOIN finished AS f ON f.id = e.job_id
+    GROUP BY e.chunk
 )
-UPDATE {schema}.jobs AS j
-SET state = o.state,
-    finalized_at = CASE WHEN o.state IN ('completed', 'discarded', 'cancelled')
-                        THEN now() END,
-    scheduled_at = CASE WHEN o.delay IS NULL THEN j.scheduled_at
-                        ELSE now() + make_interval(secs => o.delay) END,
-    errors = CASE WHEN o.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(o.error) END,
-    attempt = CASE WHEN o.snooze THEN j.attempt - 1 ELSE j.attempt END,
-    snoozes = j.snoozes + CASE WHEN o.snooze THEN 1 ELSE 0 END
-FROM outcome AS o
-WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
-RETURNING j.id, j.state, j.workflow_id
+SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications
+FROM finished
 
 -- name: jobs_hand_back
 -- Return this worker's unfinished jobs to the queue without burning their attempt.

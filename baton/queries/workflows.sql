@@ -50,10 +50,13 @@ UPDATE {schema}.workflows SET total_steps = total_steps + %(count)s WHERE id = %
 -- Record settlements (only a step's first counts), count them on their workflows (a
 -- workflow whose every step settled finishes here, once, and its workflow_finished event
 -- is sent), count down the dependents and release those with nothing left to wait on.
--- Run after workflows_lock.
+-- Run after workflows_lock. A step counts only if its job is in that final state now, so
+-- this may be sent along with the finish, before knowing which outcomes it applied.
 WITH input AS (
-    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text,
-                                                            outcome text)
+    SELECT t.workflow_id, t.name, t.outcome
+    FROM jsonb_to_recordset(%(rows)s::jsonb)
+        AS t(workflow_id uuid, name text, outcome text, job_id bigint)
+    JOIN {schema}.jobs AS j ON j.id = t.job_id AND j.state = t.outcome
 ), new AS (
     INSERT INTO {schema}.completions (workflow_id, name, outcome)
     SELECT workflow_id, name, outcome FROM input

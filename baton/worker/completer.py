@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import psycopg
@@ -15,6 +15,7 @@ import structlog
 from baton import workflows
 from baton.db import describe
 from baton.errors import DatabaseError
+from baton.events import channel as events_channel
 from baton.job import JobState
 from baton.worker.executor import Outcome
 
@@ -23,12 +24,27 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("baton.completer")
 
-FollowUp = Callable[[psycopg.AsyncConnection[Any], set[int]], Awaitable[list[dict[str, Any]]]]
-"""Runs in the writing transaction once the finish applied the outcomes whose job ids it is
-given (it may commit the transaction with its last statement); returns event payloads to
-publish once it commits."""
+class FollowUp(Protocol):
+    """What writing a batch of outcomes sends after the finish statement, built before the
+    writing transaction opens (workflow steps: announcements, settlement; usage records)."""
+
+    finish_params: dict[str, Any]
+    """Parameters of the finish statement: the step events it sends for what it applies."""
+    blind: bool
+    """Whether it goes out before the finish's rows are read: the whole write is then one
+    round trip. Otherwise it is sent once they are, for the outcomes the finish applied."""
+
+    async def send(self, conn: psycopg.AsyncConnection[Any], applied: set[int] | None) -> None:
+        """Send it in the writing transaction (``applied``: the job ids the finish applied,
+        ``None`` when blind); its last statement may commit the transaction."""
+
+    def events(self, applied: set[int]) -> list[dict[str, Any]]:
+        """The event payloads sent, to publish in-process once the transaction committed."""
+
+
 AfterWrite = Callable[[Sequence[Outcome]], FollowUp]
-"""Builds, before the writing transaction opens, the follow-up of a batch of outcomes."""
+"""Builds the follow-up of a batch of outcomes that are not all plain."""
+
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -64,6 +80,7 @@ class Completer:
         self.flush_max = flush_max
         self.max_pending = max_pending
         self.after_write = after_write
+        self._events = events_channel(app.queries.schema)
         self.pending: list[Outcome] = []
         self._wake = anyio.Event()
         self._room = anyio.Event()
@@ -120,8 +137,11 @@ class Completer:
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
         plain = self.after_write is None or all(o.plain for o in batch)
         # Otherwise pipelined: BEGIN and the workflow locks travel with the finish, the
-        # follow-up's statements together, the COMMIT with the last of them.
+        # follow-up with them too when it needs not know what the finish applied, and the
+        # COMMIT with the follow-up's last statement.
         follow_up = None if plain or self.after_write is None else self.after_write(batch)
+        params = {"outcomes": rows, "worker_id": self.worker_id, "events_channel": self._events,
+                  **(follow_up.finish_params if follow_up else workflows.NO_EVENTS)}
         async with self.app.connection(autocommit=plain) as conn, \
                 (nullcontext() if plain else conn.pipeline()):
             flows = [o.job.workflow_id for o in batch if o.job.workflow_id is not None]
@@ -129,13 +149,17 @@ class Completer:
                 # Workflows before job rows, the order a cancel takes them in too.
                 lock = workflows.lock(q, flows)
                 await conn.execute(lock.query, lock.params)
-            cur = await conn.execute(q["jobs_finish"], {"outcomes": rows,
-                                                        "worker_id": self.worker_id})
+            cur = await conn.execute(q["jobs_finish"], params)
+            if follow_up is not None and follow_up.blind:
+                await follow_up.send(conn, None)
+                await conn.commit()  # nothing to do if the follow-up committed
             applied = {row[0] for row in await cur.fetchall()}
-            events = await follow_up(conn, applied) if follow_up and applied else []
+            if follow_up is not None and not follow_up.blind and applied:
+                await follow_up.send(conn, applied)
             if not plain:
                 await conn.commit()  # nothing to do if the follow-up committed
         del self.pending[: len(batch)]
+        events = follow_up.events(applied) if follow_up else []
         if events:
             self.app.events.publish(events)
         for outcome in batch:

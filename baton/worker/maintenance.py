@@ -116,7 +116,7 @@ class Maintenance:
                 q["jobs_unsettled"], {"limit": self.worker.settings.rescue_limit}
             )
             rows = await cur.fetchall()
-            steps = [(w, n, s) for w, n, s, *_ in rows]
+            steps = [(w, n, s, job_id) for w, n, s, _worker, job_id, *_ in rows]
             announce = [
                 workflows.StepEvent(w, n, worker, s, job_id, attempt, error=error)
                 for w, n, s, worker, job_id, attempt, error in rows

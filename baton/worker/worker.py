@@ -19,7 +19,7 @@ from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
 from baton.job import JobState, json_text
-from baton.worker.completer import Completer, FollowUp
+from baton.worker.completer import Completer
 from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
@@ -48,6 +48,49 @@ def step_event(outcome: Outcome) -> workflows.StepEvent:
 def new_worker_id() -> str:
     """Return a worker id that says where the worker runs: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class StepsWrite:
+    """The follow-up of a batch of outcomes with workflow steps or usage records, built
+    before the writing transaction opens (a :class:`~baton.worker.completer.FollowUp`).
+
+    Without usage records and with step events built in Python, all of it goes out with
+    the finish: the finish sends the events of the outcomes it applies and the settlement
+    counts only steps whose jobs reached their final state, so one round trip writes the
+    batch. Otherwise it waits for the finish and covers only the outcomes it applied.
+    """
+
+    def __init__(self, worker: Worker, outcomes: Sequence[Outcome]) -> None:
+        self.worker = worker
+        self.outcomes = outcomes
+        self.records, self.announcement, self.settle = worker._build_write(outcomes)
+        self.blind = not self.records and (self.announcement is None
+                                           or self.announcement.inline)
+        self.finish_params = (self.announcement.finish_params()
+                              if self.blind and self.announcement else workflows.NO_EVENTS)
+        self._announced: list[dict[str, Any]] | None = None
+        self._finished: list[dict[str, Any]] = []
+
+    async def send(self, conn: psycopg.AsyncConnection[Any], applied: set[int] | None) -> None:
+        if applied is not None and len(applied) < len(self.outcomes):
+            # Outcomes not applied (the job was rescued or cancelled meanwhile) are left out.
+            kept = [o for o in self.outcomes if o.job.id in applied]
+            self.records, self.announcement, self.settle = self.worker._build_write(kept)
+        for stmt in self.records:
+            await conn.execute(stmt.query, stmt.params)
+        if applied is not None and self.announcement is not None:
+            self._announced = await ops.run_async(
+                conn, self.announcement.send(self.worker.app.queries), "announce steps")
+        if self.settle is not None:
+            self._finished = await ops.run_async(conn, workflows.settlement(self.settle),
+                                                 "settle steps")
+
+    def events(self, applied: set[int]) -> list[dict[str, Any]]:
+        if self._announced is not None:
+            steps = self._announced
+        else:
+            steps = self.announcement.sent(applied) if self.announcement else []
+        return steps + self._finished
 
 
 class Worker:
@@ -105,40 +148,19 @@ class Worker:
                         error=describe(exc), retry_in=DEFER_SECONDS)
             return Outcome(job, JobState.SCHEDULED, delay=DEFER_SECONDS, snooze=True)
 
-    def _after_write(self, outcomes: Sequence[Outcome]) -> FollowUp:
-        """Build, before the writing transaction opens, what it sends after the finish:
-        usage records, step announcements and the settlement, which commits it (the
-        transaction holds the steps' workflows' locks from its start)."""
-        prepared = self._build_write(outcomes)
-
-        async def write(conn: psycopg.AsyncConnection[Any], applied: set[int]
-                        ) -> list[dict[str, Any]]:
-            kept = [o for o in outcomes if o.job.id in applied]
-            # Outcomes not applied (the job was rescued or cancelled meanwhile) are left out.
-            stmts, announcement, settle = (
-                prepared if len(kept) == len(outcomes) else self._build_write(kept))
-            for stmt in stmts:
-                await conn.execute(stmt.query, stmt.params)
-            events: list[dict[str, Any]] = []
-            if announcement is not None:
-                events += await ops.run_async(conn, workflows.announce(*announcement),
-                                              "announce steps")
-            if settle is not None:
-                events += await ops.run_async(conn, workflows.settlement(settle),
-                                              "settle steps")
-            return events
-
-        return write
+    def _after_write(self, outcomes: Sequence[Outcome]) -> StepsWrite:
+        return StepsWrite(self, outcomes)
 
     def _build_write(self, outcomes: Sequence[Outcome]) -> tuple[
-        list[ops.Stmt], tuple[ops.Stmt, list[dict[str, Any]]] | None, ops.Stmt | None
+        list[ops.Stmt], workflows.Announcement | None, ops.Stmt | None
     ]:
+        """Usage records, step announcement and settlement (which commits) of outcomes."""
         q = self.app.queries
         flow = [o for o in outcomes if o.job.workflow_id is not None]
-        announcement = (workflows.step_announcement(q, [step_event(o) for o in flow])
+        announcement = (workflows.Announcement.build([step_event(o) for o in flow])
                         if flow else None)
         steps = [
-            (o.job.workflow_id, o.job.workflow_step, o.state.value)
+            (o.job.workflow_id, o.job.workflow_step, o.state.value, o.job.id)
             for o in flow
             if o.job.workflow_id is not None and o.job.workflow_step is not None
             and o.state in workflows.SETTLED_STATES

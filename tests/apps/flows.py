@@ -63,6 +63,15 @@ async def noop() -> None:
     return None
 
 
+@app.step
+async def cancelled_by_hand(ctx: baton.Context) -> str:
+    """Cancel its own job in SQL while it runs, as a person might, then return normally."""
+    async with app.connection() as conn:
+        await conn.execute("UPDATE baton.jobs SET state = 'cancelled', finalized_at = now() "
+                           "WHERE id = %s", (ctx.job_id,))
+    return "finished anyway"
+
+
 @app.step(max_attempts=1)
 async def explode(message: str = "boom") -> None:
     raise RuntimeError(message)

@@ -127,16 +127,18 @@ def test_args_refuse_nan_whatever_their_annotation() -> None:
 
 
 def test_event_notifications_pack_in_order_within_the_limit() -> None:
-    from baton.workflows import NOTIFY_BYTES, NOTIFY_EVENT_BYTES, notify_chunks
+    from baton.workflows import NOTIFY_BYTES, NOTIFY_EVENT_BYTES, chunk_numbers, pack
 
     # Sizes count bytes: two of them for every "é".
     bodies = [json.dumps({"i": i, "pad": "é" * (i * 37 % 450)}, ensure_ascii=False).encode()
               for i in range(200)]
-    chunks = notify_chunks(bodies)
-    assert chunks is not None and len(chunks) > 1
+    numbers = chunk_numbers(bodies)
+    assert numbers is not None and numbers == sorted(numbers) and numbers[-1] > 0
+    chunks = pack([b.decode() for b in bodies], numbers)
+    assert len(chunks) == numbers[-1] + 1
     assert all(len(chunk.encode()) <= NOTIFY_BYTES + 2 for chunk in chunks)
     unpacked = [event for chunk in chunks for event in json.loads(chunk)]
     assert [event["i"] for event in unpacked] == list(range(200))
-    assert notify_chunks([]) == []
+    assert chunk_numbers([]) == [] and pack([], []) == []
     # One event too large to travel inline sends the whole batch the database's way.
-    assert notify_chunks([bodies[0], b"x" * (NOTIFY_EVENT_BYTES + 1)]) is None
+    assert chunk_numbers([bodies[0], b"x" * (NOTIFY_EVENT_BYTES + 1)]) is None
