@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 import baton
 from baton.job import JobState
 from baton.testing import running_worker, wait_for_job, wait_for_jobs
+from baton.worker.completer import Completer
+from baton.worker.executor import FetchedJob, Outcome
 from tests.apps import basic
 from tests.helpers import sql_rows
 
@@ -225,6 +228,27 @@ async def test_graceful_shutdown_lets_running_jobs_finish(app: baton.Baton) -> N
         worker.stop()
         basic.GATES.setdefault("finish", anyio.Event()).set()
     assert (await app.get_job(job_id)).state is JobState.COMPLETED
+
+
+async def test_drain_beside_a_flush_in_flight_writes_every_outcome(app: baton.Baton) -> None:
+    """At shutdown the drain starts while the last flush may still be writing."""
+    ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(3)])
+    sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'executing', attempt = 1, "
+             "attempted_by = 'w', attempted_at = now()")
+    completer = Completer(app, "w", flush_interval=0, flush_max=2, max_pending=100)
+    await app.open()
+    for job_id in ids:
+        job = FetchedJob(job_id, basic.echo.name, {}, None, "other", 1, 7, 0, 3, None, None, None)
+        completer.push(Outcome(job, JobState.COMPLETED))
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.flush_once)
+            tg.start_soon(completer.drain, anyio.current_time() + 10)
+    assert completer.pending == []
+    # Each outcome written once: a second write of a batch finds its jobs already finished.
+    assert [e["job_id"] for e in logs if e["event"] == "job.completed"] == ids
+    assert not [e for e in logs if e["event"] == "job.outcome_dropped"]
+    assert sql_rows(app.dsn, "SELECT state FROM baton.jobs ORDER BY id") == [("completed",)] * 3
 
 
 async def test_leader_is_elected_once(app: baton.Baton) -> None:

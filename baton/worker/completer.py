@@ -85,6 +85,7 @@ class Completer:
         self._wake = anyio.Event()
         self._room = anyio.Event()
         self._written = anyio.Event()
+        self._flushing = anyio.Lock()
 
     def push(self, outcome: Outcome) -> None:
         """Queue an outcome for the next flush."""
@@ -129,6 +130,12 @@ class Completer:
 
     async def flush_once(self) -> None:
         """Write up to ``flush_max`` pending outcomes in one transaction."""
+        # One write at a time: the drain at shutdown runs beside a flush still in flight,
+        # and two writes of one batch would drop outcomes queued after it.
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch = self.pending[: self.flush_max]
         if not batch:
             return
