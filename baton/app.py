@@ -239,7 +239,10 @@ class Baton:
                 name=f"baton-{self.schema}",
             )
             await pool.open()
-            self._pool = pool
+            if self._pool is None:
+                self._pool = pool
+            else:  # another task opened one meanwhile: keep that one
+                await pool.close()
 
     async def close(self) -> None:
         """Close the app's connection pools."""
