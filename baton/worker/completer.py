@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
     from baton.app import Baton
 
 log = structlog.get_logger("baton.completer")
+
+def _enabled(level: int) -> bool:
+    """Whether the configured logger emits ``level`` (true if it cannot tell)."""
+    check = getattr(log, "is_enabled_for", None)
+    return bool(check(level)) if callable(check) else True
+
 
 class FollowUp(Protocol):
     """What writing a batch of outcomes sends after the finish statement, built before the
@@ -169,8 +176,10 @@ class Completer:
         events = follow_up.events(applied) if follow_up else []
         if events:
             self.app.events.publish(events)
+        info = _enabled(logging.INFO)  # at volume the info lines are often off: skip them
         for outcome in batch:
-            self._log(outcome, applied=outcome.job.id in applied)
+            if info or outcome.state is JobState.DISCARDED:
+                self._log(outcome, applied=outcome.job.id in applied)
         if not self.full:
             self._room.set()
         self._written.set()
