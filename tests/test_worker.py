@@ -134,6 +134,15 @@ async def test_concurrency_limit_per_queue(app: baton.Baton) -> None:
     assert basic.PEAK["c"] == 3 and len(basic.CALLS["c"]) == 12
 
 
+async def test_quick_jobs_never_exceed_the_limit(app: baton.Baton) -> None:
+    # Jobs this short make the producer claim a batch ahead; they still run three at a time.
+    basic.GATES.setdefault("open", anyio.Event()).set()
+    ids = await app.enqueue_many([basic.counted.new(key="q", gate="open") for _ in range(300)])
+    async with running_worker(app, queues={"limited": 3}):
+        await wait_for_jobs(app, ids, ["completed"])
+    assert basic.PEAK["q"] == 3 and len(basic.CALLS["q"]) == 300
+
+
 async def test_cancel_running_job(app: baton.Baton) -> None:
     job_id = await app.enqueue(basic.blocker.new(key="k"))
     async with running_worker(app):

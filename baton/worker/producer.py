@@ -62,6 +62,10 @@ class Producer:
         self._maybe_more = True
         self._tg: anyio.abc.TaskGroup | None = None
         self._refetch_scheduled = False
+        self._refill = False  # the wake came from slots freeing up
+        self._ahead = 0
+        """Jobs claimed beyond ``limit`` (they wait for a slot): up to a batch while jobs
+        finish faster than a fetch comes back, none otherwise."""
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible."""
@@ -111,17 +115,19 @@ class Producer:
                 tg.start_soon(self._slot_loop, _Slot())
             task_status.started()
             while not self.stopping:
-                with anyio.move_on_after(settings.poll_interval) as poll:
-                    await self._wake.wait()
+                if not self._wake.is_set():  # if it is, fetch before the slots run
+                    with anyio.move_on_after(settings.poll_interval) as poll:
+                        await self._wake.wait()
+                    if poll.cancelled_caught:
+                        self._maybe_more = True
                 self._wake = anyio.Event()
                 if self.stopping:
                     break
-                if poll.cancelled_caught:
-                    self._maybe_more = True
-                demand = self.limit - len(self.running)
+                demand = self.limit + self._ahead - len(self.running)
                 if demand <= 0 or not self._maybe_more:
                     continue
                 await self.worker.completer.wait_for_room()
+                refill, self._refill = self._refill, False
                 try:
                     jobs = await self.fetch(demand)
                     failures = 0
@@ -134,6 +140,9 @@ class Producer:
                     self._wake.set()
                     continue
                 self._maybe_more = len(jobs) == demand
+                # Woken by slots that freed up, yet none still runs: all of them ended
+                # before the fetch came back.
+                self._pace(full=self._maybe_more, starved=refill and not self.running)
                 if jobs:
                     self._idle = anyio.Event()
                     for job in jobs:
@@ -143,6 +152,18 @@ class Producer:
             self._closed = True  # the slots finish what is claimed, then end
             self._work.set()
         self._tg = None
+
+    def _pace(self, *, full: bool, starved: bool) -> None:
+        """Claim a batch ahead while jobs finish faster than a fetch comes back
+        (``starved``); stop once a batch waits unstarted."""
+        if not full:
+            self._ahead = 0
+        elif starved:
+            if not self._ahead:
+                self._ahead = self.limit
+                self._wake.set()  # the batch ahead, at once
+        elif len(self._waiting) >= self.limit:  # a whole batch still waits for slots
+            self._ahead = 0
 
     async def fetch(self, demand: int) -> list[FetchedJob]:
         """Claim up to ``demand`` available jobs in one statement (autocommit: one round
@@ -219,8 +240,8 @@ class Producer:
         debounce = self.worker.settings.debounce
         if self._wake.is_set():
             return
-        if self.limit - len(self.running) >= max(2, self.limit // 4):
-            self._wake.set()
+        if self.limit + self._ahead - len(self.running) >= max(2, self.limit // 4):
+            self._refetch()
             return
         if self._refetch_scheduled:
             return
@@ -228,9 +249,13 @@ class Producer:
             self._refetch_scheduled = True
             self._tg.start_soon(self._wake_later, debounce)
         else:
-            self._wake.set()
+            self._refetch()
+
+    def _refetch(self) -> None:
+        self._refill = True
+        self._wake.set()
 
     async def _wake_later(self, delay: float) -> None:
         await anyio.sleep(delay)
         self._refetch_scheduled = False
-        self._wake.set()
+        self._refetch()
