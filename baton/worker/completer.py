@@ -149,11 +149,14 @@ class Completer:
         q = self.app.queries
         rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
-        plain = self.after_write is None or all(o.plain for o in batch)
         # Otherwise pipelined: BEGIN and the workflow locks travel with the finish, the
         # follow-up with them too when it needs not know what the finish applied, and the
         # COMMIT with the follow-up's last statement.
-        follow_up = None if plain or self.after_write is None else self.after_write(batch)
+        follow_up = None
+        if self.after_write is not None and not all(o.plain for o in batch):
+            follow_up = self.after_write(batch)
+        plain = follow_up is None
+        blind = follow_up is not None and follow_up.blind
         params = {"outcomes": rows, "worker_id": self.worker_id, "events_channel": self._events,
                   **(follow_up.finish_params if follow_up else workflows.NO_EVENTS)}
         async with self.app.connection(autocommit=plain) as conn, \
@@ -164,13 +167,13 @@ class Completer:
                 lock = workflows.lock(q, flows)
                 await conn.execute(lock.query, lock.params)
             cur = await conn.execute(q["jobs_finish"], params)
-            if follow_up is not None and follow_up.blind:
+            if follow_up is not None and blind:
                 await follow_up.send(conn, None)
                 await conn.commit()  # nothing to do if the follow-up committed
             applied = {row[0] for row in await cur.fetchall()}
-            if follow_up is not None and not follow_up.blind and applied:
-                await follow_up.send(conn, applied)
-            if not plain:
+            if follow_up is not None and not blind:
+                if applied:
+                    await follow_up.send(conn, applied)
                 await conn.commit()  # nothing to do if the follow-up committed
         del self.pending[: len(batch)]
         events = follow_up.events(applied) if follow_up else []
