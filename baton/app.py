@@ -310,21 +310,28 @@ class Baton:
         """Run ``op`` on the caller's connection (in its transaction) or a pooled one.
 
         ``single``: the operation is one statement, so on a pooled connection it runs in
-        autocommit, one round trip instead of two.
+        autocommit, one round trip instead of two. Otherwise it runs in one transaction,
+        also on a caller's connection in autocommit.
         """
-        if conn is not None:
-            return await ops.run_async(conn, op, action)
-        async with self.connection(autocommit=single) as own:
-            return await ops.run_async(own, op, action)
+        if conn is None:
+            async with self.connection(autocommit=single) as own:
+                return await ops.run_async(own, op, action)
+        if conn.autocommit and not single:
+            async with conn.transaction():
+                return await ops.run_async(conn, op, action)
+        return await ops.run_async(conn, op, action)
 
     def _run_sync(
         self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None,
         *, single: bool = False,
     ) -> T:
-        if conn is not None:
-            return ops.run_sync(conn, op, action)
-        with self.connection_sync(autocommit=single) as own:
-            return ops.run_sync(own, op, action)
+        if conn is None:
+            with self.connection_sync(autocommit=single) as own:
+                return ops.run_sync(own, op, action)
+        if conn.autocommit and not single:
+            with conn.transaction():
+                return ops.run_sync(conn, op, action)
+        return ops.run_sync(conn, op, action)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -353,8 +360,15 @@ class Baton:
     async def enqueue_many(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
     ) -> list[int]:
-        """Insert many jobs in one round trip and return their ids in order."""
-        return await self._run(ops.enqueue(self.queries, jobs), "enqueue", conn, single=True)
+        """Insert many jobs at once and return their ids in order.
+
+        All or none are inserted. A :class:`~baton.step.JobBatch` (``step.new_many``) is
+        validated as it is sent, while the server inserts the rows before it.
+
+        :param conn: insert in the caller's transaction on this connection.
+        """
+        op = ops.enqueue(self.queries, jobs, commit=conn is None)
+        return await self._run(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
     def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None) -> int:
         """Insert one job from synchronous code and return its id."""
@@ -364,7 +378,8 @@ class Baton:
         self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[int]:
         """Insert many jobs from synchronous code and return their ids in order."""
-        return self._run_sync(ops.enqueue(self.queries, jobs), "enqueue", conn, single=True)
+        op = ops.enqueue(self.queries, jobs, commit=conn is None)
+        return self._run_sync(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
     async def get_job(self, job_id: int) -> Job:
         """Return the job row with ``job_id``.

@@ -49,6 +49,8 @@ class ArgsError(StepError):
     def __init__(self, step: str, detail: str) -> None:
         self.step = step
         self.detail = detail
+        self.index: int | None = None
+        """The job's position in a :class:`~baton.step.JobBatch`, when it came from one."""
         super().__init__(f"invalid arguments for step {step!r}: {detail}")
 
 

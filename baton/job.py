@@ -139,20 +139,34 @@ class JobSpec:
         }
 
     def copy_row(
-        self, job_id: int, state: JobState, now_text: str,
-        workflow_id: str = NULL, workflow_step: str | None = None,
+        self, state: JobState, now_text: str | None, workflow_id: str = NULL,
+        workflow_step: str | None = None,
     ) -> str:
-        """Return the job as one line of COPY text for the ``jobs_copy`` statement.
+        """Return the job as one line of COPY text for ``jobs_copy`` (or, when ``now_text``
+        is None, for ``jobs_copy_now``, which leaves ``scheduled_at`` to its default).
 
         ``now_text`` is the server's transaction time, when an immediate job is scheduled.
         """
-        at_text = now_text if self.scheduled_at is None else self.scheduled_at.isoformat()
+        head, tail = self.copy_parts(state, now_text, workflow_id, workflow_step)
+        return f"{head}{copy_text(self.args_json)}{tail}"
+
+    def copy_parts(
+        self, state: JobState, now_text: str | None, workflow_id: str = NULL,
+        workflow_step: str | None = None,
+    ) -> tuple[str, str]:
+        """Return the COPY line of :meth:`copy_row` before and after the args."""
+        if now_text is None:
+            at_text = ""
+        else:
+            at_text = now_text if self.scheduled_at is None else self.scheduled_at.isoformat()
+            at_text += "\t"
+        meta = copy_text(_ENCODE(self.meta)) if self.meta else "{}"
+        timeout = NULL if self.timeout is None else repr(float(self.timeout))
+        step = NULL if workflow_step is None else copy_text(workflow_step)
         return (
-            f"{job_id}\t{state}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t"
-            f"{copy_text(self.args_json)}\t{copy_text(_ENCODE(self.meta)) if self.meta else '{}'}\t"
-            f"{self.max_attempts}\t{self.priority}\t"
-            f"{NULL if self.timeout is None else repr(float(self.timeout))}\t{at_text}\t"
-            f"{workflow_id}\t{NULL if workflow_step is None else copy_text(workflow_step)}\n"
+            f"{state}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t",
+            f"\t{meta}\t{self.max_attempts}\t{self.priority}\t{timeout}\t{at_text}"
+            f"{workflow_id}\t{step}\n",
         )
 
 

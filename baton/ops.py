@@ -11,14 +11,18 @@ import json
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from itertools import islice
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq, sql
+from psycopg.copy import AsyncLibpqWriter, LibpqWriter
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound
 from baton.job import NULL, Job, JobSpec, JobState, rows_text
+from baton.step import JobBatch
 
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]
@@ -44,7 +48,8 @@ class Stmt:
 @dataclass(frozen=True)
 class Copy:
     """A ``COPY … FROM STDIN`` statement and its text-format data, sent chunk by chunk
-    as the chunks are produced."""
+    as the chunks are produced (each one flushed to the server at once, so the server
+    inserts it while the next is made; by default psycopg holds up to 1 MB back)."""
 
     query: sql.SQL | sql.Composed
     chunks: Iterable[str]
@@ -57,7 +62,9 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
     """Run ``op`` on an async connection (inside whatever transaction it has).
 
     In pipeline mode (``async with conn.pipeline()``) only statements whose rows the
-    operation reads wait for the server; ``op`` must not use COPY there.
+    operation reads wait for the server; ``op`` must not use COPY there. Out of it, a
+    statement that opens a transaction travels with its ``BEGIN`` and one that commits
+    with its ``COMMIT``.
     """
     pipelined = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
     with translate_errors(action):
@@ -65,44 +72,65 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
             stmt = next(op)
             while True:
                 if isinstance(stmt, Copy):
-                    async with conn.cursor().copy(stmt.query) as copy:
+                    cur = conn.cursor()
+                    writer = AsyncLibpqWriter(cur, flush_threshold=0)
+                    async with cur.copy(stmt.query, writer=writer) as copy:
                         for chunk in stmt.chunks:
                             await copy.write(chunk)
                     stmt = op.send([])
                     continue
-                cur = await conn.execute(stmt.query, stmt.params)
-                if stmt.commit:
-                    await conn.commit()
                 if pipelined:
+                    cur = await conn.execute(stmt.query, stmt.params)
+                    if stmt.commit:
+                        await conn.commit()
                     stmt = op.send(await cur.fetchall() if stmt.rows else [])
                     continue
+                if stmt.commit or _opens_transaction(conn):
+                    async with conn.pipeline():
+                        cur = await conn.execute(stmt.query, stmt.params)
+                        if stmt.commit:
+                            await conn.commit()
+                else:
+                    cur = await conn.execute(stmt.query, stmt.params)
                 stmt = op.send(await cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
 
 def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
-    """Run ``op`` on a sync connection (inside whatever transaction it has)."""
+    """Run ``op`` on a sync connection (inside whatever transaction it has), as
+    :func:`run_async` does."""
     with translate_errors(action):
         try:
             stmt = next(op)
             while True:
                 if isinstance(stmt, Copy):
-                    with conn.cursor().copy(stmt.query) as copy:
+                    sync_cur = conn.cursor()
+                    with sync_cur.copy(stmt.query,
+                                       writer=LibpqWriter(sync_cur, flush_threshold=0)) as copy:
                         for chunk in stmt.chunks:
                             copy.write(chunk)
                     stmt = op.send([])
                     continue
-                cur = conn.execute(stmt.query, stmt.params)
-                if stmt.commit:
-                    conn.commit()
+                if stmt.commit or _opens_transaction(conn):
+                    with conn.pipeline():
+                        cur = conn.execute(stmt.query, stmt.params)
+                        if stmt.commit:
+                            conn.commit()
+                else:
+                    cur = conn.execute(stmt.query, stmt.params)
                 stmt = op.send(cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
 
+def _opens_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the next statement on ``conn`` makes psycopg send ``BEGIN`` first."""
+    return not conn.autocommit and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+
+
 COPY_FROM = 32
-"""Batches of at least this many jobs are inserted with COPY: three round trips instead of
+"""Batches of at least this many jobs are inserted with COPY: four round trips instead of
 one, but far less server work per row than ``INSERT … SELECT`` from JSON."""
 
 
@@ -113,12 +141,15 @@ def insert_jobs(
     states: Sequence[JobState] | None = None,
     workflow_id: uuid.UUID | None = None,
     workflow_steps: Sequence[str] | None = None,
+    commit: bool = False,
 ) -> Op[list[int]]:
     """Insert ``jobs`` and wake the queues that got available work; return ids in order.
 
     ``states`` defaults to available for every job (a job scheduled in the future starts
     scheduled); workflow steps pass their states, workflow and step names.
-    The insert is one statement either way, so it is atomic even in autocommit.
+    Fewer than :data:`COPY_FROM` jobs are one statement, atomic even in autocommit. More
+    are a COPY between two statements that must share its transaction (they find the ids
+    it drew); ``commit`` ends that transaction with the last of them.
     """
     if not jobs:
         return []
@@ -135,44 +166,78 @@ def insert_jobs(
         result = yield Stmt(q["jobs_insert"], {"rows": rows_text(rows),
                                                "channel": q.channel("insert")})
         return list(result[0][0])
-    reserved = yield Stmt(q["jobs_reserve_ids"], {"n": len(jobs)})
-    now, first, scattered = reserved[0]
-    ids = list(range(first, first + len(jobs))) if scattered is None else scattered
-    final, woken = [], set()
-    for job, state in zip(jobs, states, strict=True):
+    started = yield Stmt(q["jobs_copy_start"], {})
+    now, before = started[0]
+    # Without a scheduled_at in the batch, the column is left to its default: now().
+    at_given = (jobs.spec.scheduled_at is not None if isinstance(jobs, JobBatch)
+                else any(job.scheduled_at is not None for job in jobs))
+    woken: set[str] = set()
+    now_text = now.isoformat() if at_given else None
+    if isinstance(jobs, JobBatch) and workflow_id is None and states[0] is JobState.AVAILABLE:
+        lines = _batch_lines(jobs, now, now_text, woken)
+    else:
+        wf = NULL if workflow_id is None else str(workflow_id)
+        lines = _copy_lines(zip(jobs, states, steps, strict=True), now, now_text, wf, woken)
+    yield Copy(q["jobs_copy" if at_given else "jobs_copy_now"], _chunked(lines))
+    copied = yield Stmt(q["jobs_copied"], {
+        "n": len(jobs), "before": before, "channel": q.channel("insert"),
+        "queues": sorted(woken),
+    }, commit=commit)
+    first, scattered, _ = copied[0]
+    if scattered is None:
+        return list(range(first, first + len(jobs)))
+    if len(scattered) != len(jobs):  # the COPY inserted every row or none: never
+        raise RuntimeError(f"COPY of {len(jobs)} jobs found {len(scattered)} of its rows")
+    return list(scattered)
+
+
+COPY_CHUNK = 64
+"""Lines per COPY write: the server inserts one chunk while the next is formatted."""
+
+
+def _copy_lines(
+    rows: Iterator[tuple[JobSpec, JobState, str | None]], now: datetime, now_text: str | None,
+    workflow_id: str, woken: set[str],
+) -> Iterator[str]:
+    """Format ``rows`` (job, state, workflow step) as lines of COPY text.
+
+    An available job scheduled after ``now`` goes in scheduled; the queues that get
+    available jobs are added to ``woken``.
+    """
+    for job, state, step in rows:
         if state is JobState.AVAILABLE:
             if job.scheduled_at is not None and job.scheduled_at > now:
                 state = JobState.SCHEDULED
             else:
                 woken.add(job.queue)
-        final.append(state)
-    wf = NULL if workflow_id is None else str(workflow_id)
-    yield Copy(q["jobs_copy"], _copy_chunks(ids, jobs, final, now.isoformat(), wf, steps))
-    yield from notify_queues(q, list(woken))
-    return ids
+        yield job.copy_row(state, now_text, workflow_id, step)
 
 
-COPY_CHUNK = 250
-"""Lines per COPY write: the server inserts one chunk while the next is formatted."""
-
-
-def _copy_chunks(
-    ids: Sequence[int], jobs: Sequence[JobSpec], states: Sequence[JobState], now_text: str,
-    workflow_id: str, steps: Sequence[str | None],
+def _batch_lines(
+    batch: JobBatch, now: datetime, now_text: str | None, woken: set[str],
 ) -> Iterator[str]:
-    for start in range(0, len(jobs), COPY_CHUNK):
-        end = start + COPY_CHUNK
-        yield "".join([
-            job.copy_row(job_id, state, now_text, workflow_id, step)
-            for job_id, job, state, step in zip(
-                ids[start:end], jobs[start:end], states[start:end], steps[start:end],
-                strict=True)
-        ])
+    """Lines of COPY text for a batch: its jobs differ only in their args."""
+    spec = batch.spec
+    state = JobState.AVAILABLE
+    if spec.scheduled_at is not None and spec.scheduled_at > now:
+        state = JobState.SCHEDULED
+    else:
+        woken.add(spec.queue)
+    head, tail = spec.copy_parts(state, now_text)
+    return batch.copy_lines(head, tail)
 
 
-def enqueue(q: Queries, jobs: Sequence[JobSpec]) -> Op[list[int]]:
-    """Insert ``jobs`` (available or scheduled); return their ids."""
-    return (yield from insert_jobs(q, jobs))
+def _chunked(lines: Iterator[str]) -> Iterator[str]:
+    """Join ``lines`` into chunks of :data:`COPY_CHUNK`. The jobs are read only here, as
+    the chunks are sent (a :class:`~baton.step.JobBatch` validates each as it is read)."""
+    while chunk := list(islice(lines, COPY_CHUNK)):
+        yield "".join(chunk)
+
+
+def enqueue(q: Queries, jobs: Sequence[JobSpec], *, commit: bool = False) -> Op[list[int]]:
+    """Insert ``jobs`` (available or scheduled); return their ids (see :func:`insert_jobs`
+    for ``commit``)."""
+    return (yield from insert_jobs(q, jobs, commit=commit))
 
 
 def get_job(q: Queries, job_id: int) -> Op[Job]:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from types import UnionType
-from typing import Annotated, Any, NotRequired, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    NotRequired,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+    overload,
+)
 
 import pydantic
 import pydantic_core
@@ -15,7 +25,7 @@ from typing_extensions import TypedDict
 
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError
-from baton.job import JobSpec, json_text
+from baton.job import JobSpec, copy_text, json_text
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -99,7 +109,18 @@ class Step:
         data, text = self.dump_args(args)
         return self._spec.with_args(data, text)
 
-    def dump_args(self, args: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def new_many(self, args: Iterable[Mapping[str, Any]]) -> JobBatch:
+        """Return jobs of this step, one per mapping of arguments, for ``enqueue_many``.
+
+        Each job's arguments are validated when the batch is iterated, and
+        ``enqueue_many`` iterates it while the server inserts the rows already sent, so
+        validation overlaps the insert. A bad item raises :class:`ArgsError` (its
+        ``index`` says which) and ``enqueue_many`` then inserts nothing. The batch is a
+        read-only sequence of :class:`JobSpec`; ``list(batch)`` validates it at once.
+        """
+        return JobBatch(self, self._spec, list(args))
+
+    def dump_args(self, args: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         """Validate ``args``; return their JSON-safe form and its JSON text."""
         try:
             valid = self._validate(args)
@@ -132,6 +153,81 @@ class Step:
         if self.ctx_param is not None:
             return {**kwargs, self.ctx_param: ctx}
         return kwargs
+
+
+class JobBatch(Sequence[JobSpec]):
+    """Jobs of one step with the same options and their own arguments (``step.new_many``),
+    validated one by one as they are read."""
+
+    __slots__ = ("_args", "_spec", "_step")
+
+    def __init__(self, step: Step, spec: JobSpec, args: list[Mapping[str, Any]]) -> None:
+        self._step = step
+        self._spec = spec
+        self._args = args
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job every item is built from: the step and the batch's options."""
+        return self._spec
+
+    def __len__(self) -> int:
+        return len(self._args)
+
+    @overload
+    def __getitem__(self, index: int) -> JobSpec: ...
+    @overload
+    def __getitem__(self, index: slice) -> JobBatch: ...
+    def __getitem__(self, index: int | slice) -> JobSpec | JobBatch:
+        if isinstance(index, slice):
+            return JobBatch(self._step, self._spec, self._args[index])
+        position = range(len(self._args))[index]  # IndexError past either end
+        return self._build(position, self._args[position])
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        build = self._build
+        for position, args in enumerate(self._args):
+            yield build(position, args)
+
+    def __repr__(self) -> str:
+        return f"<JobBatch {self._spec.step} jobs={len(self._args)}>"
+
+    def copy_lines(self, head: str, tail: str) -> Iterator[str]:
+        """Yield each job's line of COPY text: its args' JSON between ``head`` and
+        ``tail`` (:meth:`JobSpec.copy_parts` of :attr:`spec`)."""
+        dump = self._dump
+        for position, args in enumerate(self._args):
+            yield f"{head}{copy_text(dump(position, args)[1])}{tail}"
+
+    def _build(self, position: int, args: Mapping[str, Any]) -> JobSpec:
+        data, text = self._dump(position, args)
+        return self._spec.with_args(data, text)
+
+    def _dump(self, position: int, args: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        try:
+            return self._step.dump_args(args)
+        except ArgsError as exc:
+            exc.index = position
+            exc.args = (f"{exc.args[0]} (item {position} of the batch)",)
+            raise
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        scheduled_at: datetime | None = None,
+        schedule_in: float | timedelta | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> JobBatch:
+        """Return the batch with options changed for every job, as :meth:`JobSpec.options`."""
+        spec = self._spec.options(
+            queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,
+            scheduled_at=scheduled_at, schedule_in=schedule_in, meta=meta,
+        )
+        return JobBatch(self._step, spec, self._args)
 
 
 def _summarize(exc: pydantic.ValidationError) -> str:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
 
 import baton
-from baton.job import JobState
+from baton.job import JobSpec, JobState
 from baton.ops import COPY_FROM
 from tests.apps import basic
 from tests.helpers import sql_rows
@@ -76,6 +79,110 @@ async def test_batch_ids_match_rows_when_the_sequence_is_not_contiguous(
     assert ids == sorted(ids) and ids[1] - ids[0] == 3
     rows = sql_rows(app.dsn, "SELECT id, (args->>'value')::int FROM baton.jobs ORDER BY id")
     assert rows == list(zip(ids, range(COPY_FROM), strict=True))
+
+
+OTHERS = 7
+
+
+@dataclass(frozen=True)
+class DrawsIdsMidway(JobSpec):
+    """A job that, when the COPY formats its line, waits until the server has drawn ids for
+    50 rows sent before it, then lets another session draw ``OTHERS`` ids."""
+
+    dsn: str = ""
+    start: int = 0
+
+    def copy_row(self, *args: Any, **kwargs: Any) -> str:
+        deadline = time.monotonic() + 30
+        while _last_id(self.dsn) < self.start + 50:
+            assert time.monotonic() < deadline, "the server drew no ids for the COPY"
+            time.sleep(0.005)
+        sql_rows(self.dsn, f"SELECT nextval('baton.jobs_id_seq') FROM generate_series(1, {OTHERS})")
+        return super().copy_row(*args, **kwargs)
+
+
+def _last_id(dsn: str) -> int:
+    return int(sql_rows(dsn, "SELECT COALESCE(pg_sequence_last_value('baton.jobs_id_seq'), 0)")
+               [0][0])
+
+
+def _drawing_batch(dsn: str, size: int) -> list[JobSpec]:
+    """Jobs echoing 0..size-1; the 300th (in the COPY's second chunk) draws ids elsewhere."""
+    jobs = [basic.echo.new(value=i) for i in range(size)]
+    jobs[300] = DrawsIdsMidway(**{**vars(jobs[300]), "dsn": dsn, "start": _last_id(dsn)})
+    return jobs
+
+
+def _batch_rows(dsn: str) -> list[tuple[int, int]]:
+    return sql_rows(dsn, "SELECT id, (args->>'value')::int FROM baton.jobs ORDER BY id")
+
+
+async def test_batch_ids_match_rows_when_other_sessions_draw_ids_meanwhile(
+    app: baton.Baton,
+) -> None:
+    ids = await app.enqueue_many(_drawing_batch(app.dsn, 700))
+    assert len(set(ids)) == 700 and ids == sorted(ids)
+    assert ids[-1] - ids[0] == 699 + OTHERS  # the others' ids are among them
+    assert _batch_rows(app.dsn) == list(zip(ids, range(700), strict=True))
+
+
+async def test_batch_ids_in_a_savepoint_of_the_callers_transaction(app: baton.Baton) -> None:
+    # The rows of the batch carry the savepoint's transaction id, not the outer one's.
+    async with await psycopg.AsyncConnection.connect(app.dsn) as conn:
+        first = await app.enqueue_many([basic.echo.new(value=-1 - i) for i in range(40)],
+                                       conn=conn)
+        async with conn.transaction():
+            ids = await app.enqueue_many(_drawing_batch(app.dsn, 400), conn=conn)
+        await conn.commit()
+    assert len(ids) == 400 and ids == sorted(ids) and ids[0] > first[-1]
+    assert ids[-1] - ids[0] == 399 + OTHERS
+    rows = dict(_batch_rows(app.dsn))
+    assert [rows[i] for i in ids] == list(range(400))
+    assert [rows[i] for i in first] == [-1 - i for i in range(40)]
+
+
+async def test_batch_on_a_callers_autocommit_connection_is_whole(app: baton.Baton) -> None:
+    async with await psycopg.AsyncConnection.connect(app.dsn, autocommit=True) as conn:
+        ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(COPY_FROM)],
+                                     conn=conn)
+        with pytest.raises(baton.ArgsError):
+            await app.enqueue_many(basic.echo.new_many(
+                [{"value": i} for i in range(COPY_FROM)] + [{"wrong": 1}]), conn=conn)
+        assert conn.autocommit
+    assert _batch_rows(app.dsn) == list(zip(ids, range(COPY_FROM), strict=True))
+
+
+async def test_new_many_builds_one_job_per_args(app: baton.Baton) -> None:
+    batch = basic.echo.new_many({"value": i} for i in range(500))
+    assert len(batch) == 500 and batch.spec.step == "tests.apps.basic.echo"
+    assert batch[3].args == {"value": 3} and batch[-1].args == {"value": 499}
+    assert [job.args["value"] for job in batch[10:13]] == [10, 11, 12]
+    with pytest.raises(IndexError):
+        batch[500]
+    ids = await app.enqueue_many(batch.options(queue="bulk", priority=4, meta={"run": 1}))
+    rows = sql_rows(app.dsn, "SELECT id, (args->>'value')::int, queue, priority, meta::text,"
+                             " state, scheduled_at = inserted_at FROM baton.jobs ORDER BY id")
+    assert [r[0] for r in rows] == ids
+    assert [r[1] for r in rows] == list(range(500))
+    assert {r[2:] for r in rows} == {("bulk", 4, '{"run": 1}', "available", True)}
+    later = await app.enqueue_many(batch[:40].options(schedule_in=3600))
+    assert {(await app.get_job(i)).state for i in later} == {JobState.SCHEDULED}
+
+
+async def test_new_many_refuses_the_whole_batch_for_one_bad_item(app: baton.Baton) -> None:
+    args: list[dict[str, object]] = [{"value": i} for i in range(600)]
+    args[450] = {"value": object()}
+    with pytest.raises(baton.ArgsError, match="item 450") as info:
+        await app.enqueue_many(basic.echo.new_many(args))
+    assert info.value.index == 450 and info.value.step == "tests.apps.basic.echo"
+    with pytest.raises(baton.ArgsError, match="item 2"):
+        app.enqueue_many_sync(basic.echo.new_many([{"value": 1}, {"value": 2}, {"surplus": 3}]))
+    with pytest.raises(baton.PayloadTooLargeError) as too_big:
+        list(basic.echo.new_many([{"value": 1}, {"value": "x" * 2_000_000}]))
+    assert too_big.value.index == 1
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs") == [(0,)]
+    ids = await app.enqueue_many(basic.echo.new_many([{"value": 1}] * COPY_FROM))
+    assert len(ids) == COPY_FROM  # the connection is usable after the aborted COPY
 
 
 async def test_batch_in_rolled_back_transaction_enqueues_nothing(app: baton.Baton) -> None:

@@ -43,24 +43,46 @@ WITH inserted AS (
 SELECT id, CASE WHEN state = 'available' THEN pg_notify(%(channel)s, queue) END
 FROM inserted
 
--- name: jobs_reserve_ids
--- Reserve ids for a COPY of %(n)s jobs: the first, and all of them only when other sessions
--- drew ids in between. now() is the time the copied jobs are scheduled at.
-WITH reserved AS (
-    SELECT nextval('{schema}.jobs_id_seq') AS id FROM generate_series(1, %(n)s)
-)
-SELECT
-    now(),
-    min(id),
-    CASE WHEN max(id) - min(id) + 1 = count(*) THEN NULL ELSE array_agg(id ORDER BY id) END
-FROM reserved
+-- name: jobs_copy_start
+-- Before a COPY of many jobs: the time its available jobs are scheduled at, and the last id
+-- drawn so far (the COPY draws its ids from the sequence, row by row).
+SELECT now(), COALESCE(pg_sequence_last_value('{schema}.jobs_id_seq'::regclass), 0)
 
 -- name: jobs_copy
--- Many jobs at once, as lines of JobSpec.copy_row (ids from jobs_reserve_ids).
+-- Many jobs at once, as lines of JobSpec.copy_row; ids come from the sequence.
 COPY {schema}.jobs (
-    id, state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
+    state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
     workflow_id, workflow_step)
 FROM STDIN
+
+-- name: jobs_copy_now
+-- As jobs_copy, for jobs that all run from now on: scheduled_at takes its default, now().
+COPY {schema}.jobs (
+    state, queue, step, args, meta, max_attempts, priority, timeout,
+    workflow_id, workflow_step)
+FROM STDIN
+
+-- name: jobs_copied
+-- After the COPY, in its transaction: the ids it drew, in order, and a wake-up for the
+-- queues that got available jobs. When no other session drew ids meanwhile, they are the
+-- %(n)s after %(before)s (jobs_copy_start) and only the first is returned; otherwise they
+-- are the rows after %(before)s written by the COPY's transaction.
+WITH last AS (
+    SELECT currval('{schema}.jobs_id_seq'::regclass) AS id
+), woken AS (
+    SELECT count(pg_notify(%(channel)s, queue)) AS queues
+    FROM unnest(%(queues)s::text[]) AS queue
+)
+SELECT
+    %(before)s::bigint + 1,
+    CASE WHEN last.id - %(before)s::bigint = %(n)s THEN NULL ELSE (
+        SELECT array_agg(j.id ORDER BY j.id)
+        FROM {schema}.jobs AS j
+        WHERE j.id > %(before)s::bigint AND j.id <= last.id
+          AND j.xmin = (SELECT xmin FROM {schema}.jobs WHERE id = last.id)
+    ) END,
+    woken.queues
+FROM last, woken
 
 -- name: jobs_fetch
 -- Claim up to %(demand)s available jobs of one queue for this worker.

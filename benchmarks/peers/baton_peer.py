@@ -70,7 +70,7 @@ class BatonPeer(Peer):
         await self.app.enqueue(self.noop.new(i=i))
 
     async def enqueue_batch(self, ids: Sequence[int]) -> None:
-        await self.app.enqueue_many([self.noop.new(i=i) for i in ids])
+        await self.app.enqueue_many(self.noop.new_many({"i": i} for i in ids))
 
     async def start_worker(self) -> None:
         self._worker = Worker(self.app, self.worker_settings)
