@@ -13,13 +13,13 @@ import psycopg
 import pydantic_core
 import structlog
 from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from baton import migrations, ops, workflows
 from baton.dag import Workflow
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
-from baton.errors import StepError, UnknownStepError
+from baton.errors import DatabaseError, StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options
 from baton.pricing import Pricing
@@ -83,6 +83,8 @@ class Baton:
     :param schema: the schema holding baton's tables; validated and quoted.
     :param max_args_bytes: the largest JSON a job's arguments may serialize to.
     :param pool_size: the most connections the async pool opens.
+    :param connect_timeout: seconds opening the async pool waits for its first connection
+        before it gives up with :class:`DatabaseError`.
     :param pricing: per-model prices, to turn recorded token usage into cost.
     :param capture: keep full prompts and responses (``ctx.capture``) for every step.
     """
@@ -96,11 +98,13 @@ class Baton:
         pool_size: int = 10,
         pricing: Pricing | None = None,
         capture: bool = False,
+        connect_timeout: float = 30.0,
     ) -> None:
         self.schema = validate_schema(schema)
         self.queries = Queries(self.schema)
         self.max_args_bytes = max_args_bytes
         self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
         self.pricing = pricing or Pricing()
         self.capture = capture
         self.steps: dict[str, Step] = {}
@@ -226,7 +230,11 @@ class Baton:
         return self._pool is not None
 
     async def open(self) -> None:
-        """Open the async connection pool (done on first use; call it to fail early)."""
+        """Open the async connection pool and its first connection (done on first use;
+        call it to fail early).
+
+        :raises DatabaseError: if no connection opens within ``connect_timeout``.
+        """
         if self._pool is None:
             pool = AsyncConnectionPool(
                 self.dsn,
@@ -238,7 +246,14 @@ class Baton:
                 reset=_reset,
                 name=f"baton-{self.schema}",
             )
-            await pool.open()
+            try:
+                await pool.open(wait=True, timeout=self.connect_timeout)
+            except PoolTimeout as exc:
+                await pool.close()
+                raise DatabaseError(
+                    f"could not connect to the database within {self.connect_timeout:g} s "
+                    f"(pool {pool.name}); is it running, and is the URL right?"
+                ) from exc
             if self._pool is None:
                 self._pool = pool
             else:  # another task opened one meanwhile: keep that one

@@ -239,6 +239,15 @@ def test_sync_enqueue_in_callers_transaction(dsn: str) -> None:
         app.close_sync()
 
 
+async def test_an_unreachable_database_fails_early_and_clearly() -> None:
+    app = baton.Baton("postgresql://baton@127.0.0.1:1/nothing", connect_timeout=0.5)
+    with pytest.raises(baton.DatabaseError, match="could not connect to the database"):
+        await app.open()
+    with pytest.raises(baton.DatabaseError):
+        await app.enqueue(basic.echo.new(value=1))
+    await app.close()
+
+
 async def test_a_borrower_leaving_autocommit_on_does_not_leak_it(dsn: str) -> None:
     """The next lend of the connection still runs its statements in one transaction."""
     app = baton.Baton(dsn, pool_size=1)
