@@ -26,7 +26,7 @@ from baton.errors import (
 )
 from baton.job import Job, JobSpec, JobState
 from baton.signals import Cancel, Discard, Signal, Snooze
-from baton.step import Step
+from baton.step import JobBatch, Step
 from baton.worker import Worker, WorkerSettings
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Discard",
     "DuplicateStepError",
     "Job",
+    "JobBatch",
     "JobNotFound",
     "JobSpec",
     "JobState",

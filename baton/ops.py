@@ -158,6 +158,7 @@ def insert_jobs(
         params["channel"] = q.channel("insert")
         inserted = yield Stmt(q["job_insert"], params)
         return [inserted[0][0]]
+    batch = jobs if isinstance(jobs, JobBatch) and states is None and workflow_id is None else None
     states = states or [JobState.AVAILABLE] * len(jobs)
     steps: Sequence[str | None] = workflow_steps or [None] * len(jobs)
     if len(jobs) < COPY_FROM:
@@ -169,12 +170,12 @@ def insert_jobs(
     started = yield Stmt(q["jobs_copy_start"], {})
     now, before = started[0]
     # Without a scheduled_at in the batch, the column is left to its default: now().
-    at_given = (jobs.spec.scheduled_at is not None if isinstance(jobs, JobBatch)
+    at_given = (batch.spec.scheduled_at is not None if batch is not None
                 else any(job.scheduled_at is not None for job in jobs))
     woken: set[str] = set()
     now_text = now.isoformat() if at_given else None
-    if isinstance(jobs, JobBatch) and workflow_id is None and states[0] is JobState.AVAILABLE:
-        lines = _batch_lines(jobs, now, now_text, woken)
+    if batch is not None:  # jobs that differ only in their args
+        lines = _batch_lines(batch, now, now_text, woken)
     else:
         wf = NULL if workflow_id is None else str(workflow_id)
         lines = _copy_lines(zip(jobs, states, steps, strict=True), now, now_text, wf, woken)
