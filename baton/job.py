@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
+from typing_extensions import TypedDict, Unpack
 
 
 class JobState(StrEnum):
@@ -43,6 +44,18 @@ _ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 def encode_json(value: Any) -> str:
     """Encode plain JSON data compactly (NaN and infinities are refused)."""
     return _ENCODE(value)
+
+
+class JobOptions(TypedDict, total=False):
+    """The options :meth:`JobSpec.options` changes (and ``JobBatch.options``, for all)."""
+
+    queue: str | None
+    priority: int | None
+    max_attempts: int | None
+    timeout: float | None
+    scheduled_at: datetime | None
+    schedule_in: float | timedelta | None
+    meta: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -84,30 +97,22 @@ class JobSpec:
         fields["args_json"] = args_json
         return clone
 
-    def options(
-        self,
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        scheduled_at: datetime | None = None,
-        schedule_in: float | timedelta | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> JobSpec:
-        """Return a copy with some options changed (``schedule_in`` is seconds from now)."""
+    def options(self, **changes: Unpack[JobOptions]) -> JobSpec:
+        """Return a copy with some options changed (``schedule_in`` is seconds from now;
+        an option given as None stays as it is)."""
+        if unknown := changes.keys() - JobOptions.__annotations__.keys():
+            raise TypeError(f"unknown job options: {', '.join(sorted(unknown))}")
+        schedule_in = changes.pop("schedule_in", None)
         if schedule_in is not None:
             seconds = (
                 schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
             )
-            scheduled_at = datetime.now(UTC) + timedelta(seconds=seconds)
+            changes["scheduled_at"] = datetime.now(UTC) + timedelta(seconds=seconds)
+        scheduled_at = changes.get("scheduled_at")
         if scheduled_at is not None and scheduled_at.tzinfo is None:
             raise ValueError("scheduled_at must be timezone-aware")
-        changes: dict[str, Any] = {
-            "queue": queue, "priority": priority, "max_attempts": max_attempts,
-            "timeout": timeout, "scheduled_at": scheduled_at, "meta": meta,
-        }
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **given)
 
     def row_json(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from types import UnionType
 from typing import (
     Annotated,
@@ -21,11 +20,11 @@ from typing import (
 import pydantic
 import pydantic_core
 from pydantic import ConfigDict, Field, TypeAdapter
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict, Unpack
 
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError
-from baton.job import JobSpec, copy_text, json_text
+from baton.job import JobOptions, JobSpec, copy_text, json_text
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -211,23 +210,9 @@ class JobBatch(Sequence[JobSpec]):
             exc.args = (f"{exc.args[0]} (item {position} of the batch)",)
             raise
 
-    def options(
-        self,
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        scheduled_at: datetime | None = None,
-        schedule_in: float | timedelta | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> JobBatch:
+    def options(self, **changes: Unpack[JobOptions]) -> JobBatch:
         """Return the batch with options changed for every job, as :meth:`JobSpec.options`."""
-        spec = self._spec.options(
-            queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,
-            scheduled_at=scheduled_at, schedule_in=schedule_in, meta=meta,
-        )
-        return JobBatch(self._step, spec, self._args)
+        return JobBatch(self._step, self._spec.options(**changes), self._args)
 
 
 def _summarize(exc: pydantic.ValidationError) -> str:

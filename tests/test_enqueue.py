@@ -307,6 +307,10 @@ async def test_bad_options_fail_at_definition() -> None:
         app.step(priority=12)(basic.echo.fn)
     with pytest.raises(ValueError):
         basic.echo.new(value=1).options(max_attempts=0)
+    with pytest.raises(TypeError, match="unknown job options: step"):
+        basic.echo.new(value=1).options(step="another")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unknown job options: queu"):
+        basic.echo.new_many([{"value": 1}]).options(queu="typo")  # type: ignore[call-arg]
 
 
 async def test_hot_queries_use_their_partial_indexes(app: baton.Baton) -> None:
