@@ -285,6 +285,29 @@ def settlement(stmt: Stmt) -> Op[list[Payload]]:
     return list(result[0][0] or [])
 
 
+def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]]:
+    """Settle up to ``limit`` finished steps of running workflows whose settlement was
+    never recorded (a rescue that discarded one, a cancel made by hand in SQL).
+
+    Their workflows are locked before the steps are read for good, so a sweep running at
+    the same time neither settles nor announces one of them again. Returns the steps'
+    events, the ``workflow_finished`` events and how many steps settled.
+    """
+    found = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": None})
+    if not found:
+        return [], [], 0
+    workflow_ids = sorted({uuid_text(row[0]) for row in found})
+    yield lock(q, [row[0] for row in found])
+    rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids})
+    events = yield from emit_steps(q, [
+        StepEvent(w, n, worker, s, job_id, attempt, error=error)
+        for w, n, s, worker, job_id, attempt, error in rows
+    ])
+    steps = [(w, n, s, job_id) for w, n, s, _worker, job_id, *_ in rows]
+    finished = yield from settle(q, steps, locked=True)
+    return events, finished, len(steps)
+
+
 def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
     """The statement that takes the locks settling steps of these workflows needs (in id
     order, so two transactions never deadlock); take them before touching job rows."""

@@ -6,16 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
 import baton
 from baton.events import StepUpdated, WorkflowFinished, channel
 from baton.testing import running_worker, wait_for_workflow
+from baton.worker import Worker
 from tests.apps import flows
 from tests.helpers import sql_rows
 
@@ -188,33 +191,79 @@ async def test_cancel_from_outside_announces_and_finishes(app: baton.Baton) -> N
     assert events[-1].outcome == "failed"
 
 
+async def _step_cancelled_in_sql(app: baton.Baton, worker: Worker, wf: baton.Workflow,
+                                 logs: list[MutableMapping[str, Any]]) -> uuid.UUID:
+    """Insert ``wf`` (its step "a" cancels itself in SQL while it runs, "b" depends on it)
+    and return once the worker has dropped a's outcome: a is cancelled, and unsettled."""
+    with anyio.fail_after(10):
+        while worker.maintenance.ticks < 1:  # the first sweep (at start) is over
+            await anyio.sleep(0.01)
+        workflow_id = await app.insert(wf)
+        while not any(e["event"] == "job.outcome_dropped" for e in logs):
+            await worker.completer.wait_written()
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.completions") == [(0,)]
+    assert sql_rows(app.dsn, "SELECT workflow_step, state FROM baton.jobs "
+                    "ORDER BY id") == [("a", "cancelled"), ("b", "pending")]
+    return workflow_id
+
+
+def _hand_cancelled(label: str) -> baton.Workflow:
+    wf = baton.Workflow(label)
+    wf.add("a", flows.cancelled_by_hand.new())
+    wf.add("b", flows.noop.new(), deps=["a"])
+    return wf
+
+
 async def test_an_outcome_the_finish_drops_is_neither_announced_nor_settled(
     app: baton.Baton,
 ) -> None:
     """The write of a batch goes out whole before the finish says what it applied: the
     events and settlement of an outcome it dropped must still never take effect."""
-    wf = baton.Workflow("cancelled-in-sql")
-    wf.add("a", flows.cancelled_by_hand.new())
-    wf.add("b", flows.noop.new(), deps=["a"])
+    wf = _hand_cancelled("cancelled-in-sql")
     with capture_logs() as logs:
         # The sweep would settle the cancel and hide a wrong settlement: after its first
         # pass (at start), it runs only when the test says.
         async with running_worker(app, maintenance_interval=3600) as worker, \
                 app.events.subscribe(wf.id) as stream:
-            with anyio.fail_after(10):
-                while worker.maintenance.ticks < 1:
-                    await anyio.sleep(0.01)
-                workflow_id = await app.insert(wf)
-                while not any(e["event"] == "job.outcome_dropped" for e in logs):
-                    await worker.completer.wait_written()
-            assert sql_rows(app.dsn, "SELECT count(*) FROM baton.completions") == [(0,)]
-            assert sql_rows(app.dsn, "SELECT workflow_step, state FROM baton.jobs "
-                            "ORDER BY id") == [("a", "cancelled"), ("b", "pending")]
+            workflow_id = await _step_cancelled_in_sql(app, worker, wf, logs)
             assert await worker.maintenance.sweep() == 1
             events = await collect(stream)
     assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [
         ("a", "executing"), ("a", "cancelled"), ("b", "executing"), ("b", "cancelled")]
     assert events[-1].outcome == "failed" and events[-1].failed_steps == ["a", "b"]
+    assert sql_rows(app.dsn, "SELECT name, outcome FROM baton.completions "
+                    "WHERE workflow_id = %s ORDER BY name", (workflow_id,)) == [
+        ("a", "cancelled"), ("b", "cancelled")]
+
+
+async def test_two_sweeps_at_once_settle_and_announce_a_step_once(app: baton.Baton) -> None:
+    wf = _hand_cancelled("swept-twice")
+    waiting = ("SELECT count(*) FROM pg_stat_activity "
+               "WHERE wait_event_type = 'Lock' AND datname = current_database()")
+    with capture_logs() as logs:
+        async with running_worker(app, maintenance_interval=3600) as worker, \
+                app.events.subscribe(wf.id) as stream:
+            workflow_id = await _step_cancelled_in_sql(app, worker, wf, logs)
+            swept: list[int] = []
+
+            async def sweep() -> None:
+                swept.append(await worker.maintenance.sweep())
+
+            # Both sweeps find the unsettled step, then wait for the workflow's lock.
+            async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
+                await holder.execute(
+                    "SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE", (workflow_id,))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sweep)
+                    tg.start_soon(sweep)
+                    with anyio.fail_after(10):
+                        while sql_rows(app.dsn, waiting) != [(2,)]:
+                            await anyio.sleep(0.01)
+                    await holder.rollback()
+            assert sorted(swept) == [0, 1]
+            events = await collect(stream)
+    assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [
+        ("a", "executing"), ("a", "cancelled"), ("b", "executing"), ("b", "cancelled")]
     assert sql_rows(app.dsn, "SELECT name, outcome FROM baton.completions "
                     "WHERE workflow_id = %s ORDER BY name", (workflow_id,)) == [
         ("a", "cancelled"), ("b", "cancelled")]

@@ -173,12 +173,14 @@ FROM {schema}.workflows WHERE id = %(id)s
 SELECT workflow_id, workflow_step, step, attempt FROM {schema}.jobs WHERE id = %(id)s
 
 -- name: jobs_unsettled
--- Backstop: finished steps of running workflows whose settlement was never recorded.
+-- Backstop: finished steps of running workflows (of %(workflow_ids)s only, unless NULL)
+-- whose settlement was never recorded.
 SELECT j.workflow_id, j.workflow_step, j.state, j.step, j.id, j.attempt,
-    j.errors -> -1 ->> 'error' 
+    j.errors -> -1 ->> 'error'
 FROM {schema}.workflows AS w
 JOIN {schema}.jobs AS j ON j.workflow_id = w.id
 WHERE w.finished_at IS NULL
+  AND (%(workflow_ids)s::uuid[] IS NULL OR w.id = ANY(%(workflow_ids)s::uuid[]))
   AND j.state IN ('completed', 'discarded', 'cancelled')
   AND NOT EXISTS (
       SELECT 1 FROM {schema}.completions AS c

@@ -110,29 +110,19 @@ class Maintenance:
         nothing left to wait on.
         """
         app = self.worker.app
-        q = app.queries
         async with app.connection() as conn:
-            cur = await conn.execute(
-                q["jobs_unsettled"], {"limit": self.worker.settings.rescue_limit}
-            )
-            rows = await cur.fetchall()
-            steps = [(w, n, s, job_id) for w, n, s, _worker, job_id, *_ in rows]
-            announce = [
-                workflows.StepEvent(w, n, worker, s, job_id, attempt, error=error)
-                for w, n, s, worker, job_id, attempt, error in rows
-            ]
-            events = await ops.run_async(conn, workflows.emit_steps(q, announce), "sweep")
-            finished = await ops.run_async(conn, workflows.settle(q, steps), "sweep settle")
+            events, finished, settled = await ops.run_async(
+                conn, workflows.sweep(app.queries, self.worker.settings.rescue_limit), "sweep")
         app.events.publish(events + finished)
         for payload in finished:
             if payload["outcome"] == "failed":
                 log.warning("workflow.failed", workflow_id=str(payload["workflow_id"]),
                             failed_steps=payload["failed_steps"], found_by="sweep")
         released = await self._rows("nodes_stranded", {}, queue_column=1)
-        if steps or released:
-            log.info("maintenance.swept", settled=len(steps), released=len(released),
+        if settled or released:
+            log.info("maintenance.swept", settled=settled, released=len(released),
                      finished=len(finished))
-        return len(steps) + len(released)
+        return settled + len(released)
 
     async def prune(self) -> dict[str, int]:
         """Delete one bounded batch of each kind of old row; return counts by table.
