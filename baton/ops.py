@@ -200,18 +200,9 @@ def _copy_lines(
     rows: Iterator[tuple[JobSpec, JobState, str | None]], now: datetime, now_text: str | None,
     workflow_id: str, woken: set[str],
 ) -> Iterator[str]:
-    """Format ``rows`` (job, state, workflow step) as lines of COPY text.
-
-    An available job scheduled after ``now`` goes in scheduled; the queues that get
-    available jobs are added to ``woken``.
-    """
+    """Format ``rows`` (job, state, workflow step) as lines of COPY text."""
     for job, state, step in rows:
-        if state is JobState.AVAILABLE:
-            if job.scheduled_at is not None and job.scheduled_at > now:
-                state = JobState.SCHEDULED
-            else:
-                woken.add(job.queue)
-        yield job.copy_row(state, now_text, workflow_id, step)
+        yield job.copy_row(_entry_state(job, state, now, woken), now_text, workflow_id, step)
 
 
 def _batch_lines(
@@ -219,13 +210,18 @@ def _batch_lines(
 ) -> Iterator[str]:
     """Lines of COPY text for a batch: its jobs differ only in their args."""
     spec = batch.spec
-    state = JobState.AVAILABLE
-    if spec.scheduled_at is not None and spec.scheduled_at > now:
-        state = JobState.SCHEDULED
-    else:
-        woken.add(spec.queue)
-    head, tail = spec.copy_parts(state, now_text)
+    head, tail = spec.copy_parts(_entry_state(spec, JobState.AVAILABLE, now, woken), now_text)
     return batch.copy_lines(head, tail)
+
+
+def _entry_state(job: JobSpec, state: JobState, now: datetime, woken: set[str]) -> JobState:
+    """The state ``job`` goes in with: an available job scheduled after ``now`` goes in
+    scheduled; the queue of one that stays available is added to ``woken``."""
+    if state is JobState.AVAILABLE:
+        if job.scheduled_at is not None and job.scheduled_at > now:
+            return JobState.SCHEDULED
+        woken.add(job.queue)
+    return state
 
 
 def _chunked(lines: Iterator[str]) -> Iterator[str]:
