@@ -21,10 +21,10 @@ from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import DatabaseError, StepError, UnknownStepError
 from baton.events import Events, Hook
-from baton.job import Job, JobSpec, check_options
+from baton.job import Job, JobSpec, check_options, check_sizes
 from baton.pricing import Pricing
 from baton.query import Query
-from baton.step import DEFAULT_MAX_ARGS_BYTES, Step, StepOptions
+from baton.step import DEFAULT_MAX_ARGS_BYTES, JobBatch, Step, StepOptions
 
 log = structlog.get_logger("baton.app")
 
@@ -185,7 +185,8 @@ class Baton:
             capture=capture,
         )
         # Validate the options once, here, rather than at every new().
-        check_options(queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout)
+        check_options(queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,
+                      step=name)
 
         def register(f: F) -> Step:
             step = Step(f, options, name=name, max_args_bytes=self.max_args_bytes)
@@ -368,7 +369,9 @@ class Baton:
 
         :param conn: insert in the caller's transaction on this connection (nothing is
             committed here; a rollback enqueues nothing).
+        :raises PayloadTooLargeError: if its args are larger than ``max_args_bytes``.
         """
+        check_sizes([job], self.max_args_bytes)
         return (await self._run(ops.enqueue(self.queries, [job]), "enqueue", conn,
                                 single=True))[0]
 
@@ -382,19 +385,27 @@ class Baton:
 
         :param conn: insert in the caller's transaction on this connection.
         """
+        self._check_sizes(jobs)
         op = ops.enqueue(self.queries, jobs, commit=conn is None)
         return await self._run(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
     def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None) -> int:
         """Insert one job from synchronous code and return its id."""
+        check_sizes([job], self.max_args_bytes)
         return self._run_sync(ops.enqueue(self.queries, [job]), "enqueue", conn, single=True)[0]
 
     def enqueue_many_sync(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[int]:
         """Insert many jobs from synchronous code and return their ids in order."""
+        self._check_sizes(jobs)
         op = ops.enqueue(self.queries, jobs, commit=conn is None)
         return self._run_sync(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
+
+    def _check_sizes(self, jobs: Sequence[JobSpec]) -> None:
+        # A batch's jobs are built and checked by their step as the rows are sent.
+        if not isinstance(jobs, JobBatch):
+            check_sizes(jobs, self.max_args_bytes)
 
     async def get_job(self, job_id: int) -> Job:
         """Return the job row with ``job_id``.
@@ -437,6 +448,7 @@ class Baton:
         :param conn: insert in the caller's transaction on this connection.
         :raises WorkflowError: (cycles, unknown dependencies, ...) before anything is written.
         """
+        check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return await self._run(workflows.insert(self.queries, workflow), "insert workflow",
                                conn)
 
@@ -444,10 +456,12 @@ class Baton:
         self, workflow: Workflow, *, conn: psycopg.Connection[Any] | None = None
     ) -> uuid.UUID:
         """Insert a workflow from synchronous code; return its id."""
+        check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return self._run_sync(workflows.insert(self.queries, workflow), "insert workflow", conn)
 
     async def append(self, workflow_id: uuid.UUID, workflow: Workflow) -> list[str]:
         """Add the steps of ``workflow`` to a running workflow; return their names."""
+        check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return await self._run(workflows.append(self.queries, workflow_id, workflow),
                                "append to workflow", None)
 

@@ -46,9 +46,12 @@ class UnknownStepError(StepError):
 class ArgsError(StepError):
     """A job's arguments are invalid for its step."""
 
-    def __init__(self, step: str, detail: str) -> None:
+    def __init__(self, step: str, detail: str, *, argument: str | None = None) -> None:
         self.step = step
         self.detail = detail
+        self.argument = argument
+        """The argument at fault (a dotted path into it, such as ``doc.tags.2``), when one
+        is; ``meta.…`` for the job's meta."""
         self.index: int | None = None
         """The job's position in a :class:`~baton.step.JobBatch`, when it came from one."""
         super().__init__(f"invalid arguments for step {step!r}: {detail}")
@@ -61,6 +64,20 @@ class PayloadTooLargeError(ArgsError):
         self.size = size
         self.limit = limit
         super().__init__(step, f"{size} bytes of JSON exceeds the limit of {limit} bytes")
+
+
+class OptionsError(StepError, ValueError):
+    """A job option (queue, priority, max_attempts, timeout, scheduled_at, meta) is invalid.
+
+    Also a :class:`ValueError`, as it was before it had a type of its own.
+    """
+
+    def __init__(self, option: str, detail: str, *, step: str | None = None) -> None:
+        self.option = option
+        self.step = step
+        self.detail = detail
+        where = f" of step {step!r}" if step else ""
+        super().__init__(f"invalid option {option!r}{where}: {detail}")
 
 
 class JobNotFound(BatonError):

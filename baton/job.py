@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -12,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 from typing_extensions import TypedDict, Unpack
+
+from baton.errors import ArgsError, OptionsError, PayloadTooLargeError
 
 
 class JobState(StrEnum):
@@ -64,7 +69,12 @@ class JobSpec:
 
     ``args`` already passed validation against the step's signature and are JSON-safe.
     Build one by hand (``JobSpec(step=name, args={...})``) only for a step that lives in
-    another code base; its args are then checked when a worker runs it.
+    another code base: its args are then checked against the step's signature when a
+    worker runs it, and here only for what no job may hold (see :func:`args_text`); their
+    size is checked when it is enqueued.
+
+    :raises OptionsError: if an option is invalid (see :func:`check_options`).
+    :raises ArgsError: if the args are not JSON data PostgreSQL can store.
     """
 
     step: str
@@ -79,13 +89,18 @@ class JobSpec:
     """The args as JSON text (computed once, when the job is built)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.step, str) or not self.step or "\x00" in self.step:
+            raise OptionsError("step", f"must be a step name, not {self.step!r}")
         check_options(queue=self.queue, priority=self.priority, max_attempts=self.max_attempts,
-                      timeout=self.timeout)
+                      timeout=self.timeout, step=self.step)
+        if self.scheduled_at is not None and (
+                not isinstance(self.scheduled_at, datetime) or self.scheduled_at.tzinfo is None):
+            raise OptionsError("scheduled_at", "must be a timezone-aware datetime, not "
+                               f"{self.scheduled_at!r}", step=self.step)
+        if self.meta or not isinstance(self.meta, dict):
+            check_meta(self.step, self.meta)
         if not self.args_json:
-            try:
-                object.__setattr__(self, "args_json", encode_json(self.args))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"job args are not JSON-serializable: {exc}") from exc
+            object.__setattr__(self, "args_json", args_text(self.step, self.args))
 
     def with_args(self, args: dict[str, Any], args_json: str) -> JobSpec:
         """Return a copy with other, already validated args (what ``step.new`` builds from
@@ -104,13 +119,13 @@ class JobSpec:
             raise TypeError(f"unknown job options: {', '.join(sorted(unknown))}")
         schedule_in = changes.pop("schedule_in", None)
         if schedule_in is not None:
-            seconds = (
-                schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
-            )
-            changes["scheduled_at"] = datetime.now(UTC) + timedelta(seconds=seconds)
-        scheduled_at = changes.get("scheduled_at")
-        if scheduled_at is not None and scheduled_at.tzinfo is None:
-            raise ValueError("scheduled_at must be timezone-aware")
+            try:
+                delay = (schedule_in if isinstance(schedule_in, timedelta)
+                         else timedelta(seconds=schedule_in))
+                changes["scheduled_at"] = datetime.now(UTC) + delay
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise OptionsError("schedule_in", "must be seconds from now or a timedelta, "
+                                   f"not {schedule_in!r}", step=self.step) from exc
         given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
         return replace(self, **given)
 
@@ -185,17 +200,130 @@ def copy_text(value: str) -> str:
     return value.translate(_COPY_ESCAPES)
 
 
-def check_options(*, queue: str, priority: int, max_attempts: int, timeout: float | None
-                  ) -> None:
-    """Raise ``ValueError`` unless the job options are in range."""
-    if not isinstance(queue, str) or not 1 <= len(queue) <= 128:
-        raise ValueError(f"queue must be a name of 1 to 128 characters, not {queue!r}")
-    if not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise ValueError(f"priority must be an integer from 0 (first) to 9, not {priority!r}")
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"max_attempts must be a positive integer, not {max_attempts!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}", re.ASCII)
+QUEUE_RULE = "1 to 128 ASCII letters, digits or the characters _ - . : /"
+"""What a queue may be called: names ``baton worker --queues NAME=LIMIT,...`` can list."""
+
+MAX_ATTEMPTS = 2**31 - 1
+"""The column is a PostgreSQL ``integer``."""
+
+
+def check_queue(queue: object) -> str | None:
+    """Return why ``queue`` is not a valid queue name, or None if it is."""
+    if isinstance(queue, str) and QUEUE_NAME.fullmatch(queue):
+        return None
+    return f"a queue name is {QUEUE_RULE}, not {queue!r}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(*, queue: str, priority: int, max_attempts: int, timeout: float | None,
+                  step: str | None = None) -> None:
+    """Raise :class:`OptionsError` unless the job options are in range (``step``: the step
+    they are for, named in the error)."""
+    if (problem := check_queue(queue)) is not None:
+        raise OptionsError("queue", problem, step=step)
+    if not _is_int(priority) or not 0 <= priority <= 9:
+        raise OptionsError("priority", f"must be an integer from 0 (first) to 9, not "
+                           f"{priority!r}", step=step)
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise OptionsError("max_attempts", f"must be an integer from 1 to {MAX_ATTEMPTS}, "
+                           f"not {max_attempts!r}", step=step)
+    if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool)
+            or not 0 < timeout < math.inf):
+        raise OptionsError("timeout", f"must be a positive, finite number of seconds, not "
+                           f"{timeout!r}", step=step)
+
+
+def check_meta(step: str, meta: object) -> None:
+    """Raise :class:`OptionsError` unless ``meta`` is a dict of JSON data PostgreSQL can
+    store."""
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise OptionsError("meta", f"must be a dict with string keys, not {meta!r}", step=step)
+    try:
+        text = encode_json(meta)
+    except (TypeError, ValueError) as exc:
+        where, problem = find_unstorable(meta, "meta") or ("meta", f"is not JSON data: {exc}")
+        raise OptionsError("meta", f"{where}: {problem}", step=step) from exc
+    if "\\u0000" in text and (found := find_unstorable(meta, "meta")) is not None:
+        raise OptionsError("meta", f"{found[0]}: {found[1]}", step=step)
+
+
+NUL_PROBLEM = ("contains a NUL character (\\x00): PostgreSQL cannot store it in JSON; "
+               "remove it, or encode the value (base64, for example)")
+BYTES_PROBLEM = ("is bytes, which JSON cannot hold (it would reach the step as text); "
+                 "pass text instead (base64, for example)")
+
+
+def find_unstorable(value: object, path: str) -> tuple[str, str] | None:
+    """Find the first NUL character (in a string or a key) or bytes value inside ``value``
+    (through dicts, lists, tuples and sets); return its dotted path and the problem."""
+    if isinstance(value, str):
+        return (path, NUL_PROBLEM) if "\x00" in value else None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return path, BYTES_PROBLEM
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return path or "args", f"has a key {key!r} that {NUL_PROBLEM}"
+            if (found := find_unstorable(item, inner)) is not None:
+                return found
+    elif isinstance(value, list | tuple | set | frozenset):
+        for n, item in enumerate(value):
+            if (found := find_unstorable(item, f"{path}.{n}")) is not None:
+                return found
+    return None
+
+
+def args_text(step: str, args: object) -> str:
+    """Return a hand-built job's args as JSON text.
+
+    :raises ArgsError: naming the argument at fault, unless ``args`` is a dict of argument
+        names to JSON data without NUL characters or bytes.
+    """
+    if not isinstance(args, dict):
+        raise ArgsError(step, f"args must be a dict of argument names to values, not {args!r}")
+    for name in args:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ArgsError(step, f"argument name {name!r} is not a parameter name",
+                            argument=str(name))
+    try:
+        text = encode_json(args)
+    except (TypeError, ValueError) as exc:
+        found = find_unstorable(args, "")
+        if found is None:
+            name = next((n for n, v in args.items() if not _encodes(v)), None)
+            raise ArgsError(step, f"{name or 'args'}: not JSON-serializable: {exc}",
+                            argument=name) from exc
+        raise ArgsError(step, f"{found[0]}: {found[1]}", argument=found[0]) from exc
+    if "\\u0000" in text and (found := find_unstorable(args, "")) is not None:
+        raise ArgsError(step, f"{found[0]}: {found[1]}", argument=found[0])
+    return text
+
+
+def _encodes(value: object) -> bool:
+    try:
+        encode_json(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_sizes(jobs: Iterable[JobSpec], limit: int) -> None:
+    """Raise :class:`PayloadTooLargeError` for the first of ``jobs`` whose args' JSON is
+    larger than ``limit`` bytes (its ``index`` is the job's position in ``jobs``)."""
+    for index, job in enumerate(jobs):
+        text = job.args_json
+        if len(text) * 4 > limit:  # UTF-8 takes at most 4 bytes a character
+            size = len(text.encode())
+            if size > limit:
+                exc = PayloadTooLargeError(job.step, size, limit)
+                exc.index = index
+                raise exc
 
 
 def rows_text(rows: list[str]) -> str:

@@ -9,6 +9,7 @@ from types import UnionType
 from typing import (
     Annotated,
     Any,
+    Literal,
     NotRequired,
     Union,
     get_args,
@@ -24,7 +25,7 @@ from typing_extensions import TypedDict, Unpack
 
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError
-from baton.job import JobOptions, JobSpec, copy_text, json_text
+from baton.job import JobOptions, JobSpec, copy_text, find_unstorable, json_text
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -46,6 +47,9 @@ class StepOptions:
     """An LLM step: a provider's HTTP 429 snoozes the job instead of failing it."""
     capture: bool = False
     """Capture full context (``ctx.capture``) for this step even if the app does not."""
+    executor: Literal["thread", "process"] = "thread"
+    """Where a plain ``def`` step runs: a worker thread, or a child process that a timeout,
+    a cancel or a shutdown can kill (``baton.worker.processes``)."""
 
 
 _ARGS_CONFIG = ConfigDict(extra="forbid")
@@ -80,11 +84,17 @@ class Step:
         self.name = name or step_name(fn)
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
+        if options.executor != "thread":
+            _check_process_step(fn, self.name, self.is_async, options.executor)
         self.max_args_bytes = max_args_bytes
         self.ctx_param, self.arg_names, adapter, hints = _args_adapter(fn, self.name)
         # Validated args of JSON types need no JSON-mode copy; without floats, no NaN check.
         self._json_native = all(_plain_json(h, _JSON_SCALARS) for h in hints)
         self._float_free = all(_plain_json(h, _JSON_SCALARS_NO_FLOAT) for h in hints)
+        # Where validation keeps any value as given, bytes may hide (they would reach the
+        # step as text): those arguments are searched for them.
+        self._untyped = tuple(n for n, h in zip(self.arg_names, hints, strict=True)
+                              if _untyped(h))
         self.args_adapter = adapter
         o = options
         self._spec = JobSpec(self.name, {}, o.queue, o.priority, o.max_attempts, o.timeout)
@@ -123,6 +133,8 @@ class Step:
         """Validate ``args``; return their JSON-safe form and its JSON text."""
         try:
             valid = self._validate(args)
+            if self._untyped:
+                self._refuse_bytes(valid)
             raw = pydantic_core.to_json(valid, inf_nan_mode="constants")
             data: dict[str, Any] = valid if self._json_native else self._to_python(
                 valid, mode="json")
@@ -136,9 +148,21 @@ class Step:
                 raw = json_text(valid).encode()
             except ValueError as exc:
                 raise ArgsError(self.name, f"not JSON-serializable: {exc}") from exc
+        if b"\\u0000" in raw:  # a NUL character, or those letters after a backslash
+            self._refuse_nul(valid)
         if len(raw) > self.max_args_bytes:
             raise PayloadTooLargeError(self.name, len(raw), self.max_args_bytes)
         return data, raw.decode()
+
+    def _refuse_bytes(self, valid: dict[str, Any]) -> None:
+        for name in self._untyped:
+            if name in valid and (found := find_unstorable(valid[name], name)) is not None:
+                raise ArgsError(self.name, f"{found[0]}: {found[1]}", argument=found[0])
+
+    def _refuse_nul(self, valid: dict[str, Any]) -> None:
+        data = self._to_python(valid, mode="json")  # models and dates as their JSON
+        if (found := find_unstorable(data, "")) is not None:
+            raise ArgsError(self.name, f"{found[0]}: {found[1]}", argument=found[0])
 
     def load_args(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validate stored JSON args and return the keyword arguments for the function."""
@@ -215,6 +239,26 @@ class JobBatch(Sequence[JobSpec]):
         return JobBatch(self._step, self._spec.options(**changes), self._args)
 
 
+def _check_process_step(fn: Callable[..., Any], name: str, is_async: bool, executor: str
+                        ) -> None:
+    """Refuse an unknown executor, and a step that ``executor="process"`` cannot run: a
+    child process must find the function by its module and qualified name, and it runs
+    plain functions only."""
+    if executor != "process":
+        raise StepError(f"step {name!r}: executor must be 'thread' or 'process', "
+                        f"not {executor!r}")
+    if is_async:
+        raise StepError(
+            f"step {name!r} is async and cannot run in a process: executor='process' is for "
+            "plain def steps that block; an async step runs on the worker's event loop"
+        )
+    if "<locals>" in fn.__qualname__:
+        raise StepError(
+            f"step {name!r} is defined inside a function, so a child process cannot import "
+            "it; define it at module level to use executor='process'"
+        )
+
+
 def _summarize(exc: pydantic.ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
@@ -262,6 +306,20 @@ def _args_adapter(
     except pydantic.PydanticUserError as exc:
         raise StepError(f"step {name!r} has arguments pydantic cannot validate: {exc}") from exc
     return ctx_param, tuple(fields), adapter, [hints.get(n, Any) for n in fields]
+
+
+def _untyped(annotation: Any) -> bool:
+    """Whether values validated as ``annotation`` may hold anything as it was given (``Any``,
+    ``object``, a bare ``dict`` or ``list``, or a container of those)."""
+    if annotation is Any or annotation is object or annotation in (dict, list, tuple, set):
+        return True
+    origin, params = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _untyped(params[0])
+    if origin in (dict, list, tuple, set, frozenset, Union, UnionType) or (
+            isinstance(origin, type) and issubclass(origin, Iterable)):
+        return any(_untyped(p) for p in params if p is not Ellipsis)
+    return False
 
 
 _JSON_SCALARS = (int, float, str, bool, type(None))

@@ -51,7 +51,7 @@ async def _round_trip_awkward(app: baton.Baton, size: int) -> None:
     for i in range(size):
         text = AWKWARD[i % len(AWKWARD)]
         job = basic.echo.new(value={"text": text, "i": i}).options(
-            queue=f"q\t{i % 2}", meta={"note": text}, timeout=0.25 + i)
+            queue=f"q:{i % 2}", meta={"note": text}, timeout=0.25 + i)
         if i % 3 == 1:
             job = job.options(scheduled_at=future)
         elif i % 3 == 2:
@@ -63,7 +63,7 @@ async def _round_trip_awkward(app: baton.Baton, size: int) -> None:
         job = await app.get_job(job_id)
         text = AWKWARD[i % len(AWKWARD)]
         assert job.args == {"value": {"text": text, "i": i}}
-        assert (job.queue, job.meta, job.timeout) == (f"q\t{i % 2}", {"note": text}, 0.25 + i)
+        assert (job.queue, job.meta, job.timeout) == (f"q:{i % 2}", {"note": text}, 0.25 + i)
         expected = JobState.SCHEDULED if i % 3 == 1 else JobState.AVAILABLE
         assert job.state is expected, (i, job.state)
         if i % 3 == 2:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from baton.job import check_queue
+
 
 class WorkerSettings(BaseModel):
     """How a worker process runs. Every duration is in seconds."""
@@ -43,8 +45,8 @@ class WorkerSettings(BaseModel):
         if not value:
             raise ValueError("at least one queue is required")
         for name, limit in value.items():
-            if not name or len(name) > 128:
-                raise ValueError(f"invalid queue name {name!r}")
+            if (problem := check_queue(name)) is not None:
+                raise ValueError(problem)
             if limit < 1:
                 raise ValueError(f"queue {name!r} needs a concurrency of at least 1")
         return value
