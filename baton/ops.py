@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import pq, sql
 from psycopg.copy import AsyncLibpqWriter, LibpqWriter
+from psycopg.rows import BaseRowFactory, class_row, dict_row, tuple_row
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound
@@ -25,7 +26,8 @@ from baton.job import NULL, Job, JobSpec, JobState, rows_text
 from baton.step import JobBatch
 
 T = TypeVar("T")
-Rows = list[tuple[Any, ...]]
+Rows = list[Any]
+"""A statement's rows, each made by the statement's row factory."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,16 @@ class Stmt:
     several travel in one round trip (its errors still abort the transaction).
     ``commit``: commit the transaction once this statement ran, then read its rows; the
     operation yields nothing after it. In pipeline mode the COMMIT travels with it.
+    ``row_factory``: how its rows are made (``dict_row``, ``class_row(Model)``: read by
+    column name, so a column added to a table breaks nothing). The statement runs on a
+    cursor of its own with it, whatever the row factory of the caller's connection.
     """
 
     query: sql.SQL | sql.Composed
     params: dict[str, Any]
     rows: bool = True
     commit: bool = False
+    row_factory: BaseRowFactory[Any] = tuple_row
 
 
 @dataclass(frozen=True)
@@ -72,26 +78,28 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) 
             stmt = next(op)
             while True:
                 if isinstance(stmt, Copy):
-                    cur = conn.cursor()
-                    writer = AsyncLibpqWriter(cur, flush_threshold=0)
-                    async with cur.copy(stmt.query, writer=writer) as copy:
+                    copy_cur = conn.cursor(row_factory=tuple_row)
+                    writer = AsyncLibpqWriter(copy_cur, flush_threshold=0)
+                    async with copy_cur.copy(stmt.query, writer=writer) as copy:
                         for chunk in stmt.chunks:
                             await copy.write(chunk)
                     stmt = op.send([])
                     continue
+                # Never the connection's own row factory: the caller chose that one.
+                cur = conn.cursor(row_factory=stmt.row_factory)
                 if pipelined:
-                    cur = await conn.execute(stmt.query, stmt.params)
+                    await cur.execute(stmt.query, stmt.params)
                     if stmt.commit:
                         await conn.commit()
                     stmt = op.send(await cur.fetchall() if stmt.rows else [])
                     continue
                 if stmt.commit or _opens_transaction(conn):
                     async with conn.pipeline():
-                        cur = await conn.execute(stmt.query, stmt.params)
+                        await cur.execute(stmt.query, stmt.params)
                         if stmt.commit:
                             await conn.commit()
                 else:
-                    cur = await conn.execute(stmt.query, stmt.params)
+                    await cur.execute(stmt.query, stmt.params)
                 stmt = op.send(await cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
@@ -105,20 +113,21 @@ def run_sync(conn: psycopg.Connection[Any], op: Op[T], action: str) -> T:
             stmt = next(op)
             while True:
                 if isinstance(stmt, Copy):
-                    sync_cur = conn.cursor()
-                    with sync_cur.copy(stmt.query,
-                                       writer=LibpqWriter(sync_cur, flush_threshold=0)) as copy:
+                    copy_cur = conn.cursor(row_factory=tuple_row)
+                    with copy_cur.copy(stmt.query,
+                                       writer=LibpqWriter(copy_cur, flush_threshold=0)) as copy:
                         for chunk in stmt.chunks:
                             copy.write(chunk)
                     stmt = op.send([])
                     continue
+                cur = conn.cursor(row_factory=stmt.row_factory)
                 if stmt.commit or _opens_transaction(conn):
                     with conn.pipeline():
-                        cur = conn.execute(stmt.query, stmt.params)
+                        cur.execute(stmt.query, stmt.params)
                         if stmt.commit:
                             conn.commit()
                 else:
-                    cur = conn.execute(stmt.query, stmt.params)
+                    cur.execute(stmt.query, stmt.params)
                 stmt = op.send(cur.fetchall() if cur.description is not None else [])
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
@@ -237,15 +246,16 @@ def enqueue(q: Queries, jobs: Sequence[JobSpec], *, commit: bool = False) -> Op[
     return (yield from insert_jobs(q, jobs, commit=commit))
 
 
+_JOB_ROW = class_row(Job)
+
+
 def get_job(q: Queries, job_id: int) -> Op[Job]:
     """Return the job row with ``job_id``."""
-    rows = yield Stmt(q["job_get"], {"id": job_id})
+    rows = yield Stmt(q["job_get"], {"id": job_id}, row_factory=_JOB_ROW)
     if not rows:
         raise JobNotFound(job_id)
-    return Job.model_validate(dict(zip(JOB_COLUMNS, rows[0], strict=True)))
-
-
-JOB_COLUMNS = tuple(Job.model_fields)
+    job: Job = rows[0]
+    return job
 
 
 def cancel(q: Queries, job_id: int) -> Op[bool]:
@@ -253,12 +263,12 @@ def cancel(q: Queries, job_id: int) -> Op[bool]:
 
     Returns ``False`` when the job had already finished.
     """
-    rows = yield Stmt(q["job_cancel"], {"id": job_id})
+    rows = yield Stmt(q["job_cancel"], {"id": job_id}, row_factory=dict_row)
     if not rows:
         yield from get_job(q, job_id)  # raises JobNotFound for an unknown id
         return False
-    previous, attempted_by = rows[0]
-    if previous == JobState.EXECUTING and attempted_by:
+    attempted_by = rows[0]["attempted_by"]
+    if rows[0]["previous_state"] == JobState.EXECUTING and attempted_by:
         payload = json.dumps({"action": "cancel", "job_id": job_id, "worker": attempted_by})
         yield Stmt(q["control_notify"], {"channel": q.channel("control"), "payload": payload})
     return True
@@ -266,11 +276,11 @@ def cancel(q: Queries, job_id: int) -> Op[bool]:
 
 def retry(q: Queries, job_id: int) -> Op[bool]:
     """Make a job that is not running available again; ``False`` if it is running."""
-    rows = yield Stmt(q["job_retry"], {"id": job_id})
+    rows = yield Stmt(q["job_retry"], {"id": job_id}, row_factory=dict_row)
     if not rows:
         yield from get_job(q, job_id)
         return False
-    yield from notify_queues(q, [rows[0][1]])
+    yield from notify_queues(q, [rows[0]["queue"]])
     return True
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from psycopg.rows import BaseRowFactory, class_row, dict_row
 from pydantic import BaseModel, Field
 
 from baton.db import translate_errors
@@ -15,6 +16,8 @@ from baton.workflows import WorkflowInfo
 
 if TYPE_CHECKING:
     from baton.app import Baton
+
+T = TypeVar("T")
 
 
 class StepView(BaseModel):
@@ -114,19 +117,28 @@ class Status(BaseModel):
     workers: list[WorkerInfo]
 
 
-_COST_FIELDS = ("model", "calls", "input_tokens", "output_tokens", "cached_tokens", "cost",
-                "unpriced", "duration_ms")
+_VIEW_ROW = class_row(WorkflowView)
+_STEP_ROW = class_row(StepView)
+_COST_ROW = class_row(CostLine)
+_WORKER_ROW = class_row(WorkerInfo)
+
 
 class Query:
-    """``app.query``: current state from the database (seed a view, then follow events)."""
+    """``app.query``: current state from the database (seed a view, then follow events).
+
+    Every read names its columns and reads them by name: a column a later migration adds
+    changes nothing here.
+    """
 
     def __init__(self, app: Baton) -> None:
         self.app = app
 
-    async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    async def _rows(self, name: str, params: dict[str, Any], row_factory: BaseRowFactory[T]
+                    ) -> list[T]:
         with translate_errors(f"query {name}"):
             async with self.app.connection() as conn:
-                cur = await conn.execute(self.app.queries[name], params)
+                cur = conn.cursor(row_factory=row_factory)
+                await cur.execute(self.app.queries[name], params)
                 return await cur.fetchall()
 
     async def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowView:
@@ -134,43 +146,37 @@ class Query:
 
         :raises WorkflowNotFound: if there is no such workflow.
         """
-        rows = await self._rows("workflow_get", {"id": str(workflow_id)})
+        rows = await self._rows("workflow_get", {"id": str(workflow_id)}, _VIEW_ROW)
         if not rows:
             raise WorkflowNotFound(str(workflow_id))
-        view = WorkflowView.from_row(rows[0])
-        steps = await self._rows("workflow_steps_get", {"id": str(workflow_id)})
-        view.steps = [StepView(**dict(zip(StepView.model_fields, r, strict=True))) for r in steps]
+        view = rows[0]
+        view.steps = await self._rows("workflow_steps_get", {"id": str(workflow_id)}, _STEP_ROW)
         return view
 
     async def workflows(
         self, *, label: str | None = None, state: str | None = None, limit: int = 50
     ) -> list[WorkflowView]:
         """List workflows, newest first, optionally by label and state (without steps)."""
-        rows = await self._rows("workflows_list", {"label": label, "state": state,
-                                                    "limit": limit})
-        return [WorkflowView.from_row(r) for r in rows]
+        return await self._rows("workflows_list", {"label": label, "state": state,
+                                                   "limit": limit}, _VIEW_ROW)
 
     async def cost(self, workflow_id: uuid.UUID | str) -> CostReport:
         """Return a workflow's usage and cost, per step and model."""
-        rows = await self._rows("cost_workflow_steps", {"id": str(workflow_id)})
-        lines = [CostLine(step_name=r[0], **dict(zip(_COST_FIELDS, r[1:], strict=True)))
-                 for r in rows]
+        lines = await self._rows("cost_workflow_steps", {"id": str(workflow_id)}, _COST_ROW)
         return CostReport(workflow_id=uuid.UUID(str(workflow_id)), lines=lines)
 
     async def cost_by_model(self, since: datetime, until: datetime) -> list[CostLine]:
         """Return usage and cost per model for calls recorded in ``[since, until)``."""
-        rows = await self._rows("cost_by_model", {"since": since, "until": until})
-        return [CostLine(**dict(zip(_COST_FIELDS, r, strict=True))) for r in rows]
+        return await self._rows("cost_by_model", {"since": since, "until": until}, _COST_ROW)
 
     async def status(self) -> Status:
         """Return every queue's counts by state and the live workers."""
         queues: dict[str, QueueStatus] = {}
-        for queue, state, count, oldest in await self._rows("queues_status", {}):
-            entry = queues.setdefault(queue, QueueStatus(queue=queue, counts={},
-                                                         oldest_available_seconds=None))
-            entry.counts[state] = int(count)
-            if oldest is not None:
-                entry.oldest_available_seconds = float(oldest)
-        workers = [WorkerInfo(**dict(zip(WorkerInfo.model_fields, r, strict=True)))
-                   for r in await self._rows("workers_live", {})]
+        for row in await self._rows("queues_status", {}, dict_row):
+            entry = queues.setdefault(row["queue"], QueueStatus(
+                queue=row["queue"], counts={}, oldest_available_seconds=None))
+            entry.counts[row["state"]] = int(row["jobs"])
+            if row["oldest_available_seconds"] is not None:
+                entry.oldest_available_seconds = float(row["oldest_available_seconds"])
+        workers = await self._rows("workers_live", {}, _WORKER_ROW)
         return Status(queues=list(queues.values()), workers=workers)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
+from psycopg.rows import dict_row
 
 from baton.app import Baton
 from baton.job import Job, JobSpec, JobState, encode_json
@@ -130,11 +131,10 @@ async def drain_queue(app: Baton, queue: str = "default", *, timeout: float = 60
         with anyio.fail_after(timeout):
             while True:
                 async with app.connection() as conn:
-                    cur = await conn.execute(
-                        app.queries["queue_busy_count"], {"queue": queue}
-                    )
+                    cur = conn.cursor(row_factory=dict_row)
+                    await cur.execute(app.queries["queue_busy_count"], {"queue": queue})
                     row = await cur.fetchone()
-                if row is None or row[0] == 0:
+                if row is None or row["busy"] == 0:
                     break
                 with anyio.move_on_after(0.05):
                     await worker.completer.wait_written()
@@ -143,11 +143,10 @@ async def drain_queue(app: Baton, queue: str = "default", *, timeout: float = 60
 def assert_enqueued(app: Baton, step: str, **args: Any) -> Job:
     """Assert that a job of ``step`` whose args contain ``args`` is waiting; return it."""
     with app.connection_sync() as conn:
-        cur = conn.execute(
-            app.queries["job_find_waiting"], {"step": step, "args": encode_json(args)}
-        )
+        cur = conn.cursor(row_factory=dict_row)
+        cur.execute(app.queries["job_find_waiting"], {"step": step, "args": encode_json(args)})
         row = cur.fetchone()
     if row is None:
         raise AssertionError(f"no waiting job of step {step!r} with args {args!r}")
-    return app.get_job_sync(int(row[0]))
+    return app.get_job_sync(int(row["id"]))
 

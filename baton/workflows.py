@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Self
 
+from psycopg.rows import class_row, dict_row
 from pydantic import BaseModel
 from pydantic_core import to_json, to_jsonable_python
 
@@ -136,8 +137,8 @@ class Announcement:
         rows = yield Stmt(q["events_emit_steps"], {
             "rows": json_text([e.row() for e in self.events]),
             "channel": events_channel(q.schema),
-        })
-        return list(rows[0][0]) if rows else []
+        }, row_factory=dict_row)
+        return list(rows[0]["payloads"]) if rows else []
 
 
 NO_EVENTS: dict[str, Any] = {"event_jobs": [], "event_chunks": [], "event_bodies": []}
@@ -183,9 +184,9 @@ class WorkflowInfo(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Self:
-        """Build from a ``workflow_get`` / ``workflows_list`` row."""
-        return cls(**dict(zip(cls.model_fields, row, strict=False)))
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """Build from a ``workflow_get`` / ``workflows_list`` row read by column name."""
+        return cls.model_validate(row)
 
 
 def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
@@ -229,22 +230,22 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     :raises WorkflowNotFound: if there is no such workflow.
     :raises WorkflowError: if it already finished, or ``wf`` is invalid.
     """
-    rows = yield Stmt(q["workflow_lock_for_append"], {"id": workflow_id})
+    rows = yield Stmt(q["workflow_lock_for_append"], {"id": workflow_id}, row_factory=dict_row)
     if not rows:
         raise WorkflowNotFound(str(workflow_id))
-    finished, names, settled, groups = rows[0]
-    if finished:
+    row = rows[0]
+    if row["finished"]:
         raise WorkflowError(f"workflow {workflow_id} has finished; it cannot grow")
-    wanted_groups = sorted({d for n in wf.nodes.values() for d in n.deps} & set(groups))
+    wanted_groups = sorted({d for n in wf.nodes.values() for d in n.deps} & set(row["groups"]))
     if wanted_groups:
         found = yield Stmt(q["workflow_group_members"],
-                           {"id": workflow_id, "groups": wanted_groups})
-        for group, members in found:
-            wf.groups.setdefault(group, list(members))
-    order = wf.validate(existing=set(names))
+                           {"id": workflow_id, "groups": wanted_groups}, row_factory=dict_row)
+        for group in found:
+            wf.groups.setdefault(group["group_name"], list(group["members"]))
+    order = wf.validate(existing=set(row["names"]))
     wf.id = workflow_id
     yield Stmt(q["workflow_grow"], {"id": workflow_id, "count": len(order)})
-    yield from _insert_steps(q, wf, order, settled=set(settled))
+    yield from _insert_steps(q, wf, order, settled=set(row["settled"]))
     return order
 
 
@@ -276,13 +277,13 @@ def settle_statement(q: Queries, steps: Sequence[Settled], *, commit: bool = Fal
     return Stmt(q["steps_settle"], {
         "rows": to_json(rows).decode(), "channel": q.channel("insert"),
         "events_channel": events_channel(q.schema),
-    }, commit=commit)
+    }, commit=commit, row_factory=dict_row)
 
 
 def settlement(stmt: Stmt) -> Op[list[Payload]]:
     """Run a :func:`settle_statement`; return the ``workflow_finished`` events it sent."""
     result = yield stmt
-    return list(result[0][0] or [])
+    return list(result[0]["finished"] or [])
 
 
 def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]]:
@@ -293,17 +294,20 @@ def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]
     the same time neither settles nor announces one of them again. Returns the steps'
     events, the ``workflow_finished`` events and how many steps settled.
     """
-    found = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": None})
+    found = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": None},
+                       row_factory=dict_row)
     if not found:
         return [], [], 0
-    workflow_ids = sorted({uuid_text(row[0]) for row in found})
-    yield lock(q, [row[0] for row in found])
-    rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids})
+    workflow_ids = sorted({uuid_text(row["workflow_id"]) for row in found})
+    yield lock(q, [row["workflow_id"] for row in found])
+    rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids},
+                      row_factory=dict_row)
     events = yield from emit_steps(q, [
-        StepEvent(w, n, worker, s, job_id, attempt, error=error)
-        for w, n, s, worker, job_id, attempt, error in rows
+        StepEvent(r["workflow_id"], r["workflow_step"], r["step"], r["state"], r["job_id"],
+                  r["attempt"], error=r["error"])
+        for r in rows
     ])
-    steps = [(w, n, s, job_id) for w, n, s, _worker, job_id, *_ in rows]
+    steps = [(r["workflow_id"], r["workflow_step"], r["state"], r["job_id"]) for r in rows]
     finished = yield from settle(q, steps, locked=True)
     return events, finished, len(steps)
 
@@ -317,16 +321,19 @@ def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
 
 def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
     """Cancel a job; if it is a workflow step, settle it and announce it."""
-    found = yield Stmt(q["job_workflow"], {"id": job_id})
-    workflow_id, step, worker, attempt = found[0] if found else (None, None, None, 0)
+    found = yield Stmt(q["job_workflow"], {"id": job_id}, row_factory=dict_row)
+    row: dict[str, Any] = found[0] if found else {"workflow_id": None, "workflow_step": None}
+    workflow_id = row["workflow_id"]
     if workflow_id is not None:
         # Lock the workflow before the job row, as the completer does, so they never deadlock.
         yield lock(q, [workflow_id])
     cancelled = yield from ops.cancel(q, job_id)
     events: list[Payload] = []
+    step = row["workflow_step"]
     if cancelled and workflow_id is not None and step is not None:
-        events = yield from emit_steps(q, [StepEvent(workflow_id, step, worker, "cancelled",
-                                                     job_id, attempt, error="cancelled")])
+        events = yield from emit_steps(q, [StepEvent(
+            workflow_id, step, row["step"], "cancelled", job_id, row["attempt"],
+            error="cancelled")])
         events += yield from settle(
             q, [(workflow_id, step, JobState.CANCELLED.value, job_id)], locked=True)
     return cancelled, events
@@ -346,24 +353,29 @@ def dump_result(value: Any) -> Any:
 
 def result(q: Queries, workflow_id: uuid.UUID, name: str) -> Op[Any]:
     """Return one step's stored result."""
-    rows = yield Stmt(q["node_result"], {"workflow_id": workflow_id, "name": name})
+    rows = yield Stmt(q["node_result"], {"workflow_id": workflow_id, "name": name},
+                      row_factory=dict_row)
     if not rows:
         raise NoSuchStepError(str(workflow_id), name)
-    has_result, value = rows[0]
-    if not has_result:
+    if not rows[0]["has_result"]:
         raise NoResultError(name)
-    return value
+    return rows[0]["value"]
 
 
 def results(q: Queries, workflow_id: uuid.UUID) -> Op[dict[str, Any]]:
     """Return every stored result of a workflow by step name."""
-    rows = yield Stmt(q["workflow_results"], {"workflow_id": workflow_id})
-    return {name: value for name, value in rows}
+    rows = yield Stmt(q["workflow_results"], {"workflow_id": workflow_id},
+                      row_factory=dict_row)
+    return {row["name"]: row["value"] for row in rows}
+
+
+_WORKFLOW_ROW = class_row(WorkflowInfo)
 
 
 def get(q: Queries, workflow_id: uuid.UUID) -> Op[WorkflowInfo]:
     """Return a workflow's row."""
-    rows = yield Stmt(q["workflow_get"], {"id": workflow_id})
+    rows = yield Stmt(q["workflow_get"], {"id": workflow_id}, row_factory=_WORKFLOW_ROW)
     if not rows:
         raise WorkflowNotFound(str(workflow_id))
-    return WorkflowInfo.from_row(rows[0])
+    info: WorkflowInfo = rows[0]
+    return info

@@ -144,7 +144,13 @@ WHERE id = ANY(%(ids)s::bigint[]) AND state = 'executing' AND attempted_by = %(w
 RETURNING id, queue
 
 -- name: job_get
-SELECT * FROM {schema}.jobs WHERE id = %(id)s
+-- One job, the columns of baton.job.Job by name (never *: a column added by a later
+-- migration must not reach a process still on this code).
+SELECT id, state, queue, step, args, meta, errors, attempt, max_attempts, snoozes, priority,
+    timeout, workflow_id, workflow_step, inserted_at, scheduled_at, attempted_at,
+    attempted_by, finalized_at
+FROM {schema}.jobs
+WHERE id = %(id)s
 
 -- name: job_cancel
 -- Cancel a job that has not finished; report the state it was in and who ran it.
@@ -258,7 +264,7 @@ DELETE FROM {schema}.leader WHERE name = %(name)s AND leader_id = %(id)s
 
 -- name: queue_busy_count
 -- Jobs of a queue that are runnable now or running.
-SELECT count(*)
+SELECT count(*) AS busy
 FROM {schema}.jobs
 WHERE queue = %(queue)s
   AND (state = 'executing' OR (state = 'available' AND scheduled_at <= now()))

@@ -38,7 +38,7 @@ WHERE id = %(id)s
 FOR UPDATE
 
 -- name: workflow_group_members
-SELECT group_name, array_agg(name ORDER BY name)
+SELECT group_name, array_agg(name ORDER BY name) AS members
 FROM {schema}.nodes
 WHERE workflow_id = %(id)s AND group_name = ANY(%(groups)s::text[])
 GROUP BY group_name
@@ -156,12 +156,12 @@ SET result = jsonb_build_object('value', %(result)s::jsonb), has_result = true,
 WHERE workflow_id = %(workflow_id)s AND name = %(name)s
 
 -- name: node_result
-SELECT has_result, result -> 'value'
+SELECT has_result, result -> 'value' AS value
 FROM {schema}.nodes
 WHERE workflow_id = %(workflow_id)s AND name = %(name)s
 
 -- name: workflow_results
-SELECT name, result -> 'value' FROM {schema}.nodes
+SELECT name, result -> 'value' AS value FROM {schema}.nodes
 WHERE workflow_id = %(workflow_id)s AND has_result
 ORDER BY name
 
@@ -175,8 +175,8 @@ SELECT workflow_id, workflow_step, step, attempt FROM {schema}.jobs WHERE id = %
 -- name: jobs_unsettled
 -- Backstop: finished steps of running workflows (of %(workflow_ids)s only, unless NULL)
 -- whose settlement was never recorded.
-SELECT j.workflow_id, j.workflow_step, j.state, j.step, j.id, j.attempt,
-    j.errors -> -1 ->> 'error'
+SELECT j.workflow_id, j.workflow_step, j.state, j.step, j.id AS job_id, j.attempt,
+    j.errors -> -1 ->> 'error' AS error
 FROM {schema}.workflows AS w
 JOIN {schema}.jobs AS j ON j.workflow_id = w.id
 WHERE w.finished_at IS NULL
