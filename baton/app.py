@@ -6,20 +6,30 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar, overload
 
+import anyio
 import psycopg
 import pydantic_core
 import structlog
+from psycopg import pq
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from baton import migrations, ops, workflows
 from baton.dag import Workflow
-from baton.db import Queries, validate_schema
+from baton.db import (
+    Queries,
+    connect,
+    connect_sync,
+    connection_lost,
+    describe,
+    translate_errors,
+    validate_schema,
+)
 from baton.embedded import resolve_dsn
-from baton.errors import DatabaseError, StepError, UnknownStepError
+from baton.errors import DatabaseError, OutcomeUnknownError, StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options, check_sizes
 from baton.pricing import Pricing
@@ -73,6 +83,96 @@ async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
 def _check_if_idle_sync(conn: psycopg.Connection[Any]) -> None:
     if not _recently_used(conn):
         ConnectionPool.check_connection(conn)
+
+
+def _pool_timeout(name: str, timeout: float) -> DatabaseError:
+    return DatabaseError(f"could not connect to the database within {timeout:g} s (pool "
+                         f"{name}); is it running, and is the URL right?")
+
+
+_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+
+def _watch(op: ops.Op[T], sent: list[bool]) -> ops.Op[T]:
+    """Pass ``op`` through, noting in ``sent`` when a statement carrying a COMMIT goes out."""
+    try:
+        stmt = next(op)
+        while True:
+            if isinstance(stmt, ops.Stmt) and stmt.commit:
+                sent.append(True)
+            stmt = op.send((yield stmt))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _unknown(exc: DatabaseError, action: str) -> DatabaseError:
+    """``exc``, or :class:`OutcomeUnknownError` when its cause is a lost connection."""
+    cause = exc.__cause__
+    if isinstance(exc, OutcomeUnknownError) or not connection_lost(cause):
+        return exc
+    assert isinstance(cause, psycopg.Error)
+    return OutcomeUnknownError(action, describe(cause))
+
+
+async def _execute(conn: psycopg.AsyncConnection[Any], op: ops.Op[T], action: str, *,
+                   write: bool, commits: bool) -> T:
+    """Run ``op`` on ``conn``. A write whose connection is lost once it may have committed
+    (``commits``: each statement commits on its own; else once a statement carrying the
+    COMMIT went out) raises :class:`OutcomeUnknownError`."""
+    if not write or conn.broken:  # a broken connection sends nothing
+        return await ops.run_async(conn, op, action)
+    sent: list[bool] = []
+    try:
+        return await ops.run_async(conn, op if commits else _watch(op, sent), action)
+    except DatabaseError as exc:
+        if commits or sent:
+            raise _unknown(exc, action) from exc.__cause__
+        raise
+
+
+def _execute_sync(conn: psycopg.Connection[Any], op: ops.Op[T], action: str, *,
+                  write: bool, commits: bool) -> T:
+    if not write or conn.broken:
+        return ops.run_sync(conn, op, action)
+    sent: list[bool] = []
+    try:
+        return ops.run_sync(conn, op if commits else _watch(op, sent), action)
+    except DatabaseError as exc:
+        if commits or sent:
+            raise _unknown(exc, action) from exc.__cause__
+        raise
+
+
+@asynccontextmanager
+async def _transaction(conn: psycopg.AsyncConnection[Any], action: str, *, write: bool
+                       ) -> AsyncIterator[None]:
+    """``conn.transaction()`` on a caller's connection in autocommit, its BEGIN and COMMIT
+    failures raised as ours (a write's lost COMMIT: :class:`OutcomeUnknownError`)."""
+    tx = conn.transaction()
+    with translate_errors(action):
+        await tx.__aenter__()
+    try:
+        yield
+    except BaseException as exc:
+        await tx.__aexit__(type(exc), exc, exc.__traceback__)  # rolls back
+        raise
+    with translate_errors(action, maybe_done=write and not conn.broken):
+        await tx.__aexit__(None, None, None)
+
+
+@contextmanager
+def _transaction_sync(conn: psycopg.Connection[Any], action: str, *, write: bool
+                      ) -> Iterator[None]:
+    tx = conn.transaction()
+    with translate_errors(action):
+        tx.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    with translate_errors(action, maybe_done=write and not conn.broken):
+        tx.__exit__(None, None, None)
 
 
 class Baton:
@@ -232,11 +332,18 @@ class Baton:
 
     async def open(self) -> None:
         """Open the async connection pool and its first connection (done on first use;
-        call it to fail early).
+        call it to fail early). Cancellable throughout.
 
-        :raises DatabaseError: if no connection opens within ``connect_timeout``.
+        A first connection is made directly, to tell a failure that cannot heal (no such
+        database or role, failed authentication, a malformed URL), raised at once, from one
+        that can (the server is starting, or not reachable yet), retried for up to
+        ``connect_timeout``.
+
+        :raises DatabaseError: if no connection opens.
         """
         if self._pool is None:
+            probe = await connect(self.dsn, self.connect_timeout)
+            await probe.close()
             pool = AsyncConnectionPool(
                 self.dsn,
                 min_size=1,
@@ -249,16 +356,43 @@ class Baton:
             )
             try:
                 await pool.open(wait=True, timeout=self.connect_timeout)
-            except PoolTimeout as exc:
-                await pool.close()
-                raise DatabaseError(
-                    f"could not connect to the database within {self.connect_timeout:g} s "
-                    f"(pool {pool.name}); is it running, and is the URL right?"
-                ) from exc
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+                if isinstance(exc, PoolTimeout):
+                    raise _pool_timeout(pool.name, self.connect_timeout) from exc
+                raise
             if self._pool is None:
                 self._pool = pool
             else:  # another task opened one meanwhile: keep that one
                 await pool.close()
+
+    def _open_sync(self) -> ConnectionPool:
+        """Open the sync connection pool, as :meth:`open` does the async one."""
+        if self._sync_pool is None:
+            connect_sync(self.dsn, self.connect_timeout).close()
+            pool = ConnectionPool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                check=_check_if_idle_sync,
+                configure=_configure_sync,
+                reset=_reset_sync,
+                name=f"baton-{self.schema}-sync",
+                open=False,
+            )
+            try:
+                pool.open(wait=True, timeout=self.connect_timeout)
+            except BaseException as exc:
+                pool.close()
+                if isinstance(exc, PoolTimeout):
+                    raise _pool_timeout(pool.name, self.connect_timeout) from exc
+                raise
+            if self._sync_pool is None:
+                self._sync_pool = pool
+            else:  # another thread opened one meanwhile
+                pool.close()
+        return self._sync_pool
 
     async def close(self) -> None:
         """Close the app's connection pools."""
@@ -289,71 +423,108 @@ class Baton:
 
         ``autocommit``: every statement commits on its own (no ``BEGIN``/``COMMIT`` round
         trips); use ``conn.transaction()`` inside the block where several must be atomic.
+
+        :raises DatabaseError: if no connection can be had, or the commit fails
+            (:class:`OutcomeUnknownError` if the connection is lost during the commit).
         """
+        async with self._lend(autocommit, write=True) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _lend(self, autocommit: bool, *, write: bool
+                    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """:meth:`connection`; ``write``: the block may write, so a COMMIT lost on the way
+        leaves an unknown outcome."""
         await self.open()
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
+        pool = self._pool
+        assert pool is not None
+        with translate_errors("get a connection"):
+            conn = await pool.getconn()
+        try:
             if autocommit:
                 await conn.set_autocommit(True)  # the pool's reset turns it off again
             yield conn
+            if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                with translate_errors("commit", maybe_done=write and not conn.broken):
+                    await conn.commit()
+        except BaseException:
+            if conn.pgconn.transaction_status in _IN_TRANSACTION:
+                # A rollback that fails finds the connection broken: the pool drops it.
+                with anyio.CancelScope(shield=True), suppress(psycopg.Error):
+                    await conn.rollback()
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.putconn(conn)
 
     @contextmanager
     def connection_sync(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """Lend a pooled sync connection; its transaction commits when the block ends.
 
-        ``autocommit``: as for :meth:`connection`.
+        ``autocommit`` and errors: as for :meth:`connection`.
         """
-        if self._sync_pool is None:
-            self._sync_pool = ConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                check=_check_if_idle_sync,
-                configure=_configure_sync,
-                reset=_reset_sync,
-                name=f"baton-{self.schema}-sync",
-                open=True,
-            )
-        with self._sync_pool.connection() as conn:
-            if autocommit:
-                conn.autocommit = True  # the pool's reset turns it off again
+        with self._lend_sync(autocommit, write=True) as conn:
             yield conn
+
+    @contextmanager
+    def _lend_sync(self, autocommit: bool, *, write: bool
+                   ) -> Iterator[psycopg.Connection[Any]]:
+        pool = self._open_sync()
+        with translate_errors("get a connection"):
+            conn = pool.getconn()
+        try:
+            if autocommit:
+                conn.autocommit = True
+            yield conn
+            if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                with translate_errors("commit", maybe_done=write and not conn.broken):
+                    conn.commit()
+        except BaseException:
+            if conn.pgconn.transaction_status in _IN_TRANSACTION:
+                with suppress(psycopg.Error):
+                    conn.rollback()
+            raise
+        finally:
+            pool.putconn(conn)
 
     async def _run(
         self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None,
-        *, single: bool = False,
+        *, single: bool = False, write: bool = True,
     ) -> T:
         """Run ``op`` on the caller's connection (in its transaction) or a pooled one.
 
         ``single``: the operation is one statement, so on a pooled connection it runs in
         autocommit, one round trip instead of two. Otherwise it runs in one transaction,
         also on a caller's connection in autocommit.
+        ``write``: the operation writes; when its connection is lost once it may have
+        committed, it raises :class:`OutcomeUnknownError`.
         """
         if conn is None:
-            async with self.connection(autocommit=single) as own:
-                return await ops.run_async(own, op, action)
+            async with self._lend(single, write=write) as own:
+                return await _execute(own, op, action, write=write, commits=single)
         if conn.autocommit and not single:
-            async with conn.transaction():
-                return await ops.run_async(conn, op, action)
-        return await ops.run_async(conn, op, action)
+            async with _transaction(conn, action, write=write):
+                return await _execute(conn, op, action, write=write, commits=False)
+        return await _execute(conn, op, action, write=write,
+                              commits=single and conn.autocommit)
 
     def _run_sync(
         self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None,
-        *, single: bool = False,
+        *, single: bool = False, write: bool = True,
     ) -> T:
         if conn is None:
-            with self.connection_sync(autocommit=single) as own:
-                return ops.run_sync(own, op, action)
+            with self._lend_sync(single, write=write) as own:
+                return _execute_sync(own, op, action, write=write, commits=single)
         if conn.autocommit and not single:
-            with conn.transaction():
-                return ops.run_sync(conn, op, action)
-        return ops.run_sync(conn, op, action)
+            with _transaction_sync(conn, action, write=write):
+                return _execute_sync(conn, op, action, write=write, commits=False)
+        return _execute_sync(conn, op, action, write=write, commits=single and conn.autocommit)
 
     # -- schema --------------------------------------------------------------------------
 
     def migrate_sync(self) -> list[int]:
         """Apply pending migrations; return the versions applied."""
-        return migrations.migrate_up(self.dsn, self.schema)
+        return migrations.migrate_up(self.dsn, self.schema, connect_timeout=self.connect_timeout)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied."""
@@ -363,17 +534,21 @@ class Baton:
 
     # -- jobs ----------------------------------------------------------------------------
 
-    async def enqueue(self, job: JobSpec, *, conn: psycopg.AsyncConnection[Any] | None = None
-                      ) -> int:
+    async def enqueue(self, job: JobSpec, *, conn: psycopg.AsyncConnection[Any] | None = None,
+                      idempotency_key: str | None = None) -> int:
         """Insert one job and return its id.
 
         :param conn: insert in the caller's transaction on this connection (nothing is
             committed here; a rollback enqueues nothing).
+        :param idempotency_key: the database keeps at most one job with this key: when one
+            exists, nothing is inserted and its id is returned. Retry with the same key
+            after an :class:`OutcomeUnknownError` to get one job either way.
+        :raises OutcomeUnknownError: if the connection was lost after the insert was sent.
         :raises PayloadTooLargeError: if its args are larger than ``max_args_bytes``.
         """
         check_sizes([job], self.max_args_bytes)
-        return (await self._run(ops.enqueue(self.queries, [job]), "enqueue", conn,
-                                single=True))[0]
+        op = ops.enqueue(self.queries, [job], idempotency_key=idempotency_key)
+        return (await self._run(op, "enqueue", conn, single=True))[0]
 
     async def enqueue_many(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
@@ -389,10 +564,12 @@ class Baton:
         op = ops.enqueue(self.queries, jobs, commit=conn is None)
         return await self._run(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
-    def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None) -> int:
-        """Insert one job from synchronous code and return its id."""
+    def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None,
+                     idempotency_key: str | None = None) -> int:
+        """Insert one job from synchronous code and return its id (see :meth:`enqueue`)."""
         check_sizes([job], self.max_args_bytes)
-        return self._run_sync(ops.enqueue(self.queries, [job]), "enqueue", conn, single=True)[0]
+        op = ops.enqueue(self.queries, [job], idempotency_key=idempotency_key)
+        return self._run_sync(op, "enqueue", conn, single=True)[0]
 
     def enqueue_many_sync(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
@@ -412,11 +589,12 @@ class Baton:
 
         :raises JobNotFound: if there is none.
         """
-        return await self._run(ops.get_job(self.queries, job_id), "get job", None, single=True)
+        return await self._run(ops.get_job(self.queries, job_id), "get job", None, single=True,
+                               write=False)
 
     def get_job_sync(self, job_id: int) -> Job:
         """Return the job row with ``job_id`` from synchronous code."""
-        return self._run_sync(ops.get_job(self.queries, job_id), "get job", None)
+        return self._run_sync(ops.get_job(self.queries, job_id), "get job", None, write=False)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job; a running one is told to stop. ``False`` if it already finished.
@@ -472,19 +650,20 @@ class Baton:
         :raises NoResultError: if the step stored no result.
         """
         return await self._run(workflows.result(self.queries, workflow_id, step),
-                               "read result", None)
+                               "read result", None, write=False)
 
     async def results(self, workflow_id: uuid.UUID) -> dict[str, Any]:
         """Return every stored result of a workflow, by step name."""
         return await self._run(workflows.results(self.queries, workflow_id), "read results",
-                               None)
+                               None, write=False)
 
     async def get_workflow(self, workflow_id: uuid.UUID) -> workflows.WorkflowInfo:
         """Return a workflow's row (state, counts, failed steps).
 
         :raises WorkflowNotFound: if there is none.
         """
-        return await self._run(workflows.get(self.queries, workflow_id), "get workflow", None)
+        return await self._run(workflows.get(self.queries, workflow_id), "get workflow", None,
+                               write=False)
 
     def workflow_from_template(self, data: dict[str, Any] | str) -> Workflow:
         """Compile a workflow from a template (dict or JSON); see :mod:`baton.templates`."""

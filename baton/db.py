@@ -7,16 +7,24 @@ placeholders; ``{schema}`` stands for the validated, quoted schema name.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
+from typing import Any
 
+import anyio
 import psycopg
+import structlog
 from psycopg import sql
+from psycopg_pool import PoolTimeout
 
-from baton.errors import ConfigurationError, DatabaseError
+from baton.errors import ConfigurationError, DatabaseError, OutcomeUnknownError
+
+log = structlog.get_logger("baton.db")
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
@@ -93,11 +101,115 @@ def describe(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def connection_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the driver reporting a connection that dropped: no reply (and so no
+    SQLSTATE) came from the server. Pool errors (a timeout waiting for a connection) are
+    not: they happen before anything is sent."""
+    return (isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
+            and not isinstance(exc, PoolTimeout))
+
+
+def database_error(exc: psycopg.Error, action: str, *, maybe_done: bool = False
+                   ) -> DatabaseError:
+    """Return our error for the driver error ``exc`` (raise it ``from exc``).
+
+    ``maybe_done``: a write that commits on its own (or a COMMIT) was sent, so a lost
+    connection leaves its outcome unknown (:class:`OutcomeUnknownError`).
+    """
+    if maybe_done and connection_lost(exc):
+        return OutcomeUnknownError(action, describe(exc))
+    return DatabaseError(f"{action} failed: {describe(exc)}", sqlstate=exc.sqlstate)
+
+
 @contextmanager
-def translate_errors(action: str) -> Iterator[None]:
-    """Raise :class:`DatabaseError` from any psycopg error inside the block."""
+def translate_errors(action: str, *, maybe_done: bool = False) -> Iterator[None]:
+    """Raise :class:`DatabaseError` from any psycopg error inside the block (see
+    :func:`database_error` for ``maybe_done``)."""
     try:
         yield
     except psycopg.Error as exc:
-        raise DatabaseError(f"{action} failed: {describe(exc)}") from exc
+        raise database_error(exc, action, maybe_done=maybe_done) from exc
+
+
+# libpq reports a failed connect without a SQLSTATE (the server's code is not exposed), so
+# what can heal is told by its message: the server is not reachable yet, or reached but not
+# ready (57P03 "the database system is starting up", 53300 too many clients). Everything
+# else (no such database or role, failed authentication, a malformed URL) fails at once.
+_HEALS = (
+    "Connection refused", "No such file or directory", "timeout expired",
+    "Connection timed out", "Network is unreachable", "No route to host",
+    "Temporary failure in name resolution", "server closed the connection unexpectedly",
+    "Connection reset by peer", "the database system is", "too many clients",
+    "connection slots are reserved",
+)
+
+
+def connect_heals(exc: psycopg.Error) -> bool:
+    """Whether a failed connect may succeed if tried again later."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False  # ProgrammingError: a malformed URL
+    text = str(exc)
+    return any(marker in text for marker in _HEALS)
+
+
+def _connect_error(exc: psycopg.Error, waited: float | None = None) -> DatabaseError:
+    detail = " ".join(describe(exc).removeprefix("connection failed: ").split())
+    if not connect_heals(exc):
+        advice = "check the URL (host, port, database, user and password)"
+    else:
+        advice = "is the server running and reachable at that URL?"
+    within = f" within {waited:g} s" if waited else ""
+    return DatabaseError(f"could not connect to the database{within}: {detail}; {advice}",
+                         sqlstate=exc.sqlstate)
+
+
+def _next_delay(delay: float) -> float:
+    return min(delay * 2, 1.0)
+
+
+async def connect(dsn: str, timeout: float, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    """Open one connection to ``dsn``, retrying failures that can heal for up to
+    ``timeout`` seconds; cancellable throughout.
+
+    :raises DatabaseError: at once for a failure that cannot heal (no such database or
+        role, authentication, a malformed URL), else once ``timeout`` has passed.
+    """
+    delay = 0.05
+    last: psycopg.Error | None = None
+    with anyio.move_on_after(timeout):
+        while True:
+            try:
+                return await psycopg.AsyncConnection.connect(dsn, **kwargs)
+            except psycopg.Error as exc:
+                if not connect_heals(exc):
+                    raise _connect_error(exc) from exc
+                last = exc
+                log.debug("db.connect_retrying", error=describe(exc), delay=delay)
+            await anyio.sleep(delay)
+            delay = _next_delay(delay)
+    if last is None:  # the first attempt itself outlasted the timeout
+        raise DatabaseError(f"could not connect to the database within {timeout:g} s; "
+                            "is the server running and reachable at that URL?")
+    raise _connect_error(last, timeout) from last
+
+
+def connect_sync(dsn: str, timeout: float, **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open one connection to ``dsn`` from synchronous code, as :func:`connect` does."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        # libpq's connect_timeout: whole seconds, at least 2.
+        limit: dict[str, Any] = {"connect_timeout": max(2, math.ceil(remaining))
+                                 } if timeout > 0 else {}
+        try:
+            return psycopg.connect(dsn, **limit, **kwargs)
+        except psycopg.Error as exc:
+            if not connect_heals(exc):
+                raise _connect_error(exc) from exc
+            if time.monotonic() + delay >= deadline:
+                raise _connect_error(exc, timeout) from exc
+            log.debug("db.connect_retrying", error=describe(exc), delay=delay)
+        time.sleep(delay)
+        delay = _next_delay(delay)
 

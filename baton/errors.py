@@ -27,6 +27,24 @@ class MigrationError(BatonError):
 class DatabaseError(BatonError):
     """The database refused or lost the operation."""
 
+    def __init__(self, message: str | None = None, *, sqlstate: str | None = None) -> None:
+        self.sqlstate = sqlstate
+        """The server's SQLSTATE code (``"23505"``, ``"40001"``), or ``None`` when the server
+        sent none (a lost connection, a pool timeout, a failed connect)."""
+        super().__init__(message)
+
+
+class OutcomeUnknownError(DatabaseError):
+    """The connection was lost after a write may have reached the server: it may or may not
+    have committed. Read the data back, or retry with the same idempotency key."""
+
+    def __init__(self, action: str, detail: str) -> None:
+        self.action = action
+        super().__init__(
+            f"{action}: the connection was lost before the server confirmed it ({detail}), "
+            "so it may have been committed; retry with the same idempotency key"
+        )
+
 
 class StepError(BatonError):
     """A step was defined or called incorrectly."""

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from baton.db import quote_schema, render, translate_errors
+from baton.db import connect_sync, quote_schema, render, translate_errors
 from baton.errors import MigrationError
 
 log = structlog.get_logger("baton.migrations")
@@ -74,7 +74,12 @@ def _lock(conn: psycopg.Connection[Any], schema: str) -> None:
 
 
 def _bootstrap(conn: psycopg.Connection[Any], schema: str) -> None:
-    conn.execute(render("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
+    # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
+    # a role that may only create in the schema must not be asked for it.
+    exists = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL",
+                          (quote_schema(schema),)).fetchone()
+    if not exists or not exists[0]:
+        conn.execute(render("CREATE SCHEMA {schema}", schema))
     conn.execute(
         render(
             "CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
@@ -96,18 +101,25 @@ def applied_versions(conn: psycopg.Connection[Any], schema: str) -> set[int]:
     return {int(r[0]) for r in rows.fetchall()}
 
 
-def migrate_up(dsn: str, schema: str = "baton", *, target: int | None = None) -> list[int]:
-    """Apply every migration up to ``target`` (default: all) and return those applied."""
+def migrate_up(dsn: str, schema: str = "baton", *, target: int | None = None,
+               connect_timeout: float = 0.0) -> list[int]:
+    """Apply every migration up to ``target`` (default: all) and return those applied.
+
+    The applied versions are read first: with nothing pending no DDL runs, so a role that
+    may only use the schema can run it (a deploy step that always migrates).
+    ``connect_timeout``: how long to wait for a server that is starting or not reachable yet.
+
+    :raises DatabaseError: if the database cannot be reached or refuses a statement.
+    """
     applied: list[int] = []
-    with translate_errors("migrate up"), psycopg.connect(dsn, autocommit=False) as conn:
+    with translate_errors("migrate up"), connect_sync(dsn, connect_timeout) as conn:
         _lock(conn, schema)
-        _bootstrap(conn, schema)
         done = applied_versions(conn, schema)
-        for migration in load_migrations():
-            if target is not None and migration.version > target:
-                break
-            if migration.version in done:
-                continue
+        pending = [m for m in load_migrations()
+                   if m.version not in done and (target is None or m.version <= target)]
+        if pending:
+            _bootstrap(conn, schema)
+        for migration in pending:
             conn.execute(render(migration.up, schema))
             conn.execute(
                 render(
@@ -122,13 +134,14 @@ def migrate_up(dsn: str, schema: str = "baton", *, target: int | None = None) ->
     return applied
 
 
-def migrate_down(dsn: str, schema: str = "baton", *, target: int = 0) -> list[int]:
+def migrate_down(dsn: str, schema: str = "baton", *, target: int = 0,
+                 connect_timeout: float = 0.0) -> list[int]:
     """Revert applied migrations above ``target`` (default: all) and return those reverted.
 
     Reverting everything drops the schema's tables and the schema itself if it is empty.
     """
     reverted: list[int] = []
-    with translate_errors("migrate down"), psycopg.connect(dsn, autocommit=False) as conn:
+    with translate_errors("migrate down"), connect_sync(dsn, connect_timeout) as conn:
         _lock(conn, schema)
         done = applied_versions(conn, schema)
         for migration in reversed(load_migrations()):

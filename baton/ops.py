@@ -21,7 +21,7 @@ from psycopg.copy import AsyncLibpqWriter, LibpqWriter
 from psycopg.rows import BaseRowFactory, class_row, dict_row, tuple_row
 
 from baton.db import Queries, translate_errors
-from baton.errors import JobNotFound
+from baton.errors import JobNotFound, OptionsError
 from baton.job import NULL, Job, JobSpec, JobState, rows_text
 from baton.step import JobBatch
 
@@ -151,6 +151,7 @@ def insert_jobs(
     workflow_id: uuid.UUID | None = None,
     workflow_steps: Sequence[str] | None = None,
     commit: bool = False,
+    idempotency_key: str | None = None,
 ) -> Op[list[int]]:
     """Insert ``jobs`` and wake the queues that got available work; return ids in order.
 
@@ -159,12 +160,15 @@ def insert_jobs(
     Fewer than :data:`COPY_FROM` jobs are one statement, atomic even in autocommit. More
     are a COPY between two statements that must share its transaction (they find the ids
     it drew); ``commit`` ends that transaction with the last of them.
+    ``idempotency_key``: for one job; see :func:`insert_keyed`.
     """
     if not jobs:
         return []
     if len(jobs) == 1 and states is None and workflow_id is None:
         params = jobs[0].row_params()
         params["channel"] = q.channel("insert")
+        if idempotency_key is not None:
+            return [(yield from insert_keyed(q, params, idempotency_key))]
         inserted = yield Stmt(q["job_insert"], params)
         return [inserted[0][0]]
     batch = jobs if isinstance(jobs, JobBatch) and states is None and workflow_id is None else None
@@ -240,10 +244,36 @@ def _chunked(lines: Iterator[str]) -> Iterator[str]:
         yield "".join(chunk)
 
 
-def enqueue(q: Queries, jobs: Sequence[JobSpec], *, commit: bool = False) -> Op[list[int]]:
+MAX_KEY_LENGTH = 255
+"""The longest idempotency key, in characters."""
+
+
+def insert_keyed(q: Queries, params: dict[str, Any], key: str) -> Op[int]:
+    """Insert one job (``params`` of ``job_insert``) under an idempotency key, or return the
+    id of the job that has the key already (a unique index decides; nothing is inserted).
+
+    :raises OptionsError: unless the key is a string of 1 to 255 characters.
+    """
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise OptionsError("idempotency_key", f"expected a string of 1 to {MAX_KEY_LENGTH} "
+                           f"characters, got {key!r:.80}")
+    params["idempotency_key"] = key
+    rows = yield Stmt(q["job_insert_keyed"], params)
+    while not rows:
+        # The job with the key committed after the insert began (the insert waited for it,
+        # then saw it conflict): a new statement sees it, unless it was deleted meanwhile.
+        rows = yield Stmt(q["job_get_by_key"], {"idempotency_key": key})
+        if not rows:
+            rows = yield Stmt(q["job_insert_keyed"], params)
+    job_id: int = rows[0][0]
+    return job_id
+
+
+def enqueue(q: Queries, jobs: Sequence[JobSpec], *, commit: bool = False,
+            idempotency_key: str | None = None) -> Op[list[int]]:
     """Insert ``jobs`` (available or scheduled); return their ids (see :func:`insert_jobs`
-    for ``commit``)."""
-    return (yield from insert_jobs(q, jobs, commit=commit))
+    for ``commit`` and ``idempotency_key``)."""
+    return (yield from insert_jobs(q, jobs, commit=commit, idempotency_key=idempotency_key))
 
 
 _JOB_ROW = class_row(Job)

@@ -43,6 +43,33 @@ WITH inserted AS (
 SELECT id, CASE WHEN state = 'available' THEN pg_notify(%(channel)s, queue) END
 FROM inserted
 
+-- name: job_insert_keyed
+-- As job_insert, under an idempotency key (migration 6's unique index): when a job has the
+-- key, nothing is inserted and that job's id is returned. No row when that job committed
+-- after this statement began (job_get_by_key, a new statement, sees it).
+WITH inserted AS (
+    INSERT INTO {schema}.jobs (
+        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
+        idempotency_key)
+    VALUES (
+        CASE WHEN %(scheduled_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
+        %(queue)s, %(step)s, %(args)s::jsonb, %(meta)s::jsonb, %(max_attempts)s,
+        %(priority)s, %(timeout)s, COALESCE(%(scheduled_at)s::timestamptz, now()),
+        %(idempotency_key)s)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, queue, state
+)
+SELECT id, CASE WHEN state = 'available' THEN pg_notify(%(channel)s, queue) END
+FROM inserted
+UNION ALL
+SELECT id, NULL
+FROM {schema}.jobs
+WHERE idempotency_key = %(idempotency_key)s AND NOT EXISTS (SELECT FROM inserted)
+
+-- name: job_get_by_key
+-- The job that has an idempotency key.
+SELECT id FROM {schema}.jobs WHERE idempotency_key = %(idempotency_key)s
+
 -- name: jobs_copy_start
 -- Before a COPY of many jobs: the time its available jobs are scheduled at, and the last id
 -- drawn so far (the COPY draws its ids from the sequence, row by row).
