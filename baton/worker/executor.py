@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
@@ -21,6 +22,7 @@ from baton.errors import ArgsError, UnknownStepError
 from baton.job import JobState
 from baton.pricing import Usage, split_usage
 from baton.signals import Cancel, Discard, Signal, Snooze
+from baton.worker import processes
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -110,6 +112,8 @@ class Executor:
     def __init__(self, app: Baton, limiter: anyio.CapacityLimiter) -> None:
         self.app = app
         self.limiter = limiter
+        self.in_threads: dict[int, str] = {}
+        """Jobs whose plain def step runs in a thread now, with the step's name."""
 
     def context(self, job: FetchedJob, step: Step) -> Context:
         """Build the context a step sees."""
@@ -126,13 +130,26 @@ class Executor:
             capture_enabled=self.app.capture or step.options.capture,
         )
 
-    async def call(self, step: Step, kwargs: dict[str, Any]) -> Any:
-        """Call the step function: awaited if async, else in a worker thread."""
+    async def call(self, step: Step, kwargs: dict[str, Any], job: FetchedJob | None = None
+                   ) -> Any:
+        """Call the step function: awaited if async, else in a worker thread.
+
+        A thread cannot be stopped: a timeout or cancel that comes while it runs takes
+        effect when it returns, and until then the job keeps its slot, so no other attempt
+        of it can start while this one still runs.
+        """
         if step.is_async:
             return await step.fn(**kwargs)
-        return await anyio.to_thread.run_sync(
-            functools.partial(step.fn, **kwargs), abandon_on_cancel=True, limiter=self.limiter
-        )
+        key = job.id if job is not None else id(kwargs)
+        self.in_threads[key] = step.name
+        try:
+            result = await anyio.to_thread.run_sync(
+                functools.partial(step.fn, **kwargs), abandon_on_cancel=False,
+                limiter=self.limiter)
+        finally:
+            del self.in_threads[key]
+        await anyio.lowlevel.checkpoint()  # a timeout or cancel that came meanwhile
+        return result
 
     async def run(self, job: FetchedJob, ctx: Context | None = None) -> Outcome:
         """Run ``job`` to an outcome. Cancellation from outside propagates untouched."""
@@ -144,13 +161,16 @@ class Executor:
             ctx = ctx or self.context(job, step)
             timeout = job.timeout
             with anyio.fail_after(timeout) if timeout else nullcontext():
-                result = await self.call(step, step.bind(kwargs, ctx))
+                result = await self.call(step, step.bind(kwargs, ctx), job)
             if isinstance(result, Signal):
                 raise result
             result, reported = split_usage(result)
             ctx.usage.extend(reported)
             outcome = Outcome(job, JobState.COMPLETED, result=result,
                               has_result=result is not None)
+            if timeout and time.monotonic() - started > timeout + OVERRUN_TOLERANCE:
+                # It blocked the event loop past its timeout: nothing could interrupt it.
+                outcome.error = _overrun(job, step, timeout, time.monotonic() - started)
         except (UnknownStepError, ArgsError) as exc:
             outcome = Outcome(job, JobState.DISCARDED, error=error_entry(job, exc, kind="invalid"))
         except Snooze as exc:
@@ -162,6 +182,11 @@ class Executor:
             outcome = Outcome(job, JobState.DISCARDED, error=error_entry(job, exc, kind="discard"))
         except TimeoutError as exc:
             outcome = self.failed(job, exc, kind="timeout")
+            elapsed = time.monotonic() - started
+            if step is not None and timeout and elapsed > timeout + OVERRUN_TOLERANCE:
+                note = _overrun(job, step, timeout, elapsed)
+                assert outcome.error is not None
+                outcome.error.update(enforced=False, error=f"TimeoutError: {note['error']}")
         except Exception as exc:
             retry_after = _rate_limited(exc) if step is not None and step.options.llm else None
             if retry_after is not None:
@@ -184,6 +209,25 @@ class Executor:
         backoff = step.options.backoff if step is not None else None
         delay = backoff(job.attempt) if backoff is not None else backoff_seconds(job.attempt)
         return Outcome(job, JobState.RETRYABLE, delay=max(0.0, delay), error=entry)
+
+
+OVERRUN_TOLERANCE = 0.5
+"""Seconds past its timeout that a step may end in before the timeout counts as not
+enforced (the loop's own latency)."""
+
+
+def _overrun(job: FetchedJob, step: Step, timeout: float, elapsed: float) -> dict[str, Any]:
+    """Record (and log) a timeout that could not be enforced on time."""
+    how = ("it ran in a thread, which cannot be stopped, so its slot was held until it "
+           "returned" if not step.is_async else
+           "it blocked the event loop, so nothing could interrupt it")
+    text = (f"(timeout not enforced: the step ran {elapsed:.1f} s against a timeout of "
+            f"{timeout:g} s; {how})")
+    log.warning("job.timeout_not_enforced", job_id=job.id, queue=job.queue, step=job.step,
+                attempt=job.attempt, timeout=timeout, elapsed=round(elapsed, 3),
+                runs_in="thread" if not step.is_async else "event loop")
+    return {"attempt": job.attempt, "at": datetime.now(UTC).isoformat(),
+            "kind": "timeout_not_enforced", "error": text, "enforced": False}
 
 
 def _rate_limited(exc: BaseException, default: float = 5.0) -> float | None:

@@ -10,6 +10,7 @@ import anyio.abc
 import psycopg
 import structlog
 
+from baton import ops
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.worker.executor import FetchedJob, Outcome
@@ -66,9 +67,16 @@ class Producer:
         self._ahead = 0
         """Jobs claimed beyond ``limit`` (they wait for a slot): up to a batch while jobs
         finish faster than a fetch comes back, none otherwise."""
+        self._wakes = 0
+        """Wake-ups so far: one that arrives while a fetch is in flight leads to another."""
+        self._claiming = anyio.Lock()
+        """Held by a fetch and by a reconcile: a reconcile never sees a claim whose jobs
+        are not yet in ``running``."""
+        self._reconcile_due = False
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible."""
+        self._wakes += 1
         self._maybe_more = True
         self._wake.set()
 
@@ -82,9 +90,13 @@ class Producer:
         await self._idle.wait()
 
     def cancel_running(self) -> None:
-        """Cancel every claimed job (shutdown past its grace period)."""
+        """Cancel every claimed job (shutdown past its grace period), but those whose plain
+        def step runs in a thread: it cannot be stopped, so cancelling it would only throw
+        away what it returns. They end when their thread does."""
+        in_threads = self.worker.executor.in_threads
         for job_id in list(self.running):
-            self._cancel(job_id)
+            if job_id not in in_threads:
+                self._cancel(job_id)
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel one claimed job; ``False`` if it is not claimed here."""
@@ -128,10 +140,16 @@ class Producer:
                     continue
                 await self.worker.completer.wait_for_room()
                 refill, self._refill = self._refill, False
+                wakes = self._wakes
                 try:
+                    if self._reconcile_due:
+                        await self.reconcile()
                     jobs = await self.fetch(demand)
                     failures = 0
-                except psycopg.Error as exc:
+                except (psycopg.Error, DatabaseError) as exc:
+                    # The claim may have committed with its reply lost: its jobs would stay
+                    # executing under this live worker. Reconcile before fetching again.
+                    self._reconcile_due = True
                     failures += 1
                     delay = min(5.0, 0.1 * 2 ** min(failures, 6))
                     log.warning("producer.fetch_failed", queue=self.queue, error=describe(exc),
@@ -139,15 +157,14 @@ class Producer:
                     await anyio.sleep(delay)
                     self._wake.set()
                     continue
-                self._maybe_more = len(jobs) == demand
+                # A wake-up that came while the fetch was in flight may be for jobs it did
+                # not see: fetch again rather than wait for the poll.
+                self._maybe_more = len(jobs) == demand or self._wakes != wakes
                 # Woken by slots that freed up, yet none still runs: all of them ended
                 # before the fetch came back.
                 self._pace(full=self._maybe_more, starved=refill and not self.running)
                 if jobs:
-                    self._idle = anyio.Event()
-                    for job in jobs:
-                        self.running[job.id] = None
-                        self._waiting.append(job)
+                    self._waiting.extend(jobs)
                     self._work.set()
             self._closed = True  # the slots finish what is claimed, then end
             self._work.set()
@@ -168,15 +185,46 @@ class Producer:
     async def fetch(self, demand: int) -> list[FetchedJob]:
         """Claim up to ``demand`` available jobs in one statement (autocommit: one round
         trip), then load the gates of the workflow steps among them in one more."""
+        async with self._claiming:
+            return await self._fetch(demand)
+
+    async def reconcile(self) -> list[int]:
+        """Hand back the jobs of this queue that the table says this worker holds but it
+        does not (a claim whose reply was lost); return their ids."""
+        app = self.worker.app
+        async with self._claiming:
+            held = [*self.running, *self.worker.completer.unwritten(self.queue)]
+            async with app.connection(autocommit=True) as conn:
+                cur = await conn.execute(app.queries["jobs_reconcile"], {
+                    "queue": self.queue, "worker_id": self.worker.id, "held": held})
+                ids = [row[0] for row in await cur.fetchall()]
+                if ids:
+                    await ops.run_async(conn, ops.notify_queues(app.queries, [self.queue]),
+                                        "wake queues")
+            self._reconcile_due = False
+        if ids:
+            log.warning("producer.reconciled", queue=self.queue, job_ids=ids,
+                        reason="held by this worker in the table but not running here")
+            self.wake()
+        return ids
+
+    async def _fetch(self, demand: int) -> list[FetchedJob]:
         app = self.worker.app
         async with app.connection(autocommit=True) as conn:
             cur = await conn.execute(
                 app.queries["jobs_fetch"],
-                {"queue": self.queue, "demand": demand, "worker_id": self.worker.id},
+                {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
+                 "steps": self.worker.step_names},
                 prepare=True,
             )
             rows: list[tuple[Any, ...]] = await cur.fetchall()
             jobs = [FetchedJob(*row) for row in rows]
+            # In ``running`` before the claim lock is released: a reconcile after this
+            # fetch counts them as held.
+            if jobs and self._idle.is_set():
+                self._idle = anyio.Event()
+            for job in jobs:
+                self.running[job.id] = None
             events: list[dict[str, Any]] = []
             if any(job.workflow_id is not None for job in jobs):
                 try:

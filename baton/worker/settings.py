@@ -19,7 +19,18 @@ class WorkerSettings(BaseModel):
     """How long a producer gathers freed slots before fetching again."""
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
-    """A worker silent for this long is dead and its jobs are rescued."""
+    """A worker silent for this long is dead and its jobs are rescued. The heartbeat runs
+    on a thread of its own, so a step that blocks the event loop does not silence it."""
+    loop_blocked_after: float = Field(default=1.0, gt=0)
+    """Report the event loop blocked (``worker.loop_blocked``, naming the step) after this
+    long without a tick."""
+    reconcile_interval: float = Field(default=10.0, gt=0)
+    """How often the worker hands back jobs the table says it holds but it does not run
+    (a claim whose reply was lost); a failed fetch does it at once."""
+    exit_with_threads: bool = False
+    """Past ``shutdown_grace``, end the process when plain def steps still run in threads
+    (their jobs are rescued once the heartbeat expires) instead of waiting for them. A thread
+    cannot be stopped: the CLI worker exits; an embedded worker waits by default."""
     maintenance_interval: float = Field(default=1.0, gt=0)
     leader_ttl: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=15.0, ge=0)

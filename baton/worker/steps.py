@@ -13,7 +13,7 @@ import structlog
 from baton import ops, workflows
 from baton.db import describe
 from baton.errors import DatabaseError
-from baton.gating import WAIT_SECONDS, Dep, decide, gather_results
+from baton.gating import Dep, decide, gather_results
 from baton.job import JobState
 from baton.worker.executor import FetchedJob, Outcome
 
@@ -75,7 +75,8 @@ class StepRunner:
                           ignore_discarded=ignore_discarded, min_success=min_success)
         step = app.steps.get(job.step)
         if decision.action == "wait":
-            return Outcome(job, JobState.SCHEDULED, delay=WAIT_SECONDS, snooze=True)
+            # Held again: its dependency's settlement releases it (the sweep backstops).
+            return Outcome(job, JobState.PENDING, snooze=True)
         ctx = None
         if step is not None:
             ctx = self.worker.executor.context(job, step)

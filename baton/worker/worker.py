@@ -19,8 +19,10 @@ from baton import migrations, ops, workflows
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
 from baton.job import JobState, json_text
+from baton.worker import processes
 from baton.worker.completer import Completer
 from baton.worker.executor import Executor, FetchedJob, Outcome
+from baton.worker.heartbeat import Heartbeat
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("baton.worker")
 
 DEFER_SECONDS = 1.0
+EXIT_WITH_THREADS = 70
+"""The exit status of a worker process that ended past its shutdown grace with plain def
+steps still running in threads (``exit_with_threads``)."""
 
 
 def step_event(outcome: Outcome) -> workflows.StepEvent:
@@ -125,7 +130,10 @@ class Worker:
             after_write=self._after_write,
         )
         self.steps = StepRunner(self)
+        self.step_names = sorted(app.steps)
+        """The steps this worker can run: it fetches no other."""
         self.maintenance = Maintenance(self)
+        self._heartbeat: Heartbeat | None = None
         self.started = anyio.Event()
         self.stopped = anyio.Event()
         self._stop = anyio.Event()
@@ -219,6 +227,9 @@ class Worker:
                   ) -> None:
         """Run until :meth:`stop`; report started once every service is ready."""
         await self._startup()
+        self._heartbeat = heartbeat = Heartbeat(
+            self.app.dsn, self._beat, interval=self.settings.heartbeat_interval,
+            blocked_after=self.settings.loop_blocked_after, worker_id=self.id)
         channel = self.app.queries.channel
         self._notifier = Notifier(
             self.app.dsn,
@@ -230,7 +241,9 @@ class Worker:
                 await services.start(self.app.events.dispatch)
                 await services.start(self._notifier.run)
                 await services.start(self.completer.run)
-                services.start_soon(self._heartbeat)
+                services.start_soon(heartbeat.tick)
+                heartbeat.start()
+                services.start_soon(self._reconcile_every, self.settings.reconcile_interval)
                 await services.start(self.maintenance.run)
                 async with anyio.create_task_group() as producers:
                     for producer in self.producers.values():
@@ -243,6 +256,9 @@ class Worker:
                 await self._finish()
                 services.cancel_scope.cancel()
         finally:
+            heartbeat.stop()
+            with anyio.CancelScope(shield=True):
+                await processes.close(self.executor)  # idle children of process steps
             self.stopped.set()
         log.info("worker.stopped", worker_id=self.id)
 
@@ -271,13 +287,40 @@ class Worker:
                 await producer.wait_idle()
         for producer in self.producers.values():
             producer.cancel_running()
+        if not self.executor.in_threads:
+            return
+        # Async jobs end at once; a thread cannot be stopped. Its job keeps its slot (and
+        # stays executing here) until the thread returns, so no other attempt can start.
+        held = sorted(self.executor.in_threads)
+        if not self.settings.exit_with_threads:
+            log.warning("worker.waiting_for_threads", worker_id=self.id, job_ids=held,
+                        reason="plain def steps still run past the shutdown grace; a thread "
+                               "cannot be stopped")
+            return
+        with anyio.move_on_after(1.0):  # the cancelled async jobs end
+            while any(set(p.running) - set(self.executor.in_threads)
+                      for p in self.producers.values()):
+                await anyio.sleep(0.01)
+        await self._finish(unregister=False)
+        held = sorted(self.executor.in_threads)
+        log.warning("worker.exiting_with_threads", worker_id=self.id, job_ids=held,
+                    reason="plain def steps still run past the shutdown grace; the process "
+                           "exits to end them, and their jobs are rescued once this "
+                           "worker's heartbeat expires")
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_WITH_THREADS)
 
-    async def _finish(self) -> None:
+    async def _finish(self, *, unregister: bool = True) -> None:
         deadline = anyio.current_time() + max(5.0, self.settings.shutdown_grace)
         with anyio.CancelScope(shield=True):
             await self.completer.drain(deadline)
             await self._hand_back()
             await self.maintenance.resign()
+            if not unregister:  # its jobs are rescued once its registry row expires
+                return
             try:
                 async with self.app.connection() as conn:
                     await conn.execute(self.app.queries["worker_unregister"], {"id": self.id})
@@ -313,26 +356,37 @@ class Worker:
 
     # -- registry --------------------------------------------------------------------------
 
+    def _registration(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": json.dumps(self.settings.queues),
+            "steps": self.step_names,
+            "ttl": self.settings.heartbeat_ttl,
+        }
+
     async def _register(self) -> None:
         async with self.app.connection() as conn:
-            await conn.execute(
-                self.app.queries["worker_register"],
-                {
-                    "id": self.id,
-                    "hostname": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "queues": json.dumps(self.settings.queues),
-                    "ttl": self.settings.heartbeat_ttl,
-                },
-            )
+            await conn.execute(self.app.queries["worker_register"], self._registration())
 
-    async def _heartbeat(self) -> None:
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """Renew the registry row (on the heartbeat's thread and connection)."""
+        conn.execute(self.app.queries["worker_register"], self._registration())
+
+    async def _reconcile_every(self, interval: float) -> None:
+        """Hand back, now and then, jobs the table says this worker holds but it does not
+        run (a lost claim reply not seen as such); a fetch that fails does it at once."""
         while True:
-            await anyio.sleep(self.settings.heartbeat_interval)
-            try:
-                await self._register()
-            except psycopg.Error as exc:
-                log.warning("worker.heartbeat_failed", worker_id=self.id, error=describe(exc))
+            await anyio.sleep(interval)
+            for producer in self.producers.values():
+                if producer.stopping:
+                    continue
+                try:
+                    await producer.reconcile()
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("worker.reconcile_failed", queue=producer.queue,
+                                error=describe(exc))
 
     # -- notifications ---------------------------------------------------------------------
 

@@ -18,6 +18,10 @@ RUNNING: defaultdict[str, int] = defaultdict(int)
 PEAK: defaultdict[str, int] = defaultdict(int)
 GATES: dict[str, anyio.Event] = {}
 STARTED: dict[str, anyio.Event] = {}
+THREAD_GATES: dict[str, threading.Event] = {}
+STARTED_THREADS: dict[str, threading.Event] = {}
+SPANS: defaultdict[str, list[tuple[int, float, float]]] = defaultdict(list)
+"""(attempt, start, end) of each run of a step that records its span, by key."""
 _lock = threading.Lock()
 
 
@@ -27,6 +31,11 @@ def reset() -> None:
     PEAK.clear()
     GATES.clear()
     STARTED.clear()
+    for gate in THREAD_GATES.values():  # never leave a thread blocked
+        gate.set()
+    THREAD_GATES.clear()
+    STARTED_THREADS.clear()
+    SPANS.clear()
 
 
 def no_wait(attempt: int) -> float:
@@ -116,3 +125,52 @@ async def typed(count: int, when: datetime) -> None:
 @app.step(name="tests.apps.basic.named")
 async def named_step() -> None:
     CALLS["named"].append(1)
+
+
+
+def thread_gate(key: str) -> threading.Event:
+    with _lock:
+        return THREAD_GATES.setdefault(key, threading.Event())
+
+
+@app.step(timeout=0.2, max_attempts=2, backoff=no_wait)
+def slow_thread(key: str, ctx: baton.Context) -> int:
+    """A plain def step: its first attempt blocks until the test sets the gate ``key``."""
+    import time
+
+    start = time.monotonic()
+    STARTED_THREADS.setdefault(key, threading.Event())
+    if ctx.attempt == 1:
+        STARTED_THREADS[key].set()
+        thread_gate(key).wait(30)
+    else:
+        thread_gate(f"{key}:again").set()
+    with _lock:
+        SPANS[key].append((ctx.attempt, start, time.monotonic()))
+    return ctx.attempt
+
+
+@app.step(timeout=0.1, max_attempts=1)
+async def blocks_loop(seconds: float) -> str:
+    """Blocks the event loop (a bug in a step): nothing can interrupt it."""
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+@app.step(max_attempts=1)
+async def blocks_and_checks(seconds: float, ctx: baton.Context) -> None:
+    """Blocks the event loop for ``seconds``, then records whether its worker's registry
+    row is still alive (read on a connection of its own, the loop still blocked)."""
+    import time
+
+    import psycopg
+
+    time.sleep(seconds)
+    with psycopg.connect(app.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT w.expires_at > now() FROM baton.worker_registry AS w"
+            " JOIN baton.jobs AS j ON j.attempted_by = w.id WHERE j.id = %s",
+            (ctx.job_id,)).fetchone()
+    CALLS["alive"].append(bool(row and row[0]))

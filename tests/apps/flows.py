@@ -183,3 +183,16 @@ async def paid_then_fails(ctx: baton.Context) -> None:
     ctx.record_usage(model="model-b", input_tokens=2_000_000, output_tokens=0)
     ctx.capture(prompt="p", response=None)
     raise RuntimeError("provider returned garbage")
+
+
+HOLDS: dict[str, Any] = {}
+
+
+@app.step
+async def hold(key: str) -> str:
+    """Wait until the test sets the anyio event ``HOLDS[key]``."""
+    import anyio
+
+    await HOLDS.setdefault(key, anyio.Event()).wait()
+    note(key, "done")
+    return key

@@ -1,0 +1,201 @@
+"""The worker off the happy path: lost claim replies, lost wake-ups, unknown steps, steps
+that block the event loop, plain def steps past their timeout or the shutdown grace."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import anyio
+import psycopg
+from structlog.testing import capture_logs
+
+import baton
+from baton.testing import running_worker, wait_for_job, wait_for_jobs
+from baton.worker.executor import FetchedJob
+from tests.apps import basic
+from tests.helpers import sql_rows
+
+
+async def test_unknown_step_stays_for_a_worker_that_knows_it(app: baton.Baton) -> None:
+    missing = "tests.apps.nowhere.missing"
+    bad = baton.JobSpec(step=missing, args={})
+    [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])
+    async with running_worker(app):
+        await wait_for_job(app, good_id, "completed")
+    # The fetch that took the later job passed over it: it was never claimed.
+    job = await app.get_job(bad_id)
+    assert (job.state, job.attempt, job.errors) == ("available", 0, [])
+
+    async def found() -> None:
+        basic.CALLS["found"].append(1)
+
+    app.step(name=missing)(found)  # a newer deploy knows the step
+    try:
+        async with running_worker(app):
+            await wait_for_job(app, bad_id, "completed")
+    finally:
+        del app.steps[missing]
+    assert basic.CALLS["found"] == [1]
+
+
+async def test_claim_with_lost_reply_is_handed_back(app: baton.Baton) -> None:
+    """The claim commits but its reply is lost: the jobs go back without losing an attempt,
+    and run once."""
+    ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(20)])
+    lost: list[int] = []
+    async with running_worker(app) as worker:
+        producer = worker.producers["default"]
+        real = producer.fetch
+
+        async def fetch_losing_reply(demand: int) -> list[FetchedJob]:
+            jobs = await real(demand)  # committed: the rows are executing under this worker
+            if lost or not jobs:
+                return jobs
+            for job in jobs:  # the reply never arrived: this worker knows of none of them
+                producer.running.pop(job.id)
+            lost.extend(job.id for job in jobs)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        producer.fetch = fetch_losing_reply  # type: ignore[method-assign]
+        await wait_for_jobs(app, ids, ["completed"])
+    assert lost
+    for job_id in lost:
+        assert (await app.get_job(job_id)).attempt == 1
+    assert sorted(basic.CALLS["echo"]) == list(range(20))
+
+
+async def test_jobs_held_in_the_table_but_not_here_are_reconciled(app: baton.Baton) -> None:
+    """Rows marked executing under a live worker that does not run them are handed back by
+    its periodic reconcile; the rescue would never touch them (its heartbeat is fresh)."""
+    job_id = await app.enqueue(basic.echo.new(value="stray"))
+    async with running_worker(app, queues={"other": 1}, reconcile_interval=0.05) as worker:
+        sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'executing', attempt = 1, "
+                          "attempted_by = %s, queue = 'other' WHERE id = %s",
+                 (worker.id, job_id))
+        job = await wait_for_job(app, job_id, "completed")
+    assert job.attempt == 1 and basic.CALLS["echo"] == ["stray"]
+
+
+async def test_wake_during_a_fetch_leads_to_another_fetch(app: baton.Baton) -> None:
+    """A wake-up that arrives while a fetch is in flight is not overwritten by its result:
+    with the poll an hour away, only the wake-up can start the job."""
+    inserted: list[int] = []
+    async with running_worker(app, poll_interval=3600) as worker:
+        producer = worker.producers["default"]
+        real = producer.fetch
+
+        async def fetch_then_insert(demand: int) -> list[FetchedJob]:
+            jobs = await real(demand)
+            if not inserted:  # an insert commits while this fetch's reply travels back
+                rows = sql_rows(app.dsn, "INSERT INTO baton.jobs (step, args) "
+                                         "VALUES (%s, '{\"value\": 1}') RETURNING id",
+                                (basic.echo.name,))
+                inserted.append(rows[0][0])
+                producer.wake()  # its notification, delivered meanwhile
+            return jobs
+
+        producer.fetch = fetch_then_insert  # type: ignore[method-assign]
+        producer.wake()
+        while not inserted:
+            await anyio.sleep(0.01)
+        await wait_for_job(app, inserted[0], "completed", timeout=30)
+
+
+async def test_heartbeat_beats_while_a_step_blocks_the_loop(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocks_and_checks.new(seconds=2.5))  # ttl is 1 s
+    with capture_logs() as logs:
+        async with running_worker(app, loop_blocked_after=0.5):
+            job = await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["alive"] == [True]
+    assert job.attempt == 1 and job.errors == []
+    blocked = [e for e in logs if e["event"] == "worker.loop_blocked"]
+    assert blocked and blocked[0]["step"] == basic.blocks_and_checks.name
+    assert blocked[0]["job_id"] == job_id
+    assert any(e["event"] == "worker.loop_unblocked" for e in logs)
+
+
+async def test_async_step_past_its_timeout_is_recorded(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocks_loop.new(seconds=0.8))
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed")
+    [entry] = job.errors
+    assert entry["kind"] == "timeout_not_enforced" and entry["enforced"] is False
+    assert "blocked the event loop" in entry["error"]
+
+
+def _overlaps(spans: list[tuple[int, float, float]]) -> list[Any]:
+    ordered = sorted(spans, key=lambda s: s[1])
+    return [(a, b) for a, b in itertools.pairwise(ordered) if b[1] < a[2]]
+
+
+async def test_thread_past_its_timeout_keeps_its_slot(app: baton.Baton) -> None:
+    """Attempt 2 of a plain def step never starts while attempt 1's thread still runs."""
+    job_id = await app.enqueue(basic.slow_thread.new(key="t"))
+    again = basic.thread_gate("t:again")
+    async with running_worker(app):
+        started = basic.STARTED_THREADS.setdefault("t", __import__("threading").Event())
+        await anyio.to_thread.run_sync(started.wait, 10)
+        # Five times the timeout: the old worker started attempt 2 after 0.2 s.
+        assert not await anyio.to_thread.run_sync(again.wait, 1.0)
+        job = await app.get_job(job_id)
+        assert (job.state, job.attempt) == ("executing", 1)
+        basic.thread_gate("t").set()
+        job = await wait_for_job(app, job_id, "completed")
+    assert [s[0] for s in sorted(basic.SPANS["t"], key=lambda s: s[1])] == [1, 2]
+    assert _overlaps(basic.SPANS["t"]) == []
+    [entry] = job.errors
+    assert entry["kind"] == "timeout" and entry["enforced"] is False
+    assert "cannot be stopped" in entry["error"]
+
+
+async def test_shutdown_waits_for_a_thread_instead_of_handing_it_back(
+    app: baton.Baton,
+) -> None:
+    """Past the grace an embedded worker keeps a running thread's job (and its heartbeat)
+    until the thread returns: the job is never handed back while its body still runs."""
+    job_id = await app.enqueue(basic.slow_thread.new(key="s").options(timeout=None))
+    states: list[str] = []
+    with capture_logs() as logs:
+        async with running_worker(app, shutdown_grace=0.1) as worker:
+            started = basic.STARTED_THREADS.setdefault("s", __import__("threading").Event())
+            await anyio.to_thread.run_sync(started.wait, 10)
+            worker.stop()
+            while not any(e["event"] == "worker.waiting_for_threads" for e in logs):
+                await anyio.sleep(0.01)
+            states.append((await app.get_job(job_id)).state)
+            basic.thread_gate("s").set()
+    job = await app.get_job(job_id)
+    assert states == ["executing"]
+    assert (job.state, job.attempt) == ("completed", 1)
+    assert [s[0] for s in basic.SPANS["s"]] == [1]
+
+
+async def test_step_sent_back_by_its_gate_is_released_by_its_dependency(
+    flows_app: baton.Baton,
+) -> None:
+    """A step that starts before its dependency completed (here: retried by hand while
+    held) goes back to held and is released by that completion, not by maintenance."""
+    from baton.testing import wait_for_workflow
+    from tests.apps import flows
+
+    wf = baton.Workflow("gated")
+    wf.add("first", flows.hold.new(key="first"))
+    wf.add("second", flows.value.new(v=2), deps=["first"])
+    wf_id = await flows_app.insert(wf)
+    [(first_id, second_id)] = sql_rows(
+        flows_app.dsn, "SELECT max(id) FILTER (WHERE workflow_step = 'first'), "
+        "max(id) FILTER (WHERE workflow_step = 'second') FROM baton.jobs")
+    with capture_logs() as logs:
+        # Maintenance (the stager and the sweep) runs once at start, then not for an hour.
+        async with running_worker(flows_app, maintenance_interval=3600):
+            await wait_for_job(flows_app, first_id, "executing")
+            assert await flows_app.retry(second_id)
+            while not any(e["event"] == "job.held" and e["job_id"] == second_id
+                          for e in logs):
+                await anyio.sleep(0.01)
+            assert (await flows_app.get_job(second_id)).state == "pending"
+            flows.HOLDS.setdefault("first", anyio.Event()).set()
+            info = await wait_for_workflow(flows_app, wf_id, timeout=30)
+    assert info.state == "completed"
+    assert await flows_app.result(wf_id, "second") == 2
