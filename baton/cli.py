@@ -19,7 +19,7 @@ import structlog
 
 from baton import render
 from baton.app import Baton
-from baton.errors import BatonError, ConfigurationError
+from baton.errors import BatonError, ConfigurationError, DatabaseError
 from baton.logs import configure_logging
 from baton.migrations import migrate_down, migrate_up
 from baton.worker import Worker, WorkerSettings, parse_queues
@@ -68,6 +68,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-json", action="store_true",
                         default=_env("LOG_JSON", "") not in ("", "0", "false"),
                         help="log JSON lines [BATON_LOG_JSON]")
+    parser.add_argument("--connect-timeout", type=float,
+                        default=float(_env("CONNECT_TIMEOUT")) if _env("CONNECT_TIMEOUT") else None,
+                        help="seconds to wait for a database that is starting or not reachable "
+                             "yet, default the app's (30) [BATON_CONNECT_TIMEOUT]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,16 +154,20 @@ def _app_for(args: argparse.Namespace) -> Baton:
         )
     if args.dsn:
         app.dsn = args.dsn
+    if args.connect_timeout is not None:
+        app.connect_timeout = args.connect_timeout
     return app
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     app = _app_for(args)
     if args.down:
-        reverted = migrate_down(app.dsn, app.schema, target=args.target or 0)
+        reverted = migrate_down(app.dsn, app.schema, target=args.target or 0,
+                                connect_timeout=app.connect_timeout)
         log.info("migrate.done", direction="down", versions=reverted, schema=app.schema)
     else:
-        applied = migrate_up(app.dsn, app.schema, target=args.target)
+        applied = migrate_up(app.dsn, app.schema, target=args.target,
+                             connect_timeout=app.connect_timeout)
         log.info("migrate.done", direction="up", versions=applied, schema=app.schema)
     return 0
 
@@ -174,8 +182,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_ttl=args.heartbeat_ttl,
         maintenance_interval=args.maintenance_interval,
         prune_after=args.prune_after,
+        exit_with_threads=True,  # past the grace, end threads that cannot be stopped
     )
     worker = Worker(app, settings)
+    failed: list[Exception] = []
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -184,16 +194,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 async def watch() -> None:
                     async for signum in signals:
                         log.info("worker.signal", signal=signal.Signals(signum).name)
-                        worker.stop()
+                        if worker.started.is_set():
+                            worker.stop()
+                        else:  # still connecting or starting: nothing to wind down yet
+                            tg.cancel_scope.cancel()
 
                 tg.start_soon(watch)
                 try:
                     await worker.run()
+                except Exception as exc:  # raised below, not wrapped in the task group's
+                    failed.append(exc)
                 finally:
                     tg.cancel_scope.cancel()
-                    await app.close()
+                    with anyio.CancelScope(shield=True):
+                        await app.close()
 
     anyio.run(main)
+    if failed:
+        raise failed[0]
     return 0
 
 
@@ -215,6 +233,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         ["worker", "queues", "last heartbeat"],
         [[w.id, ",".join(f"{k}={v}" for k, v in w.queues.items()), w.heartbeat_at]
          for w in status.workers])
+    if status.unrunnable:
+        human += ("\n\njobs no live worker can run (no worker serves the queue or knows "
+                  "the step):\n")
+        human += render.table(["queue", "step", "available"],
+                              [[u.queue, u.step, u.jobs] for u in status.unrunnable])
     return _out(args, status.model_dump(mode="json"), human)
 
 
@@ -266,8 +289,25 @@ def _using(app: Baton, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable
     return run
 
 
+_UNMIGRATED = {"42P01", "3F000"}  # undefined_table, invalid_schema_name
+
+
+def _expected(exc: BaseException) -> str | None:
+    """What to tell the user about ``exc`` (unwrapping a group of one), or ``None`` when it
+    is not an error a user can act on."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, DatabaseError) and exc.sqlstate in _UNMIGRATED:
+        return f"{exc}; is the schema migrated? run `baton migrate`"
+    return str(exc) if isinstance(exc, (BatonError, ValueError)) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit status."""
+    """Run the command line and return its exit status.
+
+    An expected failure (the database cannot be reached or is not migrated, a bad
+    ``--app``, ...) is one line on stderr and status 2, never a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -275,9 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
                    "workflow": cmd_workflow, "job": cmd_job}[args.command]
         return handler(args)
-    except (BatonError, ValueError) as exc:
-        log.error("cli.failed", command=args.command, error=str(exc))
-        sys.stderr.write(f"baton: error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        error = _expected(exc)
+        if error is None:
+            raise
+        if args.log_json:  # the one line is a log record
+            log.error("cli.failed", command=args.command, error=error)
+        else:
+            sys.stderr.write(f"baton: error: {error}\n")
         return 2
 
 

@@ -110,11 +110,22 @@ class WorkerInfo(BaseModel):
     heartbeat_at: datetime
 
 
+class Unrunnable(BaseModel):
+    """Available jobs of one step that no live worker can run: none serves their queue or
+    knows the step (an older deploy, a worker of another service, a step named in
+    ``__main__``). They wait, unclaimed, for a worker that can."""
+
+    queue: str
+    step: str
+    jobs: int
+
+
 class Status(BaseModel):
-    """Queues and live workers."""
+    """Queues, live workers, and jobs no live worker can run."""
 
     queues: list[QueueStatus]
     workers: list[WorkerInfo]
+    unrunnable: list[Unrunnable] = Field(default_factory=list)
 
 
 _VIEW_ROW = class_row(WorkflowView)
@@ -179,4 +190,5 @@ class Query:
             if row["oldest_available_seconds"] is not None:
                 entry.oldest_available_seconds = float(row["oldest_available_seconds"])
         workers = await self._rows("workers_live", {}, _WORKER_ROW)
-        return Status(queues=list(queues.values()), workers=workers)
+        unrunnable = await self._rows("jobs_unrunnable", {}, class_row(Unrunnable))
+        return Status(queues=list(queues.values()), workers=workers, unrunnable=unrunnable)

@@ -21,11 +21,15 @@ async def test_unknown_step_stays_for_a_worker_that_knows_it(app: baton.Baton) -
     missing = "tests.apps.nowhere.missing"
     bad = baton.JobSpec(step=missing, args={})
     [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])
+    await app.enqueue(basic.echo.new(value="idle").options(queue="elsewhere"))
     async with running_worker(app):
         await wait_for_job(app, good_id, "completed")
+        status = await app.query.status()
     # The fetch that took the later job passed over it: it was never claimed.
     job = await app.get_job(bad_id)
     assert (job.state, job.attempt, job.errors) == ("available", 0, [])
+    assert [(u.queue, u.step, u.jobs) for u in status.unrunnable] == [
+        ("default", missing, 1), ("elsewhere", basic.echo.name, 1)]
 
     async def found() -> None:
         basic.CALLS["found"].append(1)
@@ -199,3 +203,28 @@ async def test_step_sent_back_by_its_gate_is_released_by_its_dependency(
             info = await wait_for_workflow(flows_app, wf_id, timeout=30)
     assert info.state == "completed"
     assert await flows_app.result(wf_id, "second") == 2
+
+
+def test_a_step_named_after_main_warns_once(tmp_path: Any) -> None:
+    """A job built in a script for a step defined in that script would wait forever for a
+    `baton worker` process, which knows the step under its module's name."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import baton\n"
+        "app = baton.Baton(dsn='postgresql://unused/db')\n"
+        "@app.step\n"
+        "async def hello(x: int) -> int:\n"
+        "    return x\n"
+        "@app.step(name='script.named')\n"
+        "async def named(x: int) -> int:\n"
+        "    return x\n"
+        "hello.new(x=1)\n"
+        "hello.new(x=2)\n"
+        "named.new(x=3)\n")
+    done = subprocess.run([sys.executable, "-W", "always", str(script)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stderr.count("StepNameWarning") == 1
+    assert "'__main__.hello'" in done.stderr and "@app.step(name=" in done.stderr

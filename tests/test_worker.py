@@ -189,16 +189,6 @@ async def test_retry_discarded_job_gets_another_attempt(app: baton.Baton) -> Non
     assert job.max_attempts == 3 and len(job.errors) == 3
 
 
-async def _old_unknown_step_is_discarded_and_others_run(app: baton.Baton) -> None:
-    bad = baton.JobSpec(step="tests.apps.nowhere.missing", args={})
-    [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])
-    async with running_worker(app):
-        job = await wait_for_job(app, bad_id, "discarded")
-        await wait_for_job(app, good_id, "completed")
-    assert "no step named 'tests.apps.nowhere.missing'" in job.errors[0]["error"]
-    assert job.errors[0]["kind"] == "invalid"
-
-
 async def test_invalid_stored_args_are_discarded(app: baton.Baton) -> None:
     bad = baton.JobSpec(step=basic.typed.name, args={"count": "lots"})
     [bad_id, good_id] = await app.enqueue_many([bad, basic.echo.new(value="fine")])

@@ -112,11 +112,13 @@ SELECT
 FROM last, woken
 
 -- name: jobs_fetch
--- Claim up to %(demand)s available jobs of one queue for this worker.
+-- Claim up to %(demand)s available jobs of one queue for this worker, of the steps it knows
+-- (%(steps)s): a job of a step it cannot run stays for a worker that can.
 WITH picked AS MATERIALIZED (
     SELECT id
     FROM {schema}.jobs
     WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()
+      AND step = ANY(%(steps)s::text[])
     ORDER BY priority, scheduled_at, id
     LIMIT %(demand)s
     FOR UPDATE SKIP LOCKED
@@ -141,7 +143,12 @@ WITH outcome AS (
         id bigint, state text, delay double precision, error jsonb, snooze boolean)
 ), finished AS (
     UPDATE {schema}.jobs AS j
-    SET state = o.state,
+    -- A workflow step its gate sent back to wait goes back to held (pending), released by
+    -- its last dependency's settlement; if that settled meanwhile, it is available now.
+    SET state = CASE WHEN o.state = 'pending' AND EXISTS (
+                         SELECT 1 FROM {schema}.nodes AS n
+                         WHERE n.job_id = j.id AND n.pending_deps <= 0)
+                     THEN 'available' ELSE o.state END,
         finalized_at = CASE WHEN o.state IN ('completed', 'discarded', 'cancelled')
                             THEN now() END,
         scheduled_at = CASE WHEN o.delay IS NULL THEN j.scheduled_at
@@ -152,7 +159,11 @@ WITH outcome AS (
         snoozes = j.snoozes + CASE WHEN o.snooze THEN 1 ELSE 0 END
     FROM outcome AS o
     WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
-    RETURNING j.id, j.state, j.workflow_id
+    RETURNING j.id, j.state, j.workflow_id, j.queue
+), woken AS (
+    -- Snoozed for no time, or released meanwhile: wake the queue's workers.
+    SELECT pg_notify(%(insert_channel)s, queue)
+    FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q
 ), announced AS (
     SELECT pg_notify(%(events_channel)s, '[' || string_agg(e.body, ',' ORDER BY e.n) || ']')
     FROM unnest(%(event_jobs)s::bigint[], %(event_chunks)s::integer[],
@@ -160,7 +171,8 @@ WITH outcome AS (
     JOIN finished AS f ON f.id = e.job_id
     GROUP BY e.chunk
 )
-SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications
+SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications,
+    (SELECT count(*) FROM woken) AS woken
 FROM finished
 
 -- name: jobs_hand_back
@@ -169,6 +181,16 @@ UPDATE {schema}.jobs
 SET state = 'available', attempt = attempt - 1, attempted_by = NULL, scheduled_at = now()
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'executing' AND attempted_by = %(worker_id)s
 RETURNING id, queue
+
+-- name: jobs_reconcile
+-- Jobs of one queue that the table says this worker holds but it does not (%(held)s: the ids
+-- it runs, waits to start or has an unwritten outcome for) go back to the queue without
+-- burning their attempt: the claim's reply was lost, so they never ran here.
+UPDATE {schema}.jobs
+SET state = 'available', attempt = attempt - 1, attempted_by = NULL, scheduled_at = now()
+WHERE state = 'executing' AND attempted_by = %(worker_id)s AND queue = %(queue)s
+  AND NOT (id = ANY(%(held)s::bigint[]))
+RETURNING id
 
 -- name: job_get
 -- One job, the columns of baton.job.Job by name (never *: a column added by a later
@@ -262,8 +284,9 @@ WITH doomed AS (
 SELECT count(*) FROM deleted
 
 -- name: worker_register
-INSERT INTO {schema}.worker_registry (id, hostname, pid, queues, expires_at)
-VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, now() + make_interval(secs => %(ttl)s))
+INSERT INTO {schema}.worker_registry (id, hostname, pid, queues, steps, expires_at)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, %(steps)s,
+        now() + make_interval(secs => %(ttl)s))
 ON CONFLICT (id) DO UPDATE
 SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
 
@@ -314,6 +337,22 @@ SELECT queue, state, count(*) AS jobs,
 FROM {schema}.jobs
 GROUP BY queue, state
 ORDER BY queue, state
+
+-- name: jobs_unrunnable
+-- Steps whose available jobs no live worker can run: none serves the queue or knows the
+-- step (a worker that does not list its steps is taken to know them all).
+SELECT s.queue, s.step, s.jobs
+FROM (
+    SELECT queue, step, count(*) AS jobs
+    FROM {schema}.jobs
+    WHERE state = 'available'
+    GROUP BY queue, step
+) AS s
+WHERE NOT EXISTS (
+    SELECT 1 FROM {schema}.worker_registry AS w
+    WHERE w.expires_at > now() AND w.queues ? s.queue
+      AND (w.steps IS NULL OR s.step = ANY(w.steps)))
+ORDER BY s.queue, s.step
 
 -- name: workers_live
 SELECT id, hostname, pid, queues, started_at, heartbeat_at
