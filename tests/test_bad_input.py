@@ -51,6 +51,17 @@ def test_bytes_are_refused_where_the_signature_takes_anything() -> None:
     assert nested.value.argument == "value.blob.0"
 
 
+async def _takes_bytes(data: bytes) -> None: ...
+
+
+def test_bytes_a_signature_asks_for_travel_as_utf8_text() -> None:
+    step = baton.Baton().step(name="tests.bytes_step")(_takes_bytes)
+    assert step.new(data=b"abc").args == {"data": "abc"}
+    with pytest.raises(baton.ArgsError, match="NUL character") as info:
+        step.new(data=b"a\x00")
+    assert info.value.argument == "data"
+
+
 def test_text_that_only_looks_like_an_escaped_nul_is_kept() -> None:
     # A backslash then "u0000" is six ordinary characters, not a NUL.
     job = basic.echo.new(value="\\u0000")
