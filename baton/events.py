@@ -4,17 +4,23 @@ Every step transition is a :class:`StepUpdated`; the end of a workflow is one
 :class:`WorkflowFinished`. Events are sent with NOTIFY inside the transaction that made the
 transition (so they arrive only if it committed), on the channel :func:`channel` names;
 payloads over NOTIFY's limit travel by reference to ``event_payloads`` and arrive whole.
+
+NOTIFY is lost while a listener is away, so a :class:`Subscription` that loses its
+connection reconnects by itself and catches up from the ``workflows`` table: it listens
+first, then reads what finished while it was away, and delivers each ``workflow_finished``
+once (de-duplicated by workflow id).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import random
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
@@ -23,9 +29,11 @@ import psycopg
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
+from psycopg.rows import dict_row
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
-from baton.db import channel_name
+from baton.db import channel_name, describe
+from baton.errors import DatabaseError
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -88,6 +96,48 @@ def parse_event(data: dict[str, Any] | str) -> StepUpdated | WorkflowFinished:
     return _EVENT.validate_python(data)
 
 
+def finished_event(row: dict[str, Any]) -> WorkflowFinished:
+    """Return the ``workflow_finished`` event of a finished ``workflows`` row (``id``,
+    ``label``, ``state``, ``failed_steps``, ``finished_at``): the event its settlement sent
+    (``steps_settle``), field for field, for a subscriber that missed it."""
+    return WorkflowFinished(workflow_id=row["id"], workflow_label=row["label"],
+                            outcome=row["state"], failed_steps=list(row["failed_steps"]),
+                            timestamp=row["finished_at"])
+
+
+FINAL_STEP_STATES = frozenset({"completed", "discarded", "cancelled"})
+
+SUBSCRIBER_APPLICATION_NAME = "baton-events"
+"""The ``application_name`` of a subscriber's connection (find it in ``pg_stat_activity``)."""
+
+RECONNECT_FIRST_SECONDS = 0.05
+RECONNECT_MAX_SECONDS = 5.0
+
+# Connection (08), resources (53) and shutdown / start-up (57P01-57P03) errors may heal.
+_TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+
+
+def reconnect_delay(attempt: int, *, rng: random.Random | None = None) -> float:
+    """Return how long a subscriber waits before its reconnection attempt ``attempt``.
+
+    The ceiling doubles from 50 ms to 5 s; the delay is drawn from its upper half, so the
+    subscribers a server restart dropped together do not all come back at once.
+    """
+    if attempt < 1:
+        raise ValueError("attempt starts at 1")
+    ceiling = min(RECONNECT_MAX_SECONDS, RECONNECT_FIRST_SECONDS * 2.0 ** min(attempt - 1, 30))
+    return ceiling * (rng or random).uniform(0.5, 1.0)
+
+
+def is_transient(exc: psycopg.Error) -> bool:
+    """Whether a subscriber's error may heal by reconnecting: the connection was lost or
+    refused (the driver has no SQLSTATE for it), or the server was shutting down, starting
+    up or short of connections. An error a statement got back (a missing table) does not."""
+    if exc.sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return exc.sqlstate.startswith(_TRANSIENT_SQLSTATES)
+
+
 class Events:
     """The event surface of an app: ``subscribe`` across processes, ``on`` in-process."""
 
@@ -98,6 +148,12 @@ class Events:
         """Events this process committed, by state (``"completed"``, ...) and outcome
         (``"workflow_completed"``, ``"workflow_failed"``): counters for metrics."""
         self.hook_timeout = 5.0
+        self.catch_up_margin = 30.0
+        """Seconds a subscriber that reconnects reads back before the last moment it knew it
+        was listening: a workflow's ``finished_at`` is its settling transaction's start, which
+        may commit (and notify) later; a transaction open longer than this may be missed."""
+        self.application_name = SUBSCRIBER_APPLICATION_NAME
+        """The ``application_name`` of subscribers' connections."""
         self._send: MemoryObjectSendStream[StepUpdated | WorkflowFinished] | None = None
 
     @property
@@ -181,34 +237,230 @@ class Events:
         """Listen for events of every workflow, or of one; yields an async iterator.
 
         Listening starts before the block is entered, so nothing sent after that is missed.
+        A lost connection is reopened by itself (with a jittered, capped backoff), and what
+        was missed is read back: each ``workflow_finished`` sent after the block was entered
+        arrives once; a subscriber of one workflow gets its ``workflow_finished`` once even
+        if it finished before, and after a reconnect the latest state of each of its steps
+        that changed meanwhile. Step events of other workflows sent while away are lost.
+
+        :raises DatabaseError: on entry, if no connection opens within the app's
+            ``connect_timeout``; while iterating, for a failure a reconnect cannot heal
+            (such as baton's tables being gone).
         """
         wanted = uuid.UUID(str(workflow_id)) if workflow_id is not None else None
-        conn = await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True)
-        reader: psycopg.AsyncConnection[Any] | None = None
+        subscription = Subscription(self, wanted)
+        await subscription.open()
         try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-
-            async def stream() -> AsyncIterator[StepUpdated | WorkflowFinished]:
-                nonlocal reader
-                async for note in conn.notifies():
-                    batch = json.loads(note.payload)
-                    for data in batch if isinstance(batch, list) else [batch]:
-                        if set(data) == {"ref"}:
-                            if reader is None:
-                                reader = await psycopg.AsyncConnection.connect(
-                                    self.app.dsn, autocommit=True)
-                            cur = await reader.execute(self.app.queries["event_payload_get"],
-                                                       {"id": data["ref"]})
-                            row = await cur.fetchone()
-                            if row is None:
-                                continue
-                            data = row[0]
-                        event = parse_event(data)
-                        if wanted is None or event.workflow_id == wanted:
-                            yield event
-
-            yield stream()
+            yield subscription.events()
         finally:
+            await subscription.close()
+
+
+Row = dict[str, Any]
+
+
+class Subscription:
+    """One subscriber's connection, and what it delivered so far.
+
+    On every (re)connection it listens first, then reads what it may have missed; whatever
+    both the read and a notification bring is delivered once. For a subscriber of every
+    workflow, the read covers the workflows finished since ``mark`` (a server time at which
+    it was surely still listening) less the app's ``catch_up_margin``; ``seen`` remembers
+    what was delivered within that window.
+    """
+
+    def __init__(self, events: Events, wanted: uuid.UUID | None) -> None:
+        self.app = events.app
+        self.channel = events.channel
+        self.margin = timedelta(seconds=events.catch_up_margin)
+        self.application_name = events.application_name
+        self.wanted = wanted
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.closed = False
+        self.pending: deque[StepUpdated | WorkflowFinished] = deque()
+        self.seen: dict[uuid.UUID, datetime] = {}
+        """``workflow_finished`` delivered (or finished before the subscription began):
+        workflow id -> finished_at."""
+        self.mark: datetime | None = None
+        self.steps: dict[str, tuple[int, int, str]] = {}
+        """Subscriber of one workflow: the last state delivered per step (job id, attempt,
+        state)."""
+        self._prune_at = 1024
+
+    async def open(self) -> None:
+        """Connect and listen, retrying what may heal for the app's ``connect_timeout``.
+
+        :raises DatabaseError: if that fails.
+        """
+        deadline = anyio.current_time() + self.app.connect_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._connect(first=True)
+                return
+            except psycopg.Error as exc:
+                await self._drop()
+                if not is_transient(exc) or anyio.current_time() >= deadline:
+                    raise DatabaseError(f"subscribing to events failed: {describe(exc)}"
+                                        ) from exc
+            await anyio.sleep(reconnect_delay(attempt))
+
+    async def close(self) -> None:
+        """Stop: close the connection; the iterator ends."""
+        self.closed = True
+        await self._drop()
+
+    async def events(self) -> AsyncIterator[StepUpdated | WorkflowFinished]:
+        """Yield events as they arrive, reconnecting and catching up when the connection
+        is lost."""
+        while not self.closed:
+            while self.pending:
+                yield self.pending.popleft()
+            try:
+                await self._receive()
+            except psycopg.Error as exc:
+                if self.closed:
+                    return
+                await self._recover(exc)
+
+    async def _connect(self, *, first: bool) -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            self.app.dsn, autocommit=True, application_name=self.application_name,
+            connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5,
+            keepalives_count=3)
+        self.conn = conn
+        if first and self.wanted is None:
+            # What finished just before listening began was never promised: keep it from a
+            # later catch-up (read before LISTEN, so nothing announced after it is in here).
+            rows = await self._rows("workflows_finished_since",
+                                    {"since": None, "margin": self.margin.total_seconds()})
+            self.mark = rows[0]["read_at"]
+            self.seen.update((r["id"], r["finished_at"]) for r in rows if r["id"] is not None)
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        if self.wanted is not None:
+            await self._catch_up_one(self.wanted, steps=not first)
+        elif not first:
+            await self._catch_up_all()
+
+    async def _rows(self, query: str, params: dict[str, Any]) -> list[Row]:
+        assert self.conn is not None
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self.app.queries[query], params)
+            return await cur.fetchall()
+
+    async def _catch_up_all(self) -> None:
+        assert self.mark is not None
+        rows = await self._rows("workflows_finished_since", {
+            "since": self.mark - self.margin, "margin": self.margin.total_seconds()})
+        self.mark = max(self.mark, rows[0]["read_at"])  # read after LISTEN: listening then
+        for row in rows:
+            if row["id"] is not None:
+                self._offer(finished_event(row))
+
+    async def _catch_up_one(self, workflow_id: uuid.UUID, *, steps: bool) -> None:
+        # The finish first: if it is not there yet, the steps read next cannot be older
+        # than the live workflow_finished that follows them.
+        finished = await self._rows("workflow_finished_get", {"id": workflow_id})
+        if steps:
+            for row in await self._rows("workflow_steps_latest", {"id": workflow_id}):
+                self._offer(StepUpdated(
+                    workflow_id=workflow_id, workflow_label=row["label"],
+                    step_name=row["name"], worker=row["step"], state=row["state"],
+                    job_id=row["id"], attempt=row["attempt"], has_result=row["has_result"],
+                    error=row["error"], timestamp=row["at"]))
+        for row in finished:
+            self._offer(finished_event(row))
+
+    async def _receive(self) -> None:
+        """Wait for the next notifications and queue their new events."""
+        conn = self.conn
+        if conn is None:
+            raise psycopg.OperationalError("the subscriber's connection is closed")
+        notes = [note async for note in conn.notifies(stop_after=1)]
+        for note in notes:
+            batch = json.loads(note.payload)
+            for data in batch if isinstance(batch, list) else [batch]:
+                if set(data) == {"ref"}:
+                    rows = await self._rows("event_payload_get", {"id": data["ref"]})
+                    if not rows:
+                        continue
+                    data = rows[0]["payload"]
+                self._offer(parse_event(data))
+
+    def _offer(self, event: StepUpdated | WorkflowFinished) -> None:
+        """Queue ``event`` unless it is not wanted or was delivered already."""
+        if self.wanted is not None and event.workflow_id != self.wanted:
+            return
+        if isinstance(event, WorkflowFinished):
+            if event.workflow_id in self.seen:
+                return
+            self.seen[event.workflow_id] = event.timestamp
+            if self.mark is not None:
+                # Delivered, so the connection was up when it committed, after this time.
+                self.mark = max(self.mark, event.timestamp)
+                self._prune()
+        elif self.wanted is not None and not self._step_is_new(event):
+            return
+        self.pending.append(event)
+
+    def _step_is_new(self, event: StepUpdated) -> bool:
+        """Whether a step event of the one workflow says more than what was delivered.
+
+        A catch-up reports each step's latest state; the notifications of transitions that
+        committed just before it may still arrive after it, and must not take a step back.
+        A step's attempts only grow, a final state ends an attempt, and an attempt never
+        reports one state twice in a row.
+        """
+        last = self.steps.get(event.step_name)
+        if last is not None and last[0] == event.job_id:
+            _, attempt, state = last
+            if event.attempt < attempt or (event.attempt == attempt and (
+                    state in FINAL_STEP_STATES or event.state == state)):
+                return False
+        self.steps[event.step_name] = (event.job_id, event.attempt, event.state)
+        return True
+
+    def _prune(self) -> None:
+        """Forget finishes far behind ``mark``: no catch-up reads back that far."""
+        if len(self.seen) <= self._prune_at or self.mark is None:
+            return
+        floor = self.mark - 2 * self.margin
+        self.seen = {k: v for k, v in self.seen.items() if v >= floor}
+        self._prune_at = max(1024, 2 * len(self.seen))
+
+    async def _recover(self, exc: psycopg.Error) -> None:
+        """Reconnect after ``exc`` and catch up, retrying with backoff until it works.
+
+        :raises DatabaseError: if ``exc``, or a failure while reconnecting, cannot heal.
+        """
+        if not is_transient(exc):
+            raise DatabaseError(f"event subscription failed: {describe(exc)}") from exc
+        log.warning("events.disconnected", error=describe(exc),
+                    workflow_id=str(self.wanted) if self.wanted else None)
+        await self._drop()
+        started = anyio.current_time()
+        queued = len(self.pending)
+        attempt = 0
+        while True:
+            attempt += 1
+            await anyio.sleep(reconnect_delay(attempt))
+            try:
+                await self._connect(first=False)
+            except psycopg.Error as err:
+                await self._drop()
+                if not is_transient(err):
+                    raise DatabaseError(f"event subscription failed: {describe(err)}"
+                                        ) from err
+                log.debug("events.reconnect_failed", attempt=attempt, error=describe(err))
+                continue
+            log.info("events.reconnected", attempts=attempt,
+                     away=round(anyio.current_time() - started, 3),
+                     caught_up=len(self.pending) - queued,
+                     workflow_id=str(self.wanted) if self.wanted else None)
+            return
+
+    async def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
             await conn.close()
-            if reader is not None:
-                await reader.close()

@@ -201,6 +201,42 @@ RETURNING j.id, j.queue
 -- name: event_payload_get
 SELECT payload FROM {schema}.event_payloads WHERE id = %(id)s
 
+-- name: workflows_finished_since
+-- A subscriber catching up: the server's clock, then every workflow that finished at or
+-- after %(since)s (default: %(margin)s seconds ago), oldest first; one row with only the
+-- clock when none did. workflows_finished_idx serves it.
+SELECT now() AS read_at, w.id, w.label, w.state, w.failed_steps, w.finished_at
+FROM (SELECT 1) AS clock
+LEFT JOIN LATERAL (
+    SELECT id, label, state, failed_steps, finished_at
+    FROM {schema}.workflows
+    WHERE finished_at >= COALESCE(%(since)s::timestamptz,
+                                  now() - make_interval(secs => %(margin)s))
+) AS w ON true
+ORDER BY w.finished_at, w.id
+
+-- name: workflow_finished_get
+-- A subscriber of one workflow catching up: the workflow, if it finished.
+SELECT id, label, state, failed_steps, finished_at
+FROM {schema}.workflows
+WHERE id = %(id)s AND finished_at IS NOT NULL
+
+-- name: workflow_steps_latest
+-- A subscriber of one workflow catching up: every step that is running or has ended, in
+-- its latest state, with the fields of its workflow_step_updated event.
+SELECT n.name, n.step, j.state, j.id, j.attempt,
+    j.state = 'completed' AND n.has_result AS has_result,
+    CASE WHEN j.state IN ('retryable', 'discarded', 'cancelled')
+         THEN j.errors -> -1 ->> 'error' END AS error,
+    COALESCE(j.finalized_at, j.attempted_at, now()) AS at,
+    w.label
+FROM {schema}.nodes AS n
+JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+JOIN {schema}.jobs AS j ON j.id = n.job_id
+WHERE n.workflow_id = %(id)s
+  AND j.state IN ('executing', 'retryable', 'completed', 'discarded', 'cancelled')
+ORDER BY COALESCE(j.finalized_at, j.attempted_at), j.id
+
 -- name: events_emit_steps
 -- Send workflow_step_updated events; returns their payloads for in-process hooks.
 WITH events AS (
