@@ -245,11 +245,14 @@ WHERE j.id = due.id
 RETURNING j.id, j.queue
 
 -- name: jobs_rescue
--- Recover jobs executing on workers whose heartbeat expired.
+-- Recover jobs executing on workers whose heartbeat expired. Not in the first %(ttl)s
+-- seconds after the server started: a restart that took longer than a heartbeat's lifetime
+-- leaves every row expired, and live workers need one beat to say they still run their jobs.
 WITH orphaned AS (
     SELECT j.id
     FROM {schema}.jobs AS j
     WHERE j.state = 'executing'
+      AND pg_postmaster_start_time() < now() - make_interval(secs => %(ttl)s)
       AND NOT EXISTS (
           SELECT 1 FROM {schema}.worker_registry AS w
           WHERE w.id = j.attempted_by AND w.expires_at > now())
