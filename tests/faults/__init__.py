@@ -1,0 +1,1 @@
+"""Fault injection: real ``baton worker`` processes, a real server, faults made on purpose."""
