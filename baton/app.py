@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, overload
 
-import anyio
 import psycopg
-import pydantic_core
 import structlog
-from psycopg import pq
-from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from baton import migrations, ops, workflows
+from baton import connections, migrations, ops, workflows
 from baton.dag import Workflow
-from baton.db import (
-    Queries,
-    connect,
-    connect_sync,
-    connection_lost,
-    describe,
-    translate_errors,
-    validate_schema,
-)
+from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
-from baton.errors import DatabaseError, OutcomeUnknownError, StepError, UnknownStepError
+from baton.errors import StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options, check_sizes
 from baton.pricing import Pricing
@@ -40,139 +26,6 @@ log = structlog.get_logger("baton.app")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-# A pooled connection that was used moments ago is alive; checking it would cost a round
-# trip per checkout. One idle for longer is checked before it is lent (the server may have
-# restarted meanwhile).
-_IDLE_CHECK_SECONDS = 2.0
-_last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-
-
-async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
-    # Whatever the borrower did, the next one gets a connection whose statements share a
-    # transaction: a lend left in autocommit would split an insert into separate commits.
-    if conn.autocommit:
-        await conn.set_autocommit(False)
-    _last_used[conn] = time.monotonic()
-
-
-def _reset_sync(conn: psycopg.Connection[Any]) -> None:
-    if conn.autocommit:
-        conn.autocommit = False
-    _last_used[conn] = time.monotonic()
-
-
-def _recently_used(conn: Any) -> bool:
-    return time.monotonic() - _last_used.get(conn, float("-inf")) < _IDLE_CHECK_SECONDS
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    set_json_loads(pydantic_core.from_json, conn)  # several times faster than json.loads
-
-
-def _configure_sync(conn: psycopg.Connection[Any]) -> None:
-    set_json_loads(pydantic_core.from_json, conn)
-
-
-async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    if not _recently_used(conn):
-        await AsyncConnectionPool.check_connection(conn)
-
-
-def _check_if_idle_sync(conn: psycopg.Connection[Any]) -> None:
-    if not _recently_used(conn):
-        ConnectionPool.check_connection(conn)
-
-
-def _pool_timeout(name: str, timeout: float) -> DatabaseError:
-    return DatabaseError(f"could not connect to the database within {timeout:g} s (pool "
-                         f"{name}); is it running, and is the URL right?")
-
-
-_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
-
-
-def _watch(op: ops.Op[T], sent: list[bool]) -> ops.Op[T]:
-    """Pass ``op`` through, noting in ``sent`` when a statement carrying a COMMIT goes out."""
-    try:
-        stmt = next(op)
-        while True:
-            if isinstance(stmt, ops.Stmt) and stmt.commit:
-                sent.append(True)
-            stmt = op.send((yield stmt))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-
-
-def _unknown(exc: DatabaseError, action: str) -> DatabaseError:
-    """``exc``, or :class:`OutcomeUnknownError` when its cause is a lost connection."""
-    cause = exc.__cause__
-    if isinstance(exc, OutcomeUnknownError) or not connection_lost(cause):
-        return exc
-    assert isinstance(cause, psycopg.Error)
-    return OutcomeUnknownError(action, describe(cause))
-
-
-async def _execute(conn: psycopg.AsyncConnection[Any], op: ops.Op[T], action: str, *,
-                   write: bool, commits: bool) -> T:
-    """Run ``op`` on ``conn``. A write whose connection is lost once it may have committed
-    (``commits``: each statement commits on its own; else once a statement carrying the
-    COMMIT went out) raises :class:`OutcomeUnknownError`."""
-    if not write or conn.broken:  # a broken connection sends nothing
-        return await ops.run_async(conn, op, action)
-    sent: list[bool] = []
-    try:
-        return await ops.run_async(conn, op if commits else _watch(op, sent), action)
-    except DatabaseError as exc:
-        if commits or sent:
-            raise _unknown(exc, action) from exc.__cause__
-        raise
-
-
-def _execute_sync(conn: psycopg.Connection[Any], op: ops.Op[T], action: str, *,
-                  write: bool, commits: bool) -> T:
-    if not write or conn.broken:
-        return ops.run_sync(conn, op, action)
-    sent: list[bool] = []
-    try:
-        return ops.run_sync(conn, op if commits else _watch(op, sent), action)
-    except DatabaseError as exc:
-        if commits or sent:
-            raise _unknown(exc, action) from exc.__cause__
-        raise
-
-
-@asynccontextmanager
-async def _transaction(conn: psycopg.AsyncConnection[Any], action: str, *, write: bool
-                       ) -> AsyncIterator[None]:
-    """``conn.transaction()`` on a caller's connection in autocommit, its BEGIN and COMMIT
-    failures raised as ours (a write's lost COMMIT: :class:`OutcomeUnknownError`)."""
-    tx = conn.transaction()
-    with translate_errors(action):
-        await tx.__aenter__()
-    try:
-        yield
-    except BaseException as exc:
-        await tx.__aexit__(type(exc), exc, exc.__traceback__)  # rolls back
-        raise
-    with translate_errors(action, maybe_done=write and not conn.broken):
-        await tx.__aexit__(None, None, None)
-
-
-@contextmanager
-def _transaction_sync(conn: psycopg.Connection[Any], action: str, *, write: bool
-                      ) -> Iterator[None]:
-    tx = conn.transaction()
-    with translate_errors(action):
-        tx.__enter__()
-    try:
-        yield
-    except BaseException as exc:
-        tx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    with translate_errors(action, maybe_done=write and not conn.broken):
-        tx.__exit__(None, None, None)
 
 
 class Baton:
@@ -334,34 +187,15 @@ class Baton:
         """Open the async connection pool and its first connection (done on first use;
         call it to fail early). Cancellable throughout.
 
-        A first connection is made directly, to tell a failure that cannot heal (no such
-        database or role, failed authentication, a malformed URL), raised at once, from one
-        that can (the server is starting, or not reachable yet), retried for up to
-        ``connect_timeout``.
+        A failure that cannot heal (no such database or role, failed authentication, a
+        malformed URL) is raised at once; one that can (the server is starting, or not
+        reachable yet) is retried for up to ``connect_timeout``.
 
         :raises DatabaseError: if no connection opens.
         """
         if self._pool is None:
-            probe = await connect(self.dsn, self.connect_timeout)
-            await probe.close()
-            pool = AsyncConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                open=False,
-                check=_check_if_idle,
-                configure=_configure,
-                reset=_reset,
-                name=f"baton-{self.schema}",
-            )
-            try:
-                await pool.open(wait=True, timeout=self.connect_timeout)
-            except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    await pool.close()
-                if isinstance(exc, PoolTimeout):
-                    raise _pool_timeout(pool.name, self.connect_timeout) from exc
-                raise
+            pool = await connections.open_pool(self.dsn, name=f"baton-{self.schema}",
+                                               size=self.pool_size, timeout=self.connect_timeout)
             if self._pool is None:
                 self._pool = pool
             else:  # another task opened one meanwhile: keep that one
@@ -370,24 +204,8 @@ class Baton:
     def _open_sync(self) -> ConnectionPool:
         """Open the sync connection pool, as :meth:`open` does the async one."""
         if self._sync_pool is None:
-            connect_sync(self.dsn, self.connect_timeout).close()
-            pool = ConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                check=_check_if_idle_sync,
-                configure=_configure_sync,
-                reset=_reset_sync,
-                name=f"baton-{self.schema}-sync",
-                open=False,
-            )
-            try:
-                pool.open(wait=True, timeout=self.connect_timeout)
-            except BaseException as exc:
-                pool.close()
-                if isinstance(exc, PoolTimeout):
-                    raise _pool_timeout(pool.name, self.connect_timeout) from exc
-                raise
+            pool = connections.open_pool_sync(self.dsn, name=f"baton-{self.schema}-sync",
+                                              size=self.pool_size, timeout=self.connect_timeout)
             if self._sync_pool is None:
                 self._sync_pool = pool
             else:  # another thread opened one meanwhile
@@ -427,35 +245,10 @@ class Baton:
         :raises DatabaseError: if no connection can be had, or the commit fails
             (:class:`OutcomeUnknownError` if the connection is lost during the commit).
         """
-        async with self._lend(autocommit, write=True) as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _lend(self, autocommit: bool, *, write: bool
-                    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """:meth:`connection`; ``write``: the block may write, so a COMMIT lost on the way
-        leaves an unknown outcome."""
         await self.open()
-        pool = self._pool
-        assert pool is not None
-        with translate_errors("get a connection"):
-            conn = await pool.getconn()
-        try:
-            if autocommit:
-                await conn.set_autocommit(True)  # the pool's reset turns it off again
+        assert self._pool is not None
+        async with connections.lend(self._pool, autocommit=autocommit, write=True) as conn:
             yield conn
-            if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                with translate_errors("commit", maybe_done=write and not conn.broken):
-                    await conn.commit()
-        except BaseException:
-            if conn.pgconn.transaction_status in _IN_TRANSACTION:
-                # A rollback that fails finds the connection broken: the pool drops it.
-                with anyio.CancelScope(shield=True), suppress(psycopg.Error):
-                    await conn.rollback()
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.putconn(conn)
 
     @contextmanager
     def connection_sync(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
@@ -463,29 +256,9 @@ class Baton:
 
         ``autocommit`` and errors: as for :meth:`connection`.
         """
-        with self._lend_sync(autocommit, write=True) as conn:
+        with connections.lend_sync(self._open_sync(), autocommit=autocommit,
+                                   write=True) as conn:
             yield conn
-
-    @contextmanager
-    def _lend_sync(self, autocommit: bool, *, write: bool
-                   ) -> Iterator[psycopg.Connection[Any]]:
-        pool = self._open_sync()
-        with translate_errors("get a connection"):
-            conn = pool.getconn()
-        try:
-            if autocommit:
-                conn.autocommit = True
-            yield conn
-            if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                with translate_errors("commit", maybe_done=write and not conn.broken):
-                    conn.commit()
-        except BaseException:
-            if conn.pgconn.transaction_status in _IN_TRANSACTION:
-                with suppress(psycopg.Error):
-                    conn.rollback()
-            raise
-        finally:
-            pool.putconn(conn)
 
     async def _run(
         self, op: ops.Op[T], action: str, conn: psycopg.AsyncConnection[Any] | None,
@@ -500,25 +273,29 @@ class Baton:
         committed, it raises :class:`OutcomeUnknownError`.
         """
         if conn is None:
-            async with self._lend(single, write=write) as own:
-                return await _execute(own, op, action, write=write, commits=single)
+            await self.open()
+            assert self._pool is not None
+            async with connections.lend(self._pool, autocommit=single, write=write) as own:
+                return await connections.execute(own, op, action, write=write, commits=single)
         if conn.autocommit and not single:
-            async with _transaction(conn, action, write=write):
-                return await _execute(conn, op, action, write=write, commits=False)
-        return await _execute(conn, op, action, write=write,
-                              commits=single and conn.autocommit)
+            async with connections.transaction(conn, action, write=write):
+                return await connections.execute(conn, op, action, write=write, commits=False)
+        return await connections.execute(conn, op, action, write=write,
+                                         commits=single and conn.autocommit)
 
     def _run_sync(
         self, op: ops.Op[T], action: str, conn: psycopg.Connection[Any] | None,
         *, single: bool = False, write: bool = True,
     ) -> T:
         if conn is None:
-            with self._lend_sync(single, write=write) as own:
-                return _execute_sync(own, op, action, write=write, commits=single)
+            with connections.lend_sync(self._open_sync(), autocommit=single,
+                                       write=write) as own:
+                return connections.execute_sync(own, op, action, write=write, commits=single)
         if conn.autocommit and not single:
-            with _transaction_sync(conn, action, write=write):
-                return _execute_sync(conn, op, action, write=write, commits=False)
-        return _execute_sync(conn, op, action, write=write, commits=single and conn.autocommit)
+            with connections.transaction_sync(conn, action, write=write):
+                return connections.execute_sync(conn, op, action, write=write, commits=False)
+        return connections.execute_sync(conn, op, action, write=write,
+                                        commits=single and conn.autocommit)
 
     # -- schema --------------------------------------------------------------------------
 

@@ -147,7 +147,8 @@ class Query:
     async def _rows(self, name: str, params: dict[str, Any], row_factory: BaseRowFactory[T]
                     ) -> list[T]:
         with translate_errors(f"query {name}"):
-            async with self.app.connection() as conn:
+            # One statement, so no transaction: one round trip, and no COMMIT to lose.
+            async with self.app.connection(autocommit=True) as conn:
                 cur = conn.cursor(row_factory=row_factory)
                 await cur.execute(self.app.queries[name], params)
                 return await cur.fetchall()
