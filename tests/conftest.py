@@ -34,6 +34,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.anyio)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _uncached_cli_logging() -> Iterator[None]:
+    """Tests call the CLI in-process: its logging set-up must not pin baton's loggers
+    (cached on first use) to its renderer, or later tests could not capture their logs."""
+    import structlog
+
+    from baton import cli
+
+    configure = cli.configure_logging
+
+    def configure_uncached(level: str = "info", *, json: bool = False) -> None:
+        configure(level, json=json)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    cli.configure_logging = configure_uncached
+    yield
+    cli.configure_logging = configure
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
