@@ -6,6 +6,7 @@ attributes so callers never parse messages.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 
@@ -175,3 +176,42 @@ class NoResultError(ResultError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"step {name!r} has no result (it returned None or has not completed)")
+
+
+class ProcessDiedError(BatonError):
+    """A step's child process ended before the step returned."""
+
+    def __init__(self, step: str, pid: int, returncode: int) -> None:
+        self.step = step
+        self.pid = pid
+        self.returncode = returncode
+        """The exit code, or minus the number of the signal that killed the process."""
+        if returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-returncode}"
+            if returncode == -signal.SIGKILL:
+                how += " (the kernel's out-of-memory killer sends this signal)"
+        else:
+            how = f"exited with code {returncode}"
+        super().__init__(f"the process running step {step!r} (pid {pid}) {how} before the "
+                         "step returned; its usage and captures of this attempt are lost")
+
+
+class RemoteStepError(BatonError):
+    """A step that runs in a child process raised an exception that could not be sent back
+    to the worker as it was; this one stands for it (its traceback is kept as the cause)."""
+
+    def __init__(self, type_name: str, message: str, *, status_code: int | None = None,
+                 response: object = None) -> None:
+        self.type_name = type_name
+        """The qualified name of the exception's type."""
+        self.status_code = status_code
+        """The exception's HTTP status, when it had one (an LLM step's 429 snoozes)."""
+        self.response = response
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+
+
+class StepNameWarning(UserWarning):
+    """A step's name will not match between the process that enqueues and the workers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
@@ -24,7 +25,7 @@ from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import TypedDict, Unpack
 
 from baton.context import Context
-from baton.errors import ArgsError, PayloadTooLargeError, StepError
+from baton.errors import ArgsError, PayloadTooLargeError, StepError, StepNameWarning
 from baton.job import JobOptions, JobSpec, copy_text, find_unstorable, json_text
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
@@ -82,6 +83,9 @@ class Step:
             )
         self.fn = fn
         self.name = name or step_name(fn)
+        self._in_main = name is None and fn.__module__ == "__main__"
+        """Named after ``__main__``: a worker that imports the module knows it by another
+        name (warned about once, at the first job built)."""
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         if options.executor != "thread":
@@ -115,8 +119,20 @@ class Step:
         :raises ArgsError: if the arguments fail validation or are not JSON-serializable.
         :raises PayloadTooLargeError: if their JSON exceeds the app's limit.
         """
+        if self._in_main:
+            self._warn_in_main()
         data, text = self.dump_args(args)
         return self._spec.with_args(data, text)
+
+    def _warn_in_main(self) -> None:
+        self._in_main = False
+        warnings.warn(
+            f"step {self.name!r} is defined in the script being run (__main__): only a worker "
+            "in this process knows it by that name; a `baton worker` process that imports "
+            "the module names it after the module and leaves these jobs waiting. Define "
+            "steps in an importable module, or name them: "
+            f"@app.step(name='myapp.{self.fn.__qualname__}')",
+            StepNameWarning, stacklevel=3)
 
     def new_many(self, args: Iterable[Mapping[str, Any]]) -> JobBatch:
         """Return jobs of this step, one per mapping of arguments, for ``enqueue_many``.
@@ -127,6 +143,8 @@ class Step:
         ``index`` says which) and ``enqueue_many`` then inserts nothing. The batch is a
         read-only sequence of :class:`JobSpec`; ``list(batch)`` validates it at once.
         """
+        if self._in_main:
+            self._warn_in_main()
         return JobBatch(self, self._spec, list(args))
 
     def dump_args(self, args: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
