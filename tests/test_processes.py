@@ -121,3 +121,35 @@ def test_production_without_url_is_a_clear_error(tmp_path: object) -> None:
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "BATON_DATABASE_URL is not set" in done.stderr
+
+
+async def test_worker_past_its_grace_exits_rather_than_hand_back_a_running_thread(
+    procs_app: baton.Baton,
+) -> None:
+    """SIGTERM while a plain def step blocks its thread: past the grace the process exits
+    (status 70) with the job still executing under it, so the job is not run elsewhere
+    until the process, and so the thread, is gone; then it is rescued."""
+    app = procs_app
+    job_id = await app.enqueue(procs.hold_thread_first_attempt.new())
+    proc = subprocess.Popen(
+        baton_cli("worker", "--app", "tests.apps.procs:app", "--queues", "default=2",
+                  "--heartbeat-interval", "0.2", "--heartbeat-ttl", "1",
+                  "--maintenance-interval", "0.1", "--shutdown-grace", "0.3", dsn=app.dsn),
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_for_job(app, job_id, "executing", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 70
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert "worker.exiting_with_threads" in err
+    assert (await app.get_job(job_id)).state is JobState.EXECUTING  # not handed back
+    async with running_worker(app):
+        job = await wait_for_job(app, job_id, "completed", timeout=30)
+    assert job.attempt == 2 and job.errors[0]["kind"] == "rescued"

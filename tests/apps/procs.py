@@ -20,3 +20,14 @@ async def hold_first_attempt(ctx: baton.Context) -> int:
 @app.step
 async def quick(n: int) -> int:
     return n
+
+
+@app.step(max_attempts=3)
+def hold_thread_first_attempt(ctx: baton.Context) -> int:
+    """A plain def step that blocks its thread on the first attempt (until the process
+    ends); succeeds after."""
+    import time
+
+    if ctx.attempt == 1:
+        time.sleep(3600)
+    return ctx.attempt
