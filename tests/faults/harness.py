@@ -251,6 +251,7 @@ class Subscriber:
         self.error: str | None = None
         self.expected: set[uuid.UUID] = set()
         self.all_seen = anyio.Event()
+        self._thresholds: list[tuple[int, anyio.Event]] = []
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = False
@@ -263,6 +264,9 @@ class Subscriber:
                         self.finished[event.workflow_id] += 1
                         if self.expected and self.expected <= set(self.finished):
                             self.all_seen.set()
+                        for count, reached in self._thresholds:
+                            if len(self.finished) >= count:
+                                reached.set()
             self.error = "the event stream ended"
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}".strip()
@@ -270,6 +274,14 @@ class Subscriber:
             if not started:
                 task_status.started()
             self.all_seen.set()  # nothing more will come
+
+    async def wait_seen(self, count: int) -> None:
+        """Wait until ``workflow_finished`` of ``count`` workflows came."""
+        reached = anyio.Event()
+        self._thresholds.append((count, reached))
+        if len(self.finished) >= count:
+            reached.set()
+        await reached.wait()
 
     def expect(self, workflow_ids: Iterable[uuid.UUID]) -> None:
         self.expected = set(workflow_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from tests.faults.conftest import MakeScenario
@@ -48,7 +49,8 @@ async def test_subscriber_connection_cut(make_scenario: MakeScenario) -> None:
     async with s.running():
         s.cluster.start("w0", {"default": 10})
         first = await s.insert_workflows(50)
-        await s.wait_started(len(s.expected_jobs) // 2)
+        with anyio.fail_after(60):
+            await s.subscriber.wait_seen(len(first) // 2)
         s.faults["subscriber_cut"] += await terminate(s, Subscriber.NAME)
         await s.insert_workflows(50)
         s.notes["workflows_before_cut"] = len(first)
