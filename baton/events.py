@@ -32,8 +32,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
-from baton.db import channel_name, describe
-from baton.errors import DatabaseError
+from baton.db import channel_name, connect, connect_heals, connection_lost, database_error, describe
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -130,11 +129,11 @@ def reconnect_delay(attempt: int, *, rng: random.Random | None = None) -> float:
 
 
 def is_transient(exc: psycopg.Error) -> bool:
-    """Whether a subscriber's error may heal by reconnecting: the connection was lost or
-    refused (the driver has no SQLSTATE for it), or the server was shutting down, starting
-    up or short of connections. An error a statement got back (a missing table) does not."""
+    """Whether an error on a subscriber's open connection may heal by reconnecting: the
+    connection was lost (the driver has no SQLSTATE for it), or the server was shutting
+    down or short of resources. An error a statement got back (a missing table) does not."""
     if exc.sqlstate is None:
-        return isinstance(exc, psycopg.OperationalError)
+        return connection_lost(exc)
     return exc.sqlstate.startswith(_TRANSIENT_SQLSTATES)
 
 
@@ -297,13 +296,12 @@ class Subscription:
         while True:
             attempt += 1
             try:
-                await self._connect(first=True)
+                await self._connect(first=True, timeout=deadline - anyio.current_time())
                 return
             except psycopg.Error as exc:
                 await self._drop()
                 if not is_transient(exc) or anyio.current_time() >= deadline:
-                    raise DatabaseError(f"subscribing to events failed: {describe(exc)}"
-                                        ) from exc
+                    raise database_error(exc, "subscribing to events") from exc
             await anyio.sleep(reconnect_delay(attempt))
 
     async def close(self) -> None:
@@ -324,11 +322,28 @@ class Subscription:
                     return
                 await self._recover(exc)
 
-    async def _connect(self, *, first: bool) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            self.app.dsn, autocommit=True, application_name=self.application_name,
-            connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5,
-            keepalives_count=3)
+    async def _connect(self, *, first: bool, timeout: float | None = None) -> None:
+        """Connect, listen and catch up. The first connect retries for up to ``timeout``
+        seconds; a reconnect tries once (its caller retries).
+
+        :raises DatabaseError: if the connect cannot heal (no such database, a refused
+            login), or the first one timed out.
+        """
+        options: dict[str, Any] = {
+            "autocommit": True, "application_name": self.application_name,
+            # A peer that vanished without a word is noticed within about 25 s.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 3}
+        if timeout is not None:
+            conn = await connect(self.app.dsn, max(timeout, 0.0), **options)
+        else:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.app.dsn, connect_timeout=10, **options)
+            except psycopg.Error as exc:
+                if connect_heals(exc):
+                    raise
+                raise database_error(exc, "reconnecting to events") from exc
         self.conn = conn
         if first and self.wanted is None:
             # What finished just before listening began was never promised: keep it from a
@@ -435,7 +450,7 @@ class Subscription:
         :raises DatabaseError: if ``exc``, or a failure while reconnecting, cannot heal.
         """
         if not is_transient(exc):
-            raise DatabaseError(f"event subscription failed: {describe(exc)}") from exc
+            raise database_error(exc, "event subscription") from exc
         log.warning("events.disconnected", error=describe(exc),
                     workflow_id=str(self.wanted) if self.wanted else None)
         await self._drop()
@@ -450,8 +465,7 @@ class Subscription:
             except psycopg.Error as err:
                 await self._drop()
                 if not is_transient(err):
-                    raise DatabaseError(f"event subscription failed: {describe(err)}"
-                                        ) from err
+                    raise database_error(err, "event subscription") from err
                 log.debug("events.reconnect_failed", attempt=attempt, error=describe(err))
                 continue
             log.info("events.reconnected", attempts=attempt,

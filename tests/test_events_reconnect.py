@@ -11,6 +11,7 @@ import anyio
 import psycopg
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from psycopg.conninfo import make_conninfo
 from structlog.testing import capture_logs
 
 import baton
@@ -151,6 +152,16 @@ async def test_a_subscriber_whose_tables_are_gone_raises_database_error(
     assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedTable)
 
 
+async def test_subscribing_to_a_database_that_does_not_exist_raises_database_error(
+    dsn: str,
+) -> None:
+    missing = baton.Baton(dsn=make_conninfo(dsn, dbname="baton_no_such_database"))
+    with pytest.raises(baton.DatabaseError, match="does not exist") as caught:
+        async with missing.events.subscribe():
+            pass
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+
+
 async def _forward(stream: AsyncIterator[Event], send: MemoryObjectSendStream[uuid.UUID]
                    ) -> None:
     async with send:
@@ -189,8 +200,8 @@ async def test_every_finish_arrives_once_across_killed_connections_and_a_restart
                 if round_ < 5:
                     await kill_subscriber_when_connected(app.dsn)
                 elif round_ == 5:
-                    # Restart once the worker is idle: a step claimed as the server goes
-                    # down is the worker's to hand back, not what this test is about.
+                    # Restart once the worker is idle: whether a step claimed as the server
+                    # goes down still finishes is the worker's concern, not this test's.
                     await _receive(receive, got, len(inserted) - len(got))
                     await anyio.to_thread.run_sync(pg_server.restart)
             await _receive(receive, got, len(inserted) - len(got))
