@@ -141,6 +141,37 @@ async def test_a_finish_read_back_equals_the_one_announced(app: baton.Baton) -> 
     assert read_back.model_dump_json() == announced.model_dump_json()
 
 
+async def test_a_finish_that_began_before_the_last_one_seen_is_still_read_back(
+    app: baton.Baton,
+) -> None:
+    """A workflow's finished_at is when its settling transaction began: one that waited on a
+    lock commits with a finished_at older than finishes already delivered. If it commits
+    while the subscriber is away, the catch-up's margin must still reach back to it."""
+    slow = baton.Workflow("slow-settle").add("later", flows.noop.new().options(schedule_in=3600))
+    waiting = ("SELECT count(*) FROM pg_stat_activity "
+               "WHERE wait_event_type = 'Lock' AND datname = current_database()")
+    async with app.events.subscribe() as stream, running_worker(app), \
+            await psycopg.AsyncConnection.connect(app.dsn) as holder, \
+            anyio.create_task_group() as tg:
+        await app.insert(slow)
+        [job_id] = [s.job_id for s in (await app.query.workflow(slow.id)).steps]
+        await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
+                             (slow.id,))
+        tg.start_soon(app.cancel, job_id)  # begins, then waits for the workflow's lock
+        with anyio.fail_after(10):
+            while sql_rows(app.dsn, waiting) != [(1,)]:
+                await anyio.sleep(0.01)
+        quick = await app.insert(one_step("quick"))
+        [seen] = [e for e in await until_finished(stream, 1) if isinstance(e, WorkflowFinished)]
+        assert kill_subscribers(app.dsn) == 1
+        await holder.rollback()  # the cancel settles the slow workflow, unheard
+        await wait_for_workflow(app, slow.id)
+        [late] = [e for e in await until_finished(stream, 1) if isinstance(e, WorkflowFinished)]
+    assert seen.workflow_id == quick
+    assert late.workflow_id == slow.id and late.outcome == "failed"
+    assert late.timestamp < seen.timestamp
+
+
 async def test_a_subscriber_whose_tables_are_gone_raises_database_error(
     app: baton.Baton,
 ) -> None:
