@@ -210,31 +210,42 @@ class Producer:
 
     async def _fetch(self, demand: int) -> list[FetchedJob]:
         app = self.worker.app
-        async with app.connection(autocommit=True) as conn:
-            cur = await conn.execute(
-                app.queries["jobs_fetch"],
-                {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
-                 "steps": self.worker.step_names},
-                prepare=True,
-            )
-            rows: list[tuple[Any, ...]] = await cur.fetchall()
-            jobs = [FetchedJob(*row) for row in rows]
-            # In ``running`` before the claim lock is released: a reconcile after this
-            # fetch counts them as held.
-            if jobs and self._idle.is_set():
-                self._idle = anyio.Event()
-            for job in jobs:
-                self.running[job.id] = None
-            events: list[dict[str, Any]] = []
-            if any(job.workflow_id is not None for job in jobs):
-                try:
-                    # Pipelined: BEGIN travels with the gate query, the events with COMMIT.
-                    async with conn.pipeline(), conn.transaction():
-                        events = await self.worker.steps.load_gates(conn, jobs)
-                except (psycopg.Error, DatabaseError) as exc:
-                    # The jobs stay claimed: each step then loads its gate when it starts.
-                    log.warning("producer.gates_deferred", queue=self.queue,
-                                error=describe(exc))
+        jobs: list[FetchedJob] = []
+        events: list[dict[str, Any]] = []
+        try:
+            async with app.connection(autocommit=True) as conn:
+                cur = await conn.execute(
+                    app.queries["jobs_fetch"],
+                    {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
+                     "steps": self.worker.step_names},
+                    prepare=True,
+                )
+                rows: list[tuple[Any, ...]] = await cur.fetchall()
+                jobs = [FetchedJob(*row) for row in rows]
+                # In ``running`` before the claim lock is released: a reconcile after this
+                # fetch counts them as held.
+                if jobs and self._idle.is_set():
+                    self._idle = anyio.Event()
+                for job in jobs:
+                    self.running[job.id] = None
+                if any(job.workflow_id is not None for job in jobs):
+                    try:
+                        # Pipelined: BEGIN travels with the gate query, the events with COMMIT.
+                        async with conn.pipeline(), conn.transaction():
+                            events = await self.worker.steps.load_gates(conn, jobs)
+                    except (psycopg.Error, DatabaseError) as exc:
+                        # The jobs stay claimed: each step then loads its gate when it starts.
+                        events = []
+                        log.warning("producer.gates_deferred", queue=self.queue,
+                                    error=describe(exc))
+        except (psycopg.Error, DatabaseError) as exc:
+            if not jobs:
+                raise
+            # The claim's rows arrived: the jobs are this worker's, whatever became of the
+            # connection after. They run; a step whose gate did not load loads it itself.
+            events = []
+            log.warning("producer.connection_lost_after_claim", queue=self.queue,
+                        error=describe(exc), jobs=len(jobs))
         app.events.publish(events)
         return jobs
 
