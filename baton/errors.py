@@ -43,7 +43,8 @@ class OutcomeUnknownError(DatabaseError):
         self.action = action
         super().__init__(
             f"{action}: the connection was lost before the server confirmed it ({detail}), "
-            "so it may have been committed; retry with the same idempotency key"
+            "so it may have been committed; check before retrying (an enqueue with an "
+            "idempotency key can simply be retried with the same key)"
         )
 
 
