@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=float(_env("MAINTENANCE_INTERVAL", 1.0)),
                         help="seconds between leader maintenance passes "
                              "[BATON_MAINTENANCE_INTERVAL]")
+    worker.add_argument("--leader-ttl", type=float, default=float(_env("LEADER_TTL", 10.0)),
+                        help="seconds a leader's lease lasts unrenewed; after a leader dies, "
+                             "another takes over within it [BATON_LEADER_TTL]")
     worker.add_argument("--prune-after", type=float,
                         default=float(_env("PRUNE_AFTER")) if _env("PRUNE_AFTER") else None,
                         help="delete finished jobs older than this many seconds "
@@ -181,6 +184,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_ttl=args.heartbeat_ttl,
         maintenance_interval=args.maintenance_interval,
+        leader_ttl=args.leader_ttl,
         prune_after=args.prune_after,
         exit_with_threads=True,  # past the grace, end threads that cannot be stopped
     )
