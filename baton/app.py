@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import psycopg
 import structlog
@@ -101,6 +101,7 @@ class Baton:
         on_dep_discarded: Callable[..., Any] | None = None,
         llm: bool = False,
         capture: bool = False,
+        executor: Literal["thread", "process"] = "thread",
     ) -> Callable[[F], Step]: ...
 
     def step(
@@ -118,6 +119,7 @@ class Baton:
         on_dep_discarded: Callable[..., Any] | None = None,
         llm: bool = False,
         capture: bool = False,
+        executor: Literal["thread", "process"] = "thread",
     ) -> Step | Callable[[F], Step]:
         """Register a function (``async def`` or plain ``def``) as a step.
 
@@ -125,6 +127,8 @@ class Baton:
         to the seconds before the retry (default: exponential with jitter).
         ``on_dep_cancelled`` / ``on_dep_discarded`` are called as ``fn(ctx, reason)`` when a
         workflow dependency failed that way and this step is cancelled because of it.
+        ``executor="process"`` runs a plain ``def`` step in a child process that a timeout,
+        a cancel or a shutdown kills (see ``docs/queue.md``); the default is a thread.
         """
         options = StepOptions(
             queue=queue,
@@ -136,6 +140,7 @@ class Baton:
             on_dep_discarded=on_dep_discarded,
             llm=llm,
             capture=capture,
+            executor=executor,
         )
         # Validate the options once, here, rather than at every new().
         check_options(queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,

@@ -138,6 +138,8 @@ class Executor:
         effect when it returns, and until then the job keeps its slot, so no other attempt
         of it can start while this one still runs.
         """
+        if step.options.executor == "process":  # a child process it can kill
+            return await processes.call(self, step, kwargs)
         if step.is_async:
             return await step.fn(**kwargs)
         key = job.id if job is not None else id(kwargs)
