@@ -155,6 +155,21 @@ class Baton:
 
         return register(fn) if fn is not None else register
 
+    @overload
+    def llm_step(self, fn: F, /) -> Step: ...
+
+    @overload
+    def llm_step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        queue: str = "llm",
+        max_attempts: int = 5,
+        timeout: float | None = 300.0,
+        **options: Any,
+    ) -> Callable[[F], Step]: ...
+
     def llm_step(
         self,
         fn: F | None = None,

@@ -149,6 +149,15 @@ async def test_unpicklable_exception_has_a_stand_in(app: baton.Baton) -> None:
     assert "in boom_unpicklable" in entry["traceback"]
 
 
+async def test_rate_limit_of_an_llm_step_snoozes(app: baton.Baton) -> None:
+    job_id = await app.enqueue(ps.ask.new(prompt="hi"))
+    async with running_worker(app, queues={"llm": 1}):
+        job = await wait_for_job(app, job_id, "scheduled", timeout=30)
+    assert job.snoozes == 1 and job.attempt == 0 and job.errors == []
+    assert job.scheduled_at is not None and job.attempted_at is not None
+    assert 6 < (job.scheduled_at - job.attempted_at).total_seconds() < 9  # Retry-After: 7
+
+
 async def test_signals_act_as_in_process(app: baton.Baton) -> None:
     snoozed = await app.enqueue(ps.steered.new(how="snooze"))
     cancelled = await app.enqueue(ps.steered.new(how="cancel"))
@@ -183,10 +192,14 @@ async def test_children_are_reused(app: baton.Baton, tmp_path: Path) -> None:
 
 
 async def test_timeout_kills_the_child(app: baton.Baton, tmp_path: Path) -> None:
+    # A warm child first, so that starting one does not eat into the timeout.
+    warm = await app.enqueue(ps.sleeper.new(folder=str(tmp_path), name="warm", seconds=0))
     job_id = await app.enqueue(
         ps.sleeper.new(folder=str(tmp_path), name="slow", seconds=3600).options(timeout=1))
-    async with running_worker(app):
+    async with running_worker(app, queues={"default": 1}):
+        await wait_for_job(app, warm, "completed", timeout=30)
         pid = await read_pid(tmp_path / "slow.pid")
+        assert pid == int((tmp_path / "warm.pid").read_text())
         job = await wait_for_job(app, job_id, "retryable", timeout=30)
         assert is_gone(pid)  # killed and reaped before the attempt was written
     assert job.errors[-1]["kind"] == "timeout"

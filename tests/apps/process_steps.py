@@ -112,3 +112,22 @@ def noop() -> None:
 @app.step(queue="bench")
 def noop_thread() -> None:
     return None
+
+
+class RateLimited(Exception):
+    """Like an HTTP client's 429 error: keyword-only arguments, so it does not unpickle."""
+
+    def __init__(self, message: str, *, response: Any) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class _Response:
+    def __init__(self) -> None:
+        self.status_code = 429
+        self.headers = {"retry-after": "7"}
+
+
+@app.llm_step(executor="process", name="tests.apps.process_steps.ask")
+def ask(prompt: str) -> str:
+    raise RateLimited(f"slow down: {prompt}", response=_Response())
