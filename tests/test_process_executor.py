@@ -18,6 +18,7 @@ import baton
 from baton.job import JobState
 from baton.testing import running_worker, wait_for_job, wait_for_jobs, wait_for_workflow
 from baton.worker import processes
+from baton.worker.executor import Executor
 from tests.apps import process_steps as ps
 from tests.conftest import bound
 from tests.helpers import sql_rows
@@ -186,6 +187,18 @@ async def test_children_are_reused(app: baton.Baton, tmp_path: Path) -> None:
     pids = {int((tmp_path / f"{n}.pid").read_text()) for n in range(5)}
     assert pids == {child.pid}
     assert is_gone(child.pid)  # the stopped worker stopped its idle child
+
+
+async def test_idle_child_that_died_is_replaced() -> None:
+    executor = Executor(ps.app, anyio.CapacityLimiter(1))
+    point = ps.Point(x=1, y=2)
+    first = await processes.call(executor, ps.describe, {"point": point})
+    os.kill(first["pid"], signal.SIGKILL)  # while it waits for work
+    second = await processes.call(executor, ps.describe, {"point": point})
+    assert second["sum"] == 3 and second["pid"] != first["pid"]
+    assert is_gone(first["pid"])
+    await processes.close(executor)
+    assert is_gone(second["pid"])
 
 
 # -- what kills a child ------------------------------------------------------------------------

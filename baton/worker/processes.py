@@ -167,7 +167,7 @@ class Child:
             started = await self._read() == _STARTED
             body = await self._read()
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,
-                anyio.ClosedResourceError):
+                anyio.ClosedResourceError, BrokenPipeError, ConnectionResetError):
             raise _Gone(started) from None
         try:
             reply: Reply = pickle.loads(body)
