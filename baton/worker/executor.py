@@ -185,7 +185,9 @@ class Executor:
         except TimeoutError as exc:
             outcome = self.failed(job, exc, kind="timeout")
             elapsed = time.monotonic() - started
-            if step is not None and timeout and elapsed > timeout + OVERRUN_TOLERANCE:
+            # A child process is killed on time; a thread cannot be, nor a blocked loop.
+            if (step is not None and timeout and elapsed > timeout + OVERRUN_TOLERANCE
+                    and step.options.executor != "process"):
                 note = _overrun(job, step, timeout, elapsed)
                 assert outcome.error is not None
                 outcome.error.update(enforced=False, error=f"TimeoutError: {note['error']}")

@@ -37,13 +37,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FIGURES = Path(__file__).resolve().parent / "last_run.json"
 UNSETTLED = ("pending", "scheduled", "available", "executing", "retryable")
 
-# Short liveness settings so the rescue window is seconds. The leader's lease is not
-# among the worker's flags: it stays at its default (10 s) and bounds the window after a
-# leader is killed.
+# Short liveness settings so the rescue window is seconds, after a leader is killed too.
 HEARTBEAT_INTERVAL = 0.2
 HEARTBEAT_TTL = 1.5
 WORKER_FLAGS = ("--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-                "--heartbeat-ttl", str(HEARTBEAT_TTL),
+                "--heartbeat-ttl", str(HEARTBEAT_TTL), "--leader-ttl", str(HEARTBEAT_TTL),
                 "--maintenance-interval", "0.1", "--poll-interval", "0.2",
                 "--log-level", "warning")
 
