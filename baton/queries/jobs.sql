@@ -159,11 +159,7 @@ WITH outcome AS (
         snoozes = j.snoozes + CASE WHEN o.snooze THEN 1 ELSE 0 END
     FROM outcome AS o
     WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
-    RETURNING j.id, j.state, j.workflow_id, j.queue
-), woken AS (
-    -- Snoozed for no time, or released meanwhile: wake the queue's workers.
-    SELECT pg_notify(%(insert_channel)s, queue)
-    FROM (SELECT DISTINCT queue FROM finished WHERE state = 'available') AS q
+    RETURNING j.id, j.state, j.workflow_id
 ), announced AS (
     SELECT pg_notify(%(events_channel)s, '[' || string_agg(e.body, ',' ORDER BY e.n) || ']')
     FROM unnest(%(event_jobs)s::bigint[], %(event_chunks)s::integer[],
@@ -171,8 +167,7 @@ WITH outcome AS (
     JOIN finished AS f ON f.id = e.job_id
     GROUP BY e.chunk
 )
-SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications,
-    (SELECT count(*) FROM woken) AS woken
+SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications
 FROM finished
 
 -- name: jobs_hand_back

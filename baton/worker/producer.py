@@ -160,9 +160,10 @@ class Producer:
                 # A wake-up that came while the fetch was in flight may be for jobs it did
                 # not see: fetch again rather than wait for the poll.
                 self._maybe_more = len(jobs) == demand or self._wakes != wakes
-                # Woken by slots that freed up, yet none still runs: all of them ended
-                # before the fetch came back.
-                self._pace(full=self._maybe_more, starved=refill and not self.running)
+                # Woken by slots that freed up, yet none still runs but the jobs just
+                # claimed: all of them ended before the fetch came back.
+                self._pace(full=len(jobs) == demand,
+                           starved=refill and len(self.running) == len(jobs))
                 if jobs:
                     self._waiting.extend(jobs)
                     self._work.set()

@@ -128,6 +128,7 @@ class Worker:
             flush_max=self.settings.flush_max,
             max_pending=self.settings.max_pending_outcomes,
             after_write=self._after_write,
+            on_available=self._wake_queues,
         )
         self.steps = StepRunner(self)
         self.step_names = sorted(app.steps)
@@ -407,6 +408,10 @@ class Worker:
         self._cancel_requested.add(job_id)  # before cancelling: a waiting job ends at once
         if not any(producer.cancel_job(job_id) for producer in self.producers.values()):
             self._cancel_requested.discard(job_id)
+
+    def _wake_queues(self, queues: set[str]) -> None:
+        for queue in queues:
+            self._on_insert(queue)
 
     def _wake_all(self) -> None:
         for producer in self.producers.values():
