@@ -228,3 +228,82 @@ def test_a_step_named_after_main_warns_once(tmp_path: Any) -> None:
                           text=True, timeout=60, check=True)
     assert done.stderr.count("StepNameWarning") == 1
     assert "'__main__.hello'" in done.stderr and "@app.step(name=" in done.stderr
+
+
+async def test_lost_claim_reply_just_before_a_stop_is_handed_back(app: baton.Baton) -> None:
+    """A stop right after a claim whose reply was lost: the jobs go back with their attempt
+    at shutdown, not left executing for a rescue that would count it."""
+    ids: list[int] = []
+    async with running_worker(app) as worker:
+        producer = worker.producers["default"]
+        real = producer.fetch
+
+        async def fetch_then_stop(demand: int) -> list[FetchedJob]:
+            jobs = await real(demand)
+            if not jobs:
+                return jobs
+            for job in jobs:
+                producer.running.pop(job.id)
+            worker.stop()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        producer.fetch = fetch_then_stop  # type: ignore[method-assign]
+        ids.extend(await app.enqueue_many([basic.echo.new(value=i) for i in range(5)]))
+        await worker.stopped.wait()
+    jobs = [await app.get_job(job_id) for job_id in ids]
+    assert [(j.state, j.attempt) for j in jobs] == [("available", 0)] * 5
+    assert basic.CALLS["echo"] == []
+
+
+async def test_a_later_outcome_of_one_job_in_a_batch_wins(app: baton.Baton) -> None:
+    """A job snoozed, then run again here before the snooze's write was known to have
+    landed: the batch holds two outcomes of it, and only the latest is written."""
+    from baton.job import JobState
+    from baton.worker.completer import Completer
+    from baton.worker.executor import Outcome
+
+    [job_id] = await app.enqueue_many([basic.echo.new(value=1)])
+    sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'executing', attempt = 1, "
+                      "attempted_by = 'w', attempted_at = now()")
+    completer = Completer(app, "w", flush_interval=0, flush_max=10, max_pending=100)
+    job = FetchedJob(job_id, basic.echo.name, {}, None, "default", 1, 7, 0, 0, None, None,
+                     None)
+    completer.push(Outcome(job, JobState.AVAILABLE, delay=0.0, snooze=True))
+    completer.push(Outcome(job, JobState.COMPLETED))
+    await completer.flush_once()
+    assert completer.pending == []
+    assert sql_rows(app.dsn, "SELECT state, snoozes FROM baton.jobs") == [("completed", 0)]
+
+
+async def test_cancel_while_its_claim_is_still_loading_is_kept(
+    flows_app: baton.Baton,
+) -> None:
+    """A cancel that reaches the worker after the claim but before the job joined the
+    waiting line (its gate still loading) keeps the step from ever starting."""
+    from tests.apps import flows
+
+    wf = baton.Workflow("cancel-early")
+    wf.add("only", flows.recorded.new(key="early"))
+    await flows_app.insert(wf)
+    [(job_id,)] = sql_rows(flows_app.dsn, "SELECT id FROM baton.jobs")
+    loading = anyio.Event()
+    go_on = anyio.Event()
+    async with running_worker(flows_app) as worker:
+        real = worker.steps.load_gates
+
+        async def slow_gates(conn: Any, jobs: list[FetchedJob]) -> list[dict[str, Any]]:
+            loading.set()
+            await go_on.wait()
+            return await real(conn, jobs)
+
+        worker.steps.load_gates = slow_gates  # type: ignore[method-assign]
+        worker.producers["default"].wake()
+        await loading.wait()
+        assert await flows_app.cancel(job_id)
+        while job_id not in worker.producers["default"]._cancelled:
+            await anyio.sleep(0.01)
+        go_on.set()
+        while worker.producers["default"].running:
+            await anyio.sleep(0.01)
+    assert "early" not in flows.CALLS
+    assert (await flows_app.get_job(job_id)).state == "cancelled"

@@ -156,6 +156,12 @@ class Completer:
         batch = self.pending[: self.flush_max]
         if not batch:
             return
+        taken = len(batch)
+        if len({o.job.id for o in batch}) < taken:
+            # A job ran again here before its earlier outcome was written (that write's
+            # reply was lost, yet it committed): only its latest attempt's outcome counts.
+            latest = {o.job.id: o for o in batch}
+            batch = [o for o in batch if latest[o.job.id] is o]
         q = self.app.queries
         rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
         # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
@@ -186,7 +192,7 @@ class Completer:
                 if applied:
                     await follow_up.send(conn, applied)
                 await conn.commit()  # nothing to do if the follow-up committed
-        del self.pending[: len(batch)]
+        del self.pending[:taken]
         if self.on_available is not None:
             again = {row[0] for row in finished if row[1] == JobState.AVAILABLE}
             if again:

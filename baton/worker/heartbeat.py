@@ -29,6 +29,20 @@ log = structlog.get_logger("baton.worker")
 TICK_SECONDS = 0.1
 """How often the event loop marks itself alive for the watchdog."""
 
+_LIVELY: dict[str, Any] = {
+    "autocommit": True,
+    "application_name": "baton-heartbeat",
+    "connect_timeout": 5,
+    # A beat never hangs on a dead peer (a failover leaves the old connection half open):
+    # the statement, and the TCP connection under it, give up within seconds.
+    "options": "-c statement_timeout=5000",
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
 
 class Heartbeat:
     """Renews the worker's registry row every ``interval`` seconds from a daemon thread.
@@ -103,11 +117,10 @@ class Heartbeat:
     def _beat(self) -> None:
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5,
-                                             application_name="baton-heartbeat")
+                self._conn = psycopg.connect(self.dsn, **_LIVELY)
             self.beat(self._conn)
             self.beats += 1
-        except psycopg.Error as exc:
+        except Exception as exc:  # the thread must outlive any failure of a beat
             log.warning("worker.heartbeat_failed", worker_id=self.worker_id,
                         error=describe(exc))
             self._close()

@@ -28,6 +28,9 @@ class Maintenance:
         self.worker = worker
         self.is_leader = False
         self.ticks = 0
+        self._rescue_from = 0.0
+        """No rescue before this time (monotonic): after this process lost the database,
+        live workers need a heartbeat's lifetime to renew rows that expired meanwhile."""
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -39,6 +42,9 @@ class Maintenance:
                 await self.run_once()
             except (psycopg.Error, DatabaseError) as exc:
                 self.is_leader = False
+                # A failover or an outage: every registry row may have expired meanwhile
+                # (a promoted standby's start time does not show it).
+                self._rescue_from = anyio.current_time() + self.worker.settings.heartbeat_ttl
                 log.warning("maintenance.failed", error=describe(exc))
             self.ticks += 1
             await anyio.sleep(interval)
@@ -62,7 +68,8 @@ class Maintenance:
             return
         started = anyio.current_time()
         await self.stage()
-        await self.rescue()
+        if anyio.current_time() >= self._rescue_from:
+            await self.rescue()
         await self.sweep()
         await self.prune()
         log.debug("maintenance.pass", worker_id=worker.id,

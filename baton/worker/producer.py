@@ -73,6 +73,9 @@ class Producer:
         """Held by a fetch and by a reconcile: a reconcile never sees a claim whose jobs
         are not yet in ``running``."""
         self._reconcile_due = False
+        self._cancelled: set[int] = set()
+        """Claimed jobs cancelled before they reached the waiting line (while their
+        claim's gates loaded): never started."""
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible."""
@@ -115,6 +118,7 @@ class Producer:
                 self._waiting.remove(job)
                 self._finished(job, None)
                 return
+        self._cancelled.add(job_id)  # still being claimed: dropped when it reaches a slot
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -263,6 +267,10 @@ class Producer:
                         await self._work.wait()
                         continue
                     job = self._waiting.popleft()
+                    if self._cancelled and job.id in self._cancelled:
+                        self._cancelled.discard(job.id)
+                        self._finished(job, None)
+                        continue
                     slot.job = job
                     self.running[job.id] = slot
                     outcome = await self._execute(job)

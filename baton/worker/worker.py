@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import psycopg
 import structlog
 
@@ -298,7 +299,8 @@ class Worker:
                         reason="plain def steps still run past the shutdown grace; a thread "
                                "cannot be stopped")
             return
-        with anyio.move_on_after(1.0):  # the cancelled async jobs end
+        # The cancelled async jobs end; a process step's child is killed within TERM_WAIT.
+        with anyio.move_on_after(processes.TERM_WAIT + 1.0):
             while any(set(p.running) - set(self.executor.in_threads)
                       for p in self.producers.values()):
                 await anyio.sleep(0.01)
@@ -319,9 +321,19 @@ class Worker:
         with anyio.CancelScope(shield=True):
             await self.completer.drain(deadline)
             await self._hand_back()
+            for producer in self.producers.values():
+                # A claim whose reply was lost just before the stop: its jobs never ran
+                # here and go back with their attempt, not through a rescue that burns it.
+                try:
+                    await producer.reconcile()
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("worker.reconcile_failed", queue=producer.queue,
+                                error=describe(exc))
             await self.maintenance.resign()
             if not unregister:  # its jobs are rescued once its registry row expires
                 return
+            if self._heartbeat is not None:  # no beat may bring the row back
+                await anyio.to_thread.run_sync(self._heartbeat.stop)
             try:
                 async with self.app.connection() as conn:
                     await conn.execute(self.app.queries["worker_unregister"], {"id": self.id})

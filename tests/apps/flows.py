@@ -196,3 +196,9 @@ async def hold(key: str) -> str:
     await HOLDS.setdefault(key, anyio.Event()).wait()
     note(key, "done")
     return key
+
+
+@app.step
+async def recorded(key: str) -> str:
+    note(key, "ran")
+    return key
