@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.helpers import sql_rows
+from tests.helpers import reap, sql_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG_WAIT = "600"  # a connect timeout no test waits out: failing fast must not depend on it
@@ -118,9 +118,7 @@ def test_worker_stops_on_a_signal_while_waiting_for_the_database(signum: int) ->
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 0
     assert "worker.signal" in err and "Traceback" not in err
 

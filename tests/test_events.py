@@ -20,7 +20,7 @@ from baton.events import StepUpdated, WorkflowFinished, channel
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker
 from tests.apps import flows
-from tests.helpers import sql_rows
+from tests.helpers import reap, sql_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,9 +314,7 @@ async def test_killed_step_still_finishes_its_workflow(app: baton.Baton) -> None
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
         async with running_worker(procs.app):
             events = await collect(stream)
         await procs.app.close()

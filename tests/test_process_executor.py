@@ -21,7 +21,7 @@ from baton.worker import processes
 from baton.worker.executor import Executor
 from tests.apps import process_steps as ps
 from tests.conftest import bound
-from tests.helpers import sql_rows
+from tests.helpers import reap, sql_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,9 +282,7 @@ async def test_child_dies_with_a_killed_worker(app: baton.Baton, tmp_path: Path)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     with anyio.fail_after(10):
         while not is_gone_or_zombie(pid):
             await anyio.sleep(0.01)

@@ -15,7 +15,7 @@ from baton.job import JobState
 from baton.testing import running_worker, wait_for_job
 from tests.apps import basic, procs
 from tests.conftest import Server
-from tests.helpers import sql_rows
+from tests.helpers import reap, sql_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +46,7 @@ async def test_killed_worker_job_is_rescued_and_completed(procs_app: baton.Baton
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         assert proc.stderr is not None
         proc.stderr.close()
     assert (await app.get_job(job_id)).state is JobState.EXECUTING  # nobody finished it
@@ -73,9 +71,7 @@ async def test_worker_cli_runs_jobs_and_stops_on_sigterm(procs_app: baton.Baton)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 0
     assert "worker.stopped" in err and "job.completed" in err
     assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
@@ -142,9 +138,7 @@ async def test_worker_past_its_grace_exits_rather_than_hand_back_a_running_threa
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 70
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
         proc.stderr.close()
