@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -69,9 +71,10 @@ class Producer:
         finish faster than a fetch comes back, none otherwise."""
         self._wakes = 0
         """Wake-ups so far: one that arrives while a fetch is in flight leads to another."""
-        self._claiming = anyio.Lock()
-        """Held by a fetch and by a reconcile: a reconcile never sees a claim whose jobs
-        are not yet in ``running``."""
+        self._claim_busy = False
+        self._claim_free = anyio.Event()
+        """A fetch or a reconcile runs: they take turns, so a reconcile never sees a claim
+        whose jobs are not yet in ``running``."""
         self._reconcile_due = False
         self._cancelled: set[int] = set()
         """Claimed jobs cancelled before they reached the waiting line (while their
@@ -190,14 +193,28 @@ class Producer:
     async def fetch(self, demand: int) -> list[FetchedJob]:
         """Claim up to ``demand`` available jobs in one statement (autocommit: one round
         trip), then load the gates of the workflow steps among them in one more."""
-        async with self._claiming:
+        async with self._claiming():
             return await self._fetch(demand)
+
+    @asynccontextmanager
+    async def _claiming(self) -> AsyncIterator[None]:
+        # Not an anyio.Lock: its checkpoints on every fetch split the completer's batches
+        # in two (no-op drain 17-19k -> 20-22k jobs/s, same harness, alternating runs).
+        while self._claim_busy:
+            await self._claim_free.wait()
+        self._claim_busy = True
+        self._claim_free = anyio.Event()
+        try:
+            yield
+        finally:
+            self._claim_busy = False
+            self._claim_free.set()
 
     async def reconcile(self) -> list[int]:
         """Hand back the jobs of this queue that the table says this worker holds but it
         does not (a claim whose reply was lost); return their ids."""
         app = self.worker.app
-        async with self._claiming:
+        async with self._claiming():
             held = [*self.running, *self.worker.completer.unwritten(self.queue)]
             async with app.connection(autocommit=True) as conn:
                 cur = await conn.execute(app.queries["jobs_reconcile"], {
