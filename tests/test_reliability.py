@@ -11,10 +11,15 @@ import psycopg
 from structlog.testing import capture_logs
 
 import baton
-from baton.testing import running_worker, wait_for_job, wait_for_jobs
+from baton.testing import FAST_SETTINGS, running_worker, wait_for_job, wait_for_jobs
 from baton.worker.executor import FetchedJob
 from tests.apps import basic
 from tests.helpers import sql_rows
+
+
+def unstarted_worker(app: baton.Baton, **settings: Any) -> baton.Worker:
+    """A worker built but not started, so a test can patch it before its first fetch."""
+    return baton.Worker(app, baton.WorkerSettings(**{**FAST_SETTINGS, **settings}))
 
 
 async def test_unknown_step_stays_for_a_worker_that_knows_it(app: baton.Baton) -> None:
@@ -48,20 +53,21 @@ async def test_claim_with_lost_reply_is_handed_back(app: baton.Baton) -> None:
     and run once."""
     ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(20)])
     lost: list[int] = []
-    async with running_worker(app) as worker:
-        producer = worker.producers["default"]
-        real = producer.fetch
+    worker = unstarted_worker(app)
+    producer = worker.producers["default"]
+    real = producer.fetch
 
-        async def fetch_losing_reply(demand: int) -> list[FetchedJob]:
-            jobs = await real(demand)  # committed: the rows are executing under this worker
-            if lost or not jobs:
-                return jobs
-            for job in jobs:  # the reply never arrived: this worker knows of none of them
-                producer.running.pop(job.id)
-            lost.extend(job.id for job in jobs)
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
+    async def fetch_losing_reply(demand: int) -> list[FetchedJob]:
+        jobs = await real(demand)  # committed: the rows are executing under this worker
+        if lost or not jobs:
+            return jobs
+        for job in jobs:  # the reply never arrived: this worker knows of none of them
+            producer.running.pop(job.id)
+        lost.extend(job.id for job in jobs)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-        producer.fetch = fetch_losing_reply  # type: ignore[method-assign]
+    producer.fetch = fetch_losing_reply  # type: ignore[method-assign]
+    async with worker:
         await wait_for_jobs(app, ids, ["completed"])
     assert lost
     for job_id in lost:
@@ -85,22 +91,22 @@ async def test_wake_during_a_fetch_leads_to_another_fetch(app: baton.Baton) -> N
     """A wake-up that arrives while a fetch is in flight is not overwritten by its result:
     with the poll an hour away, only the wake-up can start the job."""
     inserted: list[int] = []
-    async with running_worker(app, poll_interval=3600) as worker:
-        producer = worker.producers["default"]
-        real = producer.fetch
+    worker = unstarted_worker(app, poll_interval=3600)
+    producer = worker.producers["default"]
+    real = producer.fetch
 
-        async def fetch_then_insert(demand: int) -> list[FetchedJob]:
-            jobs = await real(demand)
-            if not inserted:  # an insert commits while this fetch's reply travels back
-                rows = sql_rows(app.dsn, "INSERT INTO baton.jobs (step, args) "
-                                         "VALUES (%s, '{\"value\": 1}') RETURNING id",
-                                (basic.echo.name,))
-                inserted.append(rows[0][0])
-                producer.wake()  # its notification, delivered meanwhile
-            return jobs
+    async def fetch_then_insert(demand: int) -> list[FetchedJob]:
+        jobs = await real(demand)
+        if not inserted:  # an insert commits while this fetch's reply travels back
+            rows = sql_rows(app.dsn, "INSERT INTO baton.jobs (step, args) "
+                                     "VALUES (%s, '{\"value\": 1}') RETURNING id",
+                            (basic.echo.name,))
+            inserted.append(rows[0][0])
+            producer.wake()  # its notification, delivered meanwhile
+        return jobs
 
-        producer.fetch = fetch_then_insert  # type: ignore[method-assign]
-        producer.wake()
+    producer.fetch = fetch_then_insert  # type: ignore[method-assign]
+    async with worker:
         while not inserted:
             await anyio.sleep(0.01)
         await wait_for_job(app, inserted[0], "completed", timeout=30)
@@ -234,20 +240,21 @@ async def test_lost_claim_reply_just_before_a_stop_is_handed_back(app: baton.Bat
     """A stop right after a claim whose reply was lost: the jobs go back with their attempt
     at shutdown, not left executing for a rescue that would count it."""
     ids: list[int] = []
-    async with running_worker(app) as worker:
-        producer = worker.producers["default"]
-        real = producer.fetch
+    worker = unstarted_worker(app)
+    producer = worker.producers["default"]
+    real = producer.fetch
 
-        async def fetch_then_stop(demand: int) -> list[FetchedJob]:
-            jobs = await real(demand)
-            if not jobs:
-                return jobs
-            for job in jobs:
-                producer.running.pop(job.id)
-            worker.stop()
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
+    async def fetch_then_stop(demand: int) -> list[FetchedJob]:
+        jobs = await real(demand)
+        if not jobs:
+            return jobs
+        for job in jobs:
+            producer.running.pop(job.id)
+        worker.stop()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-        producer.fetch = fetch_then_stop  # type: ignore[method-assign]
+    producer.fetch = fetch_then_stop  # type: ignore[method-assign]
+    async with worker:
         ids.extend(await app.enqueue_many([basic.echo.new(value=i) for i in range(5)]))
         await worker.stopped.wait()
     jobs = [await app.get_job(job_id) for job_id in ids]
@@ -288,16 +295,16 @@ async def test_cancel_while_its_claim_is_still_loading_is_kept(
     [(job_id,)] = sql_rows(flows_app.dsn, "SELECT id FROM baton.jobs")
     loading = anyio.Event()
     go_on = anyio.Event()
-    async with running_worker(flows_app) as worker:
-        real = worker.steps.load_gates
+    worker = unstarted_worker(flows_app)
+    real = worker.steps.load_gates
 
-        async def slow_gates(conn: Any, jobs: list[FetchedJob]) -> list[dict[str, Any]]:
-            loading.set()
-            await go_on.wait()
-            return await real(conn, jobs)
+    async def slow_gates(conn: Any, jobs: list[FetchedJob]) -> list[dict[str, Any]]:
+        loading.set()
+        await go_on.wait()
+        return await real(conn, jobs)
 
-        worker.steps.load_gates = slow_gates  # type: ignore[method-assign]
-        worker.producers["default"].wake()
+    worker.steps.load_gates = slow_gates  # type: ignore[method-assign]
+    async with worker:
         await loading.wait()
         assert await flows_app.cancel(job_id)
         while job_id not in worker.producers["default"]._cancelled:
