@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-WAIT_SECONDS = 1.0
-
 
 @dataclass(frozen=True)
 class Dep:
