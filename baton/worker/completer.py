@@ -13,12 +13,12 @@ import anyio
 import psycopg
 import structlog
 
-from baton import workflows
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
 from baton.job import JobState
 from baton.worker.executor import Outcome
+from baton.workflows import announce, settle
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -174,13 +174,13 @@ class Completer:
         plain = follow_up is None
         blind = follow_up is not None and follow_up.blind
         params = {"outcomes": rows, "worker_id": self.worker_id, "events_channel": self._events,
-                  **(follow_up.finish_params if follow_up else workflows.NO_EVENTS)}
+                  **(follow_up.finish_params if follow_up else announce.NO_EVENTS)}
         async with self.app.connection(autocommit=plain) as conn, \
                 (nullcontext() if plain else conn.pipeline()):
             flows = [o.job.workflow_id for o in batch if o.job.workflow_id is not None]
             if flows and not plain:
                 # Workflows before job rows, the order a cancel takes them in too.
-                lock = workflows.lock(q, flows)
+                lock = settle.lock(q, flows)
                 await conn.execute(lock.query, lock.params)
             cur = await conn.execute(q["jobs_finish"], params)
             if follow_up is not None and blind:

@@ -16,7 +16,7 @@ import anyio.to_thread
 import psycopg
 import structlog
 
-from baton import migrations, ops, workflows
+from baton import migrations, ops
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
 from baton.job import JobState, json_text
@@ -28,7 +28,9 @@ from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
 from baton.worker.settings import WorkerSettings
-from baton.worker.steps import StepRunner
+from baton.workflows import announce
+from baton.workflows import settle as settlement
+from baton.workflows.engine import StepRunner
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -41,13 +43,13 @@ EXIT_WITH_THREADS = 70
 steps still running in threads (``exit_with_threads``)."""
 
 
-def step_event(outcome: Outcome) -> workflows.StepEvent:
+def step_event(outcome: Outcome) -> announce.StepEvent:
     """Return the event announcing how a workflow step's attempt ended."""
     job = outcome.job
     assert job.workflow_id is not None and job.workflow_step is not None
     state = "snoozed" if outcome.snooze else outcome.state.value
     error = outcome.error.get("error") if outcome.error else None
-    return workflows.StepEvent(job.workflow_id, job.workflow_step, job.step, state, job.id,
+    return announce.StepEvent(job.workflow_id, job.workflow_step, job.step, state, job.id,
                                job.attempt, outcome.has_result, error, job.workflow_label)
 
 
@@ -73,7 +75,7 @@ class StepsWrite:
         self.blind = not self.records and (self.announcement is None
                                            or self.announcement.inline)
         self.finish_params = (self.announcement.finish_params()
-                              if self.blind and self.announcement else workflows.NO_EVENTS)
+                              if self.blind and self.announcement else announce.NO_EVENTS)
         self._announced: list[dict[str, Any]] | None = None
         self._finished: list[dict[str, Any]] = []
 
@@ -88,7 +90,7 @@ class StepsWrite:
             self._announced = await ops.run_async(
                 conn, self.announcement.send(self.worker.app.queries), "announce steps")
         if self.settle is not None:
-            self._finished = await ops.run_async(conn, workflows.settlement(self.settle),
+            self._finished = await ops.run_async(conn, settlement.settlement(self.settle),
                                                  "settle steps")
 
     def events(self, applied: set[int]) -> list[dict[str, Any]]:
@@ -162,20 +164,20 @@ class Worker:
         return StepsWrite(self, outcomes)
 
     def _build_write(self, outcomes: Sequence[Outcome]) -> tuple[
-        list[ops.Stmt], workflows.Announcement | None, ops.Stmt | None
+        list[ops.Stmt], announce.Announcement | None, ops.Stmt | None
     ]:
         """Usage records, step announcement and settlement (which commits) of outcomes."""
         q = self.app.queries
         flow = [o for o in outcomes if o.job.workflow_id is not None]
-        announcement = (workflows.Announcement.build([step_event(o) for o in flow])
+        announcement = (announce.Announcement.build([step_event(o) for o in flow])
                         if flow else None)
         steps = [
             (o.job.workflow_id, o.job.workflow_step, o.state.value, o.job.id)
             for o in flow
             if o.job.workflow_id is not None and o.job.workflow_step is not None
-            and o.state in workflows.SETTLED_STATES
+            and o.state in settlement.SETTLED_STATES
         ]
-        settle = workflows.settle_statement(q, steps, commit=True) if steps else None
+        settle = settlement.settle_statement(q, steps, commit=True) if steps else None
         return self._records(outcomes), announcement, settle
 
     def _records(self, outcomes: Sequence[Outcome]) -> list[ops.Stmt]:

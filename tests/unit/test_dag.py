@@ -6,7 +6,7 @@ import pytest
 
 import baton
 from baton.dag import model_slug, topological_order
-from baton.gating import Dep, decide, gather_results
+from baton.workflows.gate import Dep, decide, gather_results
 
 app = baton.Baton()
 

@@ -127,7 +127,7 @@ def test_args_refuse_nan_whatever_their_annotation() -> None:
 
 
 def test_event_notifications_pack_in_order_within_the_limit() -> None:
-    from baton.workflows import NOTIFY_BYTES, NOTIFY_EVENT_BYTES, chunk_numbers, pack
+    from baton.workflows.announce import NOTIFY_BYTES, NOTIFY_EVENT_BYTES, chunk_numbers, pack
 
     # Sizes count bytes: two of them for every "é".
     bodies = [json.dumps({"i": i, "pad": "é" * (i * 37 % 450)}, ensure_ascii=False).encode()

@@ -10,12 +10,13 @@ import anyio
 import psycopg
 import structlog
 
-from baton import ops, workflows
+from baton import ops
 from baton.db import describe
 from baton.errors import DatabaseError
-from baton.gating import Dep, decide, gather_results
 from baton.job import JobState
 from baton.worker.executor import FetchedJob, Outcome
+from baton.workflows import announce, store
+from baton.workflows.gate import Dep, decide, gather_results
 
 if TYPE_CHECKING:
     from baton.context import Context
@@ -47,10 +48,10 @@ class StepRunner:
         for job in steps:
             job.gate = found.get((job.workflow_id, job.workflow_step))
             job.gated = True
-        started = [workflows.StepEvent(j.workflow_id, j.workflow_step, j.step, "executing",
+        started = [announce.StepEvent(j.workflow_id, j.workflow_step, j.step, "executing",
                                        j.id, j.attempt, label=j.workflow_label)
                    for j in steps if j.workflow_id is not None and j.workflow_step is not None]
-        return await ops.run_async(conn, workflows.emit_steps(q, started), "announce steps")
+        return await ops.run_async(conn, announce.emit_steps(q, started), "announce steps")
 
     async def run(self, job: FetchedJob) -> Outcome:
         """Run a workflow step to its outcome."""
@@ -104,7 +105,7 @@ class StepRunner:
         assert job.workflow_id is not None and job.workflow_step is not None
         app = self.worker.app
         try:
-            outcome.result = workflows.dump_result(outcome.result)
+            outcome.result = store.dump_result(outcome.result)
         except Exception as exc:  # an unserializable result is the step's bug
             outcome.state = JobState.DISCARDED
             outcome.has_result = False
@@ -114,7 +115,7 @@ class StepRunner:
         while True:
             try:
                 async with app.connection() as conn:
-                    await ops.run_async(conn, workflows.store_result(
+                    await ops.run_async(conn, store.store_result(
                         app.queries, job.workflow_id, job.workflow_step, outcome.result
                     ), "store result")
                 return
