@@ -12,7 +12,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from baton import connections, migrations, ops, workflows
-from baton.dag import Workflow
+from baton.dag import SUBWORKFLOW_STEP, Workflow, subworkflow_step
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import StepError, UnknownStepError
@@ -60,7 +60,7 @@ class Baton:
         self.connect_timeout = connect_timeout
         self.pricing = pricing or Pricing()
         self.capture = capture
-        self.steps: dict[str, Step] = {}
+        self.steps: dict[str, Step] = {SUBWORKFLOW_STEP: subworkflow_step()}
         self.events = Events(self)
         self.query = Query(self)
         self._dsn = dsn

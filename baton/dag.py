@@ -2,6 +2,8 @@
 
 Pure: nothing here touches the database. A :class:`Workflow` is checked whole (unknown
 dependencies, duplicate names, cycles by Kahn's algorithm) before one row is written.
+A workflow added as one step of another is flattened into it here, with the built-in step
+that reports its result (:data:`SUBWORKFLOW_STEP`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import re
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from baton.context import Context
 from baton.errors import CycleError, DuplicateStepError, UnknownDependencyError, WorkflowError
 from baton.job import JobSpec
+from baton.step import Step, StepOptions
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
@@ -75,6 +80,8 @@ class Workflow:
     models: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    added_as: str | None = field(default=None, init=False, repr=False, compare=False)
+    """The step name this workflow was added under as a sub-workflow (it is closed then)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.id, str):
@@ -83,7 +90,7 @@ class Workflow:
     def add(
         self,
         name: str,
-        job: JobSpec,
+        job: JobSpec | Workflow,
         *,
         deps: Iterable[str] = (),
         ignore_cancelled: bool | None = None,
@@ -97,23 +104,117 @@ class Workflow:
         Per-step ``ignore_*`` flags override the workflow's. ``min_success`` (with group
         dependencies) lets the step run once at least that many of them completed.
 
-        :raises DuplicateStepError: if the name is taken.
+        ``job`` may be a whole :class:`Workflow`, run as this one step (a sub-workflow).
+        Its steps are copied in now, named ``<name>.<step>``; those with no dependency
+        inside it take ``deps`` (and the ``ignore_*`` flags and ``min_success`` given
+        here), and its steps without a flag of their own take its workflow-level flags.
+        A step called ``name`` runs once all of them completed; its result is the result
+        of the sub-workflow's last step, or ``{step: result}`` when several steps end it
+        (a fan-out that ends it counts as one step whose result is ``{model: result}``).
+        If a step of the sub-workflow fails, the step ``name`` is cancelled, and so are its
+        dependents unless their flags say otherwise. The sub-workflow is closed from then
+        on: it cannot grow or be added again. A sub-workflow with ``debug=True`` turns
+        debug on for this whole workflow (debug is kept per workflow).
+
+        :raises DuplicateStepError: if the name is taken (or, for a sub-workflow, one of
+            the names its steps take).
+        :raises WorkflowError: if the step is invalid; for a sub-workflow, also if it is
+            this workflow, was added before, is empty or invalid, or ``model`` is given.
         """
         check_name(name)
+        self._check_open()
         if name in self.nodes or name in self.groups:
             raise DuplicateStepError(name)
-        if not isinstance(job, JobSpec):
-            raise WorkflowError(f"step {name!r}: expected a job from step.new(), got {job!r}")
         dep_names = [str(d) for d in ([deps] if isinstance(deps, str) else deps)]
         if len(set(dep_names)) != len(dep_names):
             raise WorkflowError(f"step {name!r} lists a dependency twice")
         if min_success is not None and min_success < 0:
             raise WorkflowError(f"step {name!r}: min_success must be >= 0")
+        if isinstance(job, Workflow):
+            if model is not None:
+                raise WorkflowError(
+                    f"step {name!r}: model= is for a job; give the sub-workflow's steps "
+                    "their models (Workflow(models=...) or add(..., model=...)) instead")
+            self._add_workflow(name, job, dep_names, ignore_cancelled, ignore_discarded,
+                               min_success)
+            return self
+        if not isinstance(job, JobSpec):
+            raise WorkflowError(
+                f"step {name!r}: expected a job from step.new() or a Workflow, got {job!r}")
         self.nodes[name] = Node(
             name, job, dep_names, ignore_cancelled, ignore_discarded,
             model=model or self.models.get(name), min_success=min_success,
         )
         return self
+
+    def _check_open(self) -> None:
+        if self.added_as is not None:
+            raise WorkflowError(
+                f"workflow {self.label!r} was added as step {self.added_as!r} of another "
+                "workflow, which copied its steps then; build it whole before adding it")
+
+    def _add_workflow(
+        self,
+        name: str,
+        child: Workflow,
+        deps: list[str],
+        ignore_cancelled: bool | None,
+        ignore_discarded: bool | None,
+        min_success: int | None,
+    ) -> None:
+        """Flatten ``child`` into this workflow as the step ``name`` (see :meth:`add`)."""
+        if child is self:
+            raise WorkflowError(f"step {name!r}: a workflow cannot be added to itself")
+        if child.added_as is not None:
+            raise WorkflowError(
+                f"step {name!r}: workflow {child.label!r} was already added as step "
+                f"{child.added_as!r}; build a new Workflow for each place it runs")
+        child.validate()
+        prefix = f"{name}."
+        taken = [prefix + n for n in (*child.nodes, *child.groups)]
+        for new_name in taken:
+            check_name(new_name)
+            if new_name in self.nodes or new_name in self.groups:
+                raise DuplicateStepError(new_name)
+        used = {d for node in child.nodes.values() for d in child.expand(node.deps)}
+        leaves = [n for n in child.nodes if n not in used]
+        # A fan-out whose every copy ends the child is reported as its group: {model: result}.
+        ends: list[str] = []
+        for leaf in leaves:
+            group = child.nodes[leaf].group
+            whole = group is not None and not used.intersection(child.groups[group])
+            end = group if group is not None and whole else leaf
+            if end not in ends:
+                ends.append(end)
+        for node in child.nodes.values():
+            copy = replace(
+                node, name=prefix + node.name, deps=[prefix + d for d in node.deps],
+                group=None if node.group is None else prefix + node.group,
+                model=node.model or self.models.get(prefix + node.name),
+                ignore_cancelled=(child.ignore_cancelled if node.ignore_cancelled is None
+                                  else node.ignore_cancelled),
+                ignore_discarded=(child.ignore_discarded if node.ignore_discarded is None
+                                  else node.ignore_discarded),
+            )
+            if not node.deps:
+                copy.deps = list(deps)
+                if ignore_cancelled is not None:
+                    copy.ignore_cancelled = ignore_cancelled
+                if ignore_discarded is not None:
+                    copy.ignore_discarded = ignore_discarded
+                if min_success is not None:
+                    copy.min_success = min_success
+            self.nodes[copy.name] = copy
+        for group, members in child.groups.items():
+            self.groups[prefix + group] = [prefix + m for m in members]
+        last = child.nodes[leaves[0]].job
+        collector = JobSpec(SUBWORKFLOW_STEP, {"leaves": ends}, queue=last.queue,
+                            priority=last.priority)
+        # Explicit flags: the workflow's own must not let it report a child that failed.
+        self.nodes[name] = Node(name, collector, [prefix + end for end in ends],
+                                ignore_cancelled=False, ignore_discarded=False)
+        self.debug = self.debug or child.debug
+        child.added_as = name
 
     def add_fan_out(
         self,
@@ -136,6 +237,7 @@ class Workflow:
         it runs once ``min_success`` copies completed (default: all of them).
         """
         check_name(name)
+        self._check_open()
         if not models:
             raise WorkflowError(f"fan-out {name!r} needs at least one model")
         if len(set(models)) != len(models):
@@ -196,6 +298,23 @@ class Workflow:
             {n.name: [d for d in self.expand(n.deps) if d in self.nodes]
              for n in self.nodes.values()}
         )
+
+
+SUBWORKFLOW_STEP = "baton.subworkflow"
+"""The name every :class:`~baton.Baton` app registers the step reporting a sub-workflow's
+result under (reserved: no other step may take it)."""
+
+
+async def subworkflow_result(ctx: Context, leaves: list[str]) -> Any:
+    """Return the result of a sub-workflow's last step, or ``{step: result}`` when several
+    steps end it (``leaves``: their names inside it, which this step's name prefixes)."""
+    found = {leaf: ctx.results.get(f"{ctx.step}.{leaf}") for leaf in leaves}
+    return found[leaves[0]] if len(leaves) == 1 else found
+
+
+def subworkflow_step() -> Step:
+    """Return the built-in step that reports a sub-workflow's result."""
+    return Step(subworkflow_result, StepOptions(), name=SUBWORKFLOW_STEP)
 
 
 def topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
