@@ -1,14 +1,15 @@
 """Live workflow events: typed models, NOTIFY subscription, in-process hooks.
 
-Every step transition is a :class:`StepUpdated`; the end of a workflow is one
-:class:`WorkflowFinished`. Events are sent with NOTIFY inside the transaction that made the
+Every step transition is a :class:`StepUpdated`; the end of a workflow's run is one
+:class:`WorkflowFinished`, and a resume that starts a run again is a
+:class:`WorkflowResumed`. Events are sent with NOTIFY inside the transaction that made the
 transition (so they arrive only if it committed), on the channel :func:`channel` names;
 payloads over NOTIFY's limit travel by reference to ``event_payloads`` and arrive whole.
 
 NOTIFY is lost while a listener is away, so a :class:`Subscription` that loses its
 connection reconnects by itself and catches up from the ``workflows`` table: it listens
 first, then reads what finished while it was away, and delivers each ``workflow_finished``
-once (de-duplicated by workflow id).
+once (de-duplicated by workflow id and run).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
 from psycopg.rows import dict_row
-from pydantic import BaseModel, Field, TypeAdapter, field_validator
+from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, field_validator
 
 from baton.db import channel_name, connect, connect_heals, connection_lost, database_error, describe
 
@@ -41,6 +42,7 @@ log = structlog.get_logger("baton.events")
 
 STEP_UPDATED = "workflow_step_updated"
 WORKFLOW_FINISHED = "workflow_finished"
+WORKFLOW_RESUMED = "workflow_resumed"
 StepEventState = Literal["executing", "snoozed", "completed", "retryable", "discarded",
                          "cancelled"]
 
@@ -66,7 +68,9 @@ class StepUpdated(_Event):
 
     type: Literal["workflow_step_updated"] = "workflow_step_updated"
     step_name: str
-    worker: str
+    """The step's name inside its workflow."""
+    function: str = Field(validation_alias=AliasChoices("function", "worker"))
+    """The registered step function it runs (``worker`` in payloads of older versions)."""
     state: StepEventState
     job_id: int
     attempt: int
@@ -75,20 +79,33 @@ class StepUpdated(_Event):
 
 
 class WorkflowFinished(_Event):
-    """The last step of a workflow settled; sent exactly once per workflow."""
+    """The last step of a workflow settled; sent exactly once per run of the workflow."""
 
     type: Literal["workflow_finished"] = "workflow_finished"
     outcome: Literal["completed", "failed"]
     failed_steps: list[str]
+    run: int = 1
+    """The run that finished: 1, then one more for each resume of the finished workflow."""
 
 
-Event = Annotated[StepUpdated | WorkflowFinished, Field(discriminator="type")]
+class WorkflowResumed(_Event):
+    """Steps of a workflow were made to run again (``app.resume``); sent once per resume."""
+
+    type: Literal["workflow_resumed"] = "workflow_resumed"
+    run: int
+    """The run the steps belong to: a new one if the workflow had finished."""
+    steps: list[str]
+    """The steps resumed, by name."""
+
+
+AnyEvent = StepUpdated | WorkflowFinished | WorkflowResumed
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 _EVENT = TypeAdapter(Event)
 
 Hook = Callable[[Any], Any]
 
 
-def parse_event(data: dict[str, Any] | str) -> StepUpdated | WorkflowFinished:
+def parse_event(data: dict[str, Any] | str) -> AnyEvent:
     """Return the typed event for a payload (dict or JSON text)."""
     if isinstance(data, str):
         return _EVENT.validate_json(data)
@@ -97,11 +114,11 @@ def parse_event(data: dict[str, Any] | str) -> StepUpdated | WorkflowFinished:
 
 def finished_event(row: dict[str, Any]) -> WorkflowFinished:
     """Return the ``workflow_finished`` event of a finished ``workflows`` row (``id``,
-    ``label``, ``state``, ``failed_steps``, ``finished_at``): the event its settlement sent
-    (``steps_settle``), field for field, for a subscriber that missed it."""
+    ``label``, ``state``, ``failed_steps``, ``finished_at``, ``run``): the event its
+    settlement sent (``steps_settle``), field for field, for a subscriber that missed it."""
     return WorkflowFinished(workflow_id=row["id"], workflow_label=row["label"],
                             outcome=row["state"], failed_steps=list(row["failed_steps"]),
-                            timestamp=row["finished_at"])
+                            timestamp=row["finished_at"], run=row["run"])
 
 
 FINAL_STEP_STATES = frozenset({"completed", "discarded", "cancelled"})
@@ -144,8 +161,9 @@ class Events:
         self.app = app
         self.hooks: dict[str, list[Hook]] = {}
         self.counts: Counter[str] = Counter()
-        """Events this process committed, by state (``"completed"``, ...) and outcome
-        (``"workflow_completed"``, ``"workflow_failed"``): counters for metrics."""
+        """Events this process committed, by state (``"completed"``, ...), outcome
+        (``"workflow_completed"``, ``"workflow_failed"``) and ``"workflow_resumed"``:
+        counters for metrics."""
         self.hook_timeout = 5.0
         self.catch_up_margin = 30.0
         """Seconds a subscriber that reconnects reads back before the last moment it knew it
@@ -153,7 +171,7 @@ class Events:
         may commit (and notify) later; a transaction open longer than this may be missed."""
         self.application_name = SUBSCRIBER_APPLICATION_NAME
         """The ``application_name`` of subscribers' connections."""
-        self._send: MemoryObjectSendStream[StepUpdated | WorkflowFinished] | None = None
+        self._send: MemoryObjectSendStream[AnyEvent] | None = None
 
     @property
     def channel(self) -> str:
@@ -166,20 +184,24 @@ class Events:
         A hook that fails or is slow is logged and never breaks a job. Async hooks run
         inside worker processes; elsewhere only sync hooks are called.
         """
-        if name not in (STEP_UPDATED, WORKFLOW_FINISHED, "*"):
+        if name not in (STEP_UPDATED, WORKFLOW_FINISHED, WORKFLOW_RESUMED, "*"):
             raise ValueError(f"unknown event {name!r}: use {STEP_UPDATED!r}, "
-                             f"{WORKFLOW_FINISHED!r} or '*'")
+                             f"{WORKFLOW_FINISHED!r}, {WORKFLOW_RESUMED!r} or '*'")
         self.hooks.setdefault(name, []).append(fn)
         return fn
 
     def publish(self, payloads: Iterable[dict[str, Any]]) -> None:
         """Log and hand committed events to the in-process hooks."""
         for payload in payloads:
-            finished = payload.get("type") == WORKFLOW_FINISHED
-            self.counts[f"workflow_{payload.get('outcome')}" if finished
-                        else str(payload.get("state"))] += 1
-            log.info("workflow.finished" if finished else "workflow.step_updated",
-                     **{k: v for k, v in payload.items() if k != "type"})
+            kind = payload.get("type")
+            if kind == WORKFLOW_FINISHED:
+                count, name = f"workflow_{payload.get('outcome')}", "workflow.finished"
+            elif kind == WORKFLOW_RESUMED:
+                count, name = WORKFLOW_RESUMED, "workflow.resumed"
+            else:
+                count, name = str(payload.get("state")), "workflow.step_updated"
+            self.counts[count] += 1
+            log.info(name, **{k: v for k, v in payload.items() if k != "type"})
             if not self.hooks:
                 continue  # typed events only for hooks: a batch of steps stays cheap
             event = parse_event(payload)
@@ -191,10 +213,10 @@ class Events:
             else:
                 self._call_sync_hooks(event)
 
-    def _hooks_for(self, event: StepUpdated | WorkflowFinished) -> list[Hook]:
+    def _hooks_for(self, event: AnyEvent) -> list[Hook]:
         return [*self.hooks.get(event.type, ()), *self.hooks.get("*", ())]
 
-    def _call_sync_hooks(self, event: StepUpdated | WorkflowFinished) -> None:
+    def _call_sync_hooks(self, event: AnyEvent) -> None:
         for hook in self._hooks_for(event):
             if inspect.iscoroutinefunction(hook):
                 continue
@@ -207,7 +229,7 @@ class Events:
     async def dispatch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                        ) -> None:
         """Run hooks in the background for this process (a worker starts it)."""
-        send, receive = anyio.create_memory_object_stream[StepUpdated | WorkflowFinished](10_000)
+        send, receive = anyio.create_memory_object_stream[AnyEvent](10_000)
         self._send = send
         task_status.started()
         try:
@@ -232,15 +254,17 @@ class Events:
     @asynccontextmanager
     async def subscribe(
         self, workflow_id: uuid.UUID | str | None = None
-    ) -> AsyncIterator[AsyncIterator[StepUpdated | WorkflowFinished]]:
+    ) -> AsyncIterator[AsyncIterator[AnyEvent]]:
         """Listen for events of every workflow, or of one; yields an async iterator.
 
         Listening starts before the block is entered, so nothing sent after that is missed.
         A lost connection is reopened by itself (with a jittered, capped backoff), and what
         was missed is read back: each ``workflow_finished`` sent after the block was entered
-        arrives once; a subscriber of one workflow gets its ``workflow_finished`` once even
-        if it finished before, and after a reconnect the latest state of each of its steps
-        that changed meanwhile. Step events of other workflows sent while away are lost.
+        arrives once per run; a subscriber of one workflow gets the ``workflow_finished`` of
+        its latest run once even if it finished before, and after a reconnect the latest
+        state of each of its steps that changed meanwhile. Step and ``workflow_resumed``
+        events sent while away are lost, and so is the finish of a run that a resume
+        followed while away (the ``workflows`` row holds the latest run's).
 
         :raises DatabaseError: on entry, if no connection opens within the app's
             ``connect_timeout``; while iterating, for a failure a reconnect cannot heal
@@ -276,10 +300,10 @@ class Subscription:
         self.wanted = wanted
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.closed = False
-        self.pending: deque[StepUpdated | WorkflowFinished] = deque()
-        self.seen: dict[uuid.UUID, datetime] = {}
+        self.pending: deque[AnyEvent] = deque()
+        self.seen: dict[tuple[uuid.UUID, int], datetime] = {}
         """``workflow_finished`` delivered (or finished before the subscription began):
-        workflow id -> finished_at."""
+        (workflow id, run) -> finished_at."""
         self.mark: datetime | None = None
         self.steps: dict[str, tuple[int, int, str]] = {}
         """Subscriber of one workflow: the last state delivered per step (job id, attempt,
@@ -309,7 +333,7 @@ class Subscription:
         self.closed = True
         await self._drop()
 
-    async def events(self) -> AsyncIterator[StepUpdated | WorkflowFinished]:
+    async def events(self) -> AsyncIterator[AnyEvent]:
         """Yield events as they arrive, reconnecting and catching up when the connection
         is lost."""
         while not self.closed:
@@ -351,7 +375,8 @@ class Subscription:
             rows = await self._rows("workflows_finished_since",
                                     {"since": None, "margin": self.margin.total_seconds()})
             self.mark = rows[0]["read_at"]
-            self.seen.update((r["id"], r["finished_at"]) for r in rows if r["id"] is not None)
+            self.seen.update(((r["id"], r["run"]), r["finished_at"])
+                             for r in rows if r["id"] is not None)
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         if self.wanted is not None:
             await self._catch_up_one(self.wanted, steps=not first)
@@ -381,7 +406,7 @@ class Subscription:
             for row in await self._rows("workflow_steps_latest", {"id": workflow_id}):
                 self._offer(StepUpdated(
                     workflow_id=workflow_id, workflow_label=row["label"],
-                    step_name=row["name"], worker=row["step"], state=row["state"],
+                    step_name=row["name"], function=row["step"], state=row["state"],
                     job_id=row["id"], attempt=row["attempt"], has_result=row["has_result"],
                     error=row["error"], timestamp=row["at"]))
         for row in finished:
@@ -403,19 +428,21 @@ class Subscription:
                     data = rows[0]["payload"]
                 self._offer(parse_event(data))
 
-    def _offer(self, event: StepUpdated | WorkflowFinished) -> None:
+    def _offer(self, event: AnyEvent) -> None:
         """Queue ``event`` unless it is not wanted or was delivered already."""
         if self.wanted is not None and event.workflow_id != self.wanted:
             return
         if isinstance(event, WorkflowFinished):
-            if event.workflow_id in self.seen:
+            key = (event.workflow_id, event.run)
+            if key in self.seen:
                 return
-            self.seen[event.workflow_id] = event.timestamp
+            self.seen[key] = event.timestamp
             if self.mark is not None:
                 # Delivered, so the connection was up when it committed, after this time.
                 self.mark = max(self.mark, event.timestamp)
                 self._prune()
-        elif self.wanted is not None and not self._step_is_new(event):
+        elif (isinstance(event, StepUpdated) and self.wanted is not None
+              and not self._step_is_new(event)):
             return
         self.pending.append(event)
 

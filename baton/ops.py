@@ -64,6 +64,19 @@ class Copy:
 Op = Generator[Stmt | Copy, Rows, T]
 
 
+def statements(op: Op[Any]) -> list[Stmt]:
+    """The statements of an operation that reads no rows, to send as they are."""
+    stmts: list[Stmt] = []
+    try:
+        stmt = next(op)
+        while True:
+            assert isinstance(stmt, Stmt) and not stmt.rows, "an operation that reads rows"
+            stmts.append(stmt)
+            stmt = op.send([])
+    except StopIteration:
+        return stmts
+
+
 async def run_async(conn: psycopg.AsyncConnection[Any], op: Op[T], action: str) -> T:
     """Run ``op`` on an async connection (inside whatever transaction it has).
 

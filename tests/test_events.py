@@ -57,7 +57,7 @@ async def test_exact_event_sequence_of_a_chain(app: baton.Baton) -> None:
     ]
     first = events[0]
     assert first.workflow_id == workflow_id and first.workflow_label == "patent:US1"
-    assert first.worker == flows.fetch.name and first.attempt == 1 and first.error is None
+    assert first.function == flows.fetch.name and first.attempt == 1 and first.error is None
     assert first.timestamp.utcoffset() is not None and first.timestamp.utcoffset().seconds == 0
     finished = events[-1]
     assert isinstance(finished, WorkflowFinished)

@@ -296,14 +296,14 @@ async def test_cancel_while_its_claim_is_still_loading_is_kept(
     loading = anyio.Event()
     go_on = anyio.Event()
     worker = unstarted_worker(flows_app)
-    real = worker.steps.load_gates
+    real = worker.engine.claimed
 
     async def slow_gates(conn: Any, jobs: list[FetchedJob]) -> list[dict[str, Any]]:
         loading.set()
         await go_on.wait()
         return await real(conn, jobs)
 
-    worker.steps.load_gates = slow_gates  # type: ignore[method-assign]
+    worker.engine.claimed = slow_gates  # type: ignore[method-assign]
     async with worker:
         await loading.wait()
         assert await flows_app.cancel(job_id)

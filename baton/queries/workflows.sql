@@ -47,11 +47,13 @@ GROUP BY group_name
 UPDATE {schema}.workflows SET total_steps = total_steps + %(count)s WHERE id = %(id)s
 
 -- name: steps_settle
--- Record settlements (only a step's first counts), count them on their workflows (a
--- workflow whose every step settled finishes here, once, and its workflow_finished event
--- is sent), count down the dependents and release those with nothing left to wait on.
+-- Record settlements (only a step's first counts), count them on their workflows, count
+-- down the dependents and release those with nothing left to wait on (waking their
+-- queues). Returns the workflows whose every step has now settled, finished here once.
 -- Run after workflows_lock. A step counts only if its job is in that final state now, so
--- this may be sent along with the finish, before knowing which outcomes it applied.
+-- this is sent along with the finish, before knowing which outcomes it applied.
+-- A failed step does not fail its workflow when a step that needs only a quorum of its
+-- dependencies (min_success) completed without it, unless that step is strict.
 WITH input AS (
     SELECT t.workflow_id, t.name, t.outcome
     FROM jsonb_to_recordset(%(rows)s::jsonb)
@@ -62,36 +64,39 @@ WITH input AS (
     SELECT workflow_id, name, outcome FROM input
     ON CONFLICT DO NOTHING
     RETURNING workflow_id, name, outcome
+), absorbed AS (
+    -- Dependencies a quorum step completed without.
+    SELECT e.workflow_id, e.dep AS name
+    FROM new AS s
+    JOIN {schema}.nodes AS n ON n.workflow_id = s.workflow_id AND n.name = s.name
+    JOIN {schema}.edges AS e ON e.workflow_id = n.workflow_id AND e.node = n.name
+    WHERE s.outcome = 'completed' AND n.min_success IS NOT NULL AND NOT n.strict
 ), counts AS (
-    SELECT workflow_id,
-           count(*)::integer AS n,
-           COALESCE(array_agg(name ORDER BY name) FILTER (WHERE outcome <> 'completed'),
-                    '{}') AS failed
-    FROM new
-    GROUP BY workflow_id
+    -- The workflows' failed steps once these settled (read under workflows_lock).
+    SELECT c.workflow_id, c.n,
+           ARRAY(SELECT x FROM unnest(w.failed_steps || c.failed) AS x
+                 WHERE NOT EXISTS (SELECT 1 FROM absorbed AS a
+                                   WHERE a.workflow_id = c.workflow_id AND a.name = x))
+               AS failed
+    FROM (SELECT workflow_id, count(*)::integer AS n,
+                 COALESCE(array_agg(name ORDER BY name)
+                          FILTER (WHERE outcome <> 'completed'), '{}') AS failed
+          FROM new
+          GROUP BY workflow_id) AS c
+    JOIN {schema}.workflows AS w ON w.id = c.workflow_id
 ), tally AS (
     UPDATE {schema}.workflows AS w
     SET settled_steps = w.settled_steps + counts.n,
-        failed_steps = w.failed_steps || counts.failed,
+        failed_steps = counts.failed,
         state = CASE
             WHEN w.settled_steps + counts.n < w.total_steps THEN 'running'
-            WHEN cardinality(w.failed_steps || counts.failed) > 0 THEN 'failed'
+            WHEN cardinality(counts.failed) > 0 THEN 'failed'
             ELSE 'completed' END,
         finished_at = CASE WHEN w.settled_steps + counts.n >= w.total_steps THEN now() END
     FROM counts
     WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
-    RETURNING w.id, w.state, w.label, w.failed_steps, w.finished_at
-), finished AS (
-    SELECT jsonb_agg(jsonb_build_object(
-        'type', 'workflow_finished', 'workflow_id', id, 'workflow_label', label,
-        'outcome', state, 'failed_steps', to_jsonb(failed_steps),
-        'timestamp', finished_at) ORDER BY id) AS payloads
-    FROM tally
-    WHERE state <> 'running'
-), announced AS (
-    SELECT {schema}.emit_many(%(events_channel)s, payloads) AS sent
-    FROM finished
-    WHERE payloads IS NOT NULL
+    RETURNING w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run, w.total_steps,
+        w.settled_steps
 ), hits AS (
     SELECT e.workflow_id, e.node, count(*)::integer AS n
     FROM {schema}.edges AS e
@@ -111,22 +116,22 @@ WITH input AS (
     WHERE j.id = counted.job_id AND counted.pending_deps <= 0 AND j.state = 'pending'
     RETURNING j.id, j.queue, j.state
 ), woken AS (
-    SELECT pg_notify(%(channel)s, queue)
+    SELECT count(pg_notify(%(channel)s, queue)) AS n
     FROM (SELECT DISTINCT queue FROM released WHERE state = 'available') AS q
 )
-SELECT
-    (SELECT payloads FROM finished) AS finished,
-    (SELECT count(*) FROM new) AS settled,
-    (SELECT count(*) FROM released) AS released,
-    (SELECT count(*) FROM woken) AS woken,
-    (SELECT sum(sent) FROM announced) AS notifications
+-- One row at least (the notifications go out only if woken is read), then one per
+-- finished workflow.
+SELECT t.id, t.label, t.state, t.failed_steps, t.finished_at, t.run, t.total_steps,
+    t.settled_steps, woken.n AS woken
+FROM woken
+LEFT JOIN tally AS t ON t.state <> 'running'
 
 -- name: node_gates
 -- What steps need before they run: their node, their workflow's flags, their dependencies.
-SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value', n.deps, n.model,
+SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value' AS result, n.deps, n.model,
     n.min_success,
-    COALESCE(n.ignore_cancelled, w.ignore_cancelled),
-    COALESCE(n.ignore_discarded, w.ignore_discarded),
+    COALESCE(n.ignore_cancelled, w.ignore_cancelled) AS ignore_cancelled,
+    COALESCE(n.ignore_discarded, w.ignore_discarded) AS ignore_discarded,
     w.label, w.debug,
     COALESCE((
         SELECT jsonb_agg(jsonb_build_object(
@@ -137,7 +142,7 @@ SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value', n.deps, n.model
         LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
         LEFT JOIN {schema}.completions AS c
             ON c.workflow_id = e.workflow_id AND c.name = e.dep
-        WHERE e.workflow_id = n.workflow_id AND e.node = n.name), '[]'::jsonb)
+        WHERE e.workflow_id = n.workflow_id AND e.node = n.name), '[]'::jsonb) AS dependencies
 FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
 -- One primary-key lookup per step, whatever the statistics say: OFFSET 0 keeps the planner
 -- from joining all of a workflow's nodes and filtering them by name.
@@ -148,12 +153,13 @@ CROSS JOIN LATERAL (
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 
--- name: node_store_result
--- Keep a step's result the moment it returns, before its job is marked completed.
-UPDATE {schema}.nodes
-SET result = jsonb_build_object('value', %(result)s::jsonb), has_result = true,
-    result_at = now()
-WHERE workflow_id = %(workflow_id)s AND name = %(name)s
+-- name: nodes_keep_results
+-- Keep steps' results, committed before their completion is written: a step retried after
+-- a crash in between returns its result instead of running again.
+UPDATE {schema}.nodes AS n
+SET result = jsonb_build_object('value', t.result), has_result = true, result_at = now()
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(workflow_id uuid, name text, result jsonb)
+WHERE n.workflow_id = t.workflow_id AND n.name = t.name
 
 -- name: node_result
 SELECT has_result, result -> 'value' AS value
@@ -170,13 +176,16 @@ SELECT id, label, state, total_steps, settled_steps, failed_steps, inserted_at, 
 FROM {schema}.workflows WHERE id = %(id)s
 
 -- name: job_workflow
-SELECT workflow_id, workflow_step, step, attempt FROM {schema}.jobs WHERE id = %(id)s
+SELECT j.workflow_id, j.workflow_step, j.step, j.attempt, w.label
+FROM {schema}.jobs AS j
+LEFT JOIN {schema}.workflows AS w ON w.id = j.workflow_id
+WHERE j.id = %(id)s
 
 -- name: jobs_unsettled
 -- Backstop: finished steps of running workflows (of %(workflow_ids)s only, unless NULL)
 -- whose settlement was never recorded.
 SELECT j.workflow_id, j.workflow_step, j.state, j.step, j.id AS job_id, j.attempt,
-    j.errors -> -1 ->> 'error' AS error
+    j.errors -> -1 ->> 'error' AS error, w.label
 FROM {schema}.workflows AS w
 JOIN {schema}.jobs AS j ON j.workflow_id = w.id
 WHERE w.finished_at IS NULL
@@ -205,10 +214,10 @@ SELECT payload FROM {schema}.event_payloads WHERE id = %(id)s
 -- A subscriber catching up: the server's clock, then every workflow that finished at or
 -- after %(since)s (default: %(margin)s seconds ago), oldest first; one row with only the
 -- clock when none did. workflows_finished_idx serves it.
-SELECT now() AS read_at, w.id, w.label, w.state, w.failed_steps, w.finished_at
+SELECT now() AS read_at, w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run
 FROM (SELECT 1) AS clock
 LEFT JOIN LATERAL (
-    SELECT id, label, state, failed_steps, finished_at
+    SELECT id, label, state, failed_steps, finished_at, run
     FROM {schema}.workflows
     WHERE finished_at >= COALESCE(%(since)s::timestamptz,
                                   now() - make_interval(secs => %(margin)s))
@@ -216,8 +225,8 @@ LEFT JOIN LATERAL (
 ORDER BY w.finished_at, w.id
 
 -- name: workflow_finished_get
--- A subscriber of one workflow catching up: the workflow, if it finished.
-SELECT id, label, state, failed_steps, finished_at
+-- A subscriber of one workflow catching up: the workflow, if it finished (its latest run).
+SELECT id, label, state, failed_steps, finished_at, run
 FROM {schema}.workflows
 WHERE id = %(id)s AND finished_at IS NOT NULL
 
@@ -237,28 +246,15 @@ WHERE n.workflow_id = %(id)s
   AND j.state IN ('executing', 'retryable', 'completed', 'discarded', 'cancelled')
 ORDER BY COALESCE(j.finalized_at, j.attempted_at), j.id
 
--- name: events_emit_steps
--- Send workflow_step_updated events; returns their payloads for in-process hooks.
-WITH events AS (
-    SELECT jsonb_agg(jsonb_build_object(
-        'type', 'workflow_step_updated', 'workflow_id', e.workflow_id,
-        'workflow_label', w.label, 'step_name', e.step_name, 'worker', e.worker,
-        'state', e.state, 'job_id', e.job_id, 'attempt', e.attempt,
-        'has_result', e.has_result, 'error', e.error, 'timestamp', clock_timestamp())
-        ORDER BY e.ord) AS payloads
-    FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS (
-        workflow_id uuid, step_name text, worker text, state text, job_id bigint,
-        attempt integer, has_result boolean, error text)) WITH ORDINALITY AS e(
-        workflow_id, step_name, worker, state, job_id, attempt, has_result, error, ord)
-    JOIN {schema}.workflows AS w ON w.id = e.workflow_id
-)
-SELECT payloads, {schema}.emit_many(%(channel)s, payloads) FROM events
-WHERE payloads IS NOT NULL
-
 -- name: events_notify
 -- Send event payloads built by the caller (JSON arrays that fit one notification each).
 -- The chunks go in binary: no array quoting of their JSON on either side.
 SELECT pg_notify(%(channel)s, chunk) FROM unnest(%(chunks)b::text[]) AS chunk
+
+-- name: events_notify_large
+-- Send event payloads too large for NOTIFY: each is kept in event_payloads and travels by
+-- reference.
+SELECT {schema}.emit_many(%(channel)s, %(payloads)s::jsonb)
 
 -- name: workflow_steps_get
 -- Every step of one workflow, for a page that loads after steps already ran.

@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 import structlog
+from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
 from baton.job import JobState
+from baton.ops import Stmt
+from baton.worker.engine import PLAIN, Engine
 from baton.worker.executor import Outcome
-from baton.workflows import announce, settle
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -31,28 +33,6 @@ def _enabled(level: int) -> bool:
     return bool(check(level)) if callable(check) else True
 
 
-class FollowUp(Protocol):
-    """What writing a batch of outcomes sends after the finish statement, built before the
-    writing transaction opens (workflow steps: announcements, settlement; usage records)."""
-
-    finish_params: dict[str, Any]
-    """Parameters of the finish statement: the step events it sends for what it applies."""
-    blind: bool
-    """Whether it goes out before the finish's rows are read: the whole write is then one
-    round trip. Otherwise it is sent once they are, for the outcomes the finish applied."""
-
-    async def send(self, conn: psycopg.AsyncConnection[Any], applied: set[int] | None) -> None:
-        """Send it in the writing transaction (``applied``: the job ids the finish applied,
-        ``None`` when blind); its last statement may commit the transaction."""
-
-    def events(self, applied: set[int]) -> list[dict[str, Any]]:
-        """The event payloads sent, to publish in-process once the transaction committed."""
-
-
-AfterWrite = Callable[[Sequence[Outcome]], FollowUp]
-"""Builds the follow-up of a batch of outcomes that are not all plain."""
-
-
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
     JobState.RETRYABLE: "job.retryable",
@@ -62,6 +42,20 @@ _LOG_EVENTS = {
     JobState.AVAILABLE: "job.snoozed",
     JobState.PENDING: "job.held",
 }
+
+
+_BEGIN = sql.SQL("BEGIN")
+_COMMIT = sql.SQL("COMMIT")
+
+
+async def _send(conn: psycopg.AsyncConnection[Any], stmts: list[Stmt]
+                ) -> psycopg.AsyncCursor[Any] | None:
+    """Send ``stmts`` in pipeline mode; return the cursor of the last (its rows unread)."""
+    cur = None
+    for stmt in stmts:
+        cur = conn.cursor(row_factory=stmt.row_factory)
+        await cur.execute(stmt.query, stmt.params)
+    return cur
 
 
 class Completer:
@@ -80,7 +74,7 @@ class Completer:
         flush_interval: float,
         flush_max: int,
         max_pending: int,
-        after_write: AfterWrite | None = None,
+        engine: Engine | None = None,
         on_available: Callable[[set[str]], None] | None = None,
     ) -> None:
         self.app = app
@@ -92,7 +86,7 @@ class Completer:
         self.flush_interval = flush_interval
         self.flush_max = flush_max
         self.max_pending = max_pending
-        self.after_write = after_write
+        self.engine = engine
         self._events = events_channel(app.queries.schema)
         self.pending: list[Outcome] = []
         self._wake = anyio.Event()
@@ -163,41 +157,43 @@ class Completer:
             latest = {o.job.id: o for o in batch}
             batch = [o for o in batch if latest[o.job.id] is o]
         q = self.app.queries
-        rows = json.dumps([o.as_row() for o in batch], default=str, allow_nan=False)
-        # A batch of plain jobs is one statement: autocommit saves the BEGIN and COMMIT.
-        # Otherwise pipelined: BEGIN and the workflow locks travel with the finish, the
-        # follow-up with them too when it needs not know what the finish applied, and the
-        # COMMIT with the follow-up's last statement.
-        follow_up = None
-        if self.after_write is not None and not all(o.plain for o in batch):
-            follow_up = self.after_write(batch)
-        plain = follow_up is None
-        blind = follow_up is not None and follow_up.blind
-        params = {"outcomes": rows, "worker_id": self.worker_id, "events_channel": self._events,
-                  **(follow_up.finish_params if follow_up else announce.NO_EVENTS)}
-        async with self.app.connection(autocommit=plain) as conn, \
-                (nullcontext() if plain else conn.pipeline()):
-            flows = [o.job.workflow_id for o in batch if o.job.workflow_id is not None]
-            if flows and not plain:
-                # Workflows before job rows, the order a cancel takes them in too.
-                lock = settle.lock(q, flows)
-                await conn.execute(lock.query, lock.params)
-            cur = await conn.execute(q["jobs_finish"], params)
-            if follow_up is not None and blind:
-                await follow_up.send(conn, None)
-                await conn.commit()  # nothing to do if the follow-up committed
-            finished = await cur.fetchall()
-            applied = {row[0] for row in finished}
-            if follow_up is not None and not blind:
-                if applied:
-                    await follow_up.send(conn, applied)
-                await conn.commit()  # nothing to do if the follow-up committed
+        write = self.engine.written(batch) if self.engine is not None else PLAIN
+        params = {"outcomes": json.dumps([o.as_row() for o in batch], default=str,
+                                         allow_nan=False),
+                  "worker_id": self.worker_id, "events_channel": self._events,
+                  **write.finish_params}
+        # Pipelined: the whole write is one round trip, or two when a settlement's rows
+        # decide what goes out before the COMMIT. A batch of plain jobs is the finish alone
+        # (autocommit: no BEGIN and COMMIT).
+        async with self.app.connection(autocommit=True) as conn:
+            try:
+                async with conn.pipeline():
+                    if write.ahead:  # committed first, in a transaction of their own
+                        await conn.execute(_BEGIN)
+                        await _send(conn, write.ahead)
+                        await conn.execute(_COMMIT)
+                    if not write.empty:
+                        await conn.execute(_BEGIN)
+                    await _send(conn, write.before)
+                    cur = await conn.execute(q["jobs_finish"], params)
+                    last = await _send(conn, write.after)
+                    finished = await cur.fetchall()
+                    if write.conclude is not None and last is not None:
+                        await _send(conn, write.conclude(await last.fetchall()))
+                    if not write.empty:
+                        await conn.execute(_COMMIT)
+            except BaseException:
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    with anyio.CancelScope(shield=True):
+                        await conn.rollback()
+                raise
+        applied = {row[0] for row in finished}
         del self.pending[:taken]
         if self.on_available is not None:
             again = {row[0] for row in finished if row[1] == JobState.AVAILABLE}
             if again:
                 self.on_available({o.job.queue for o in batch if o.job.id in again})
-        events = follow_up.events(applied) if follow_up else []
+        events = write.events(applied) if write.events else []
         if events:
             self.app.events.publish(events)
         info = _enabled(logging.INFO)  # at volume the info lines are often off: skip them

@@ -47,19 +47,10 @@ class FetchedJob:
     timeout: float | None
     workflow_id: uuid.UUID | None
     workflow_step: str | None
-    gate: tuple[Any, ...] | None = None
-    """For a workflow step, its gate row once loaded (see ``StepRunner.load_gates``)."""
+    gate: Any = None
+    """What the engine loaded for it when it was claimed (a workflow step's gate row)."""
     gated: bool = False
-
-    @property
-    def workflow_label(self) -> str | None:
-        """The label of the step's workflow, from its gate row (``None`` before it loads)."""
-        return None if self.gate is None else self.gate[GATE_LABEL]
-
-
-GATE_LABEL = 7
-"""Where the workflow label sits in a gate row (``node_gates`` without its first two
-columns)."""
+    """Whether the claim loaded it (a failed load leaves the step to be deferred)."""
 
 
 @dataclass(slots=True)

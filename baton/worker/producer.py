@@ -250,21 +250,18 @@ class Producer:
                     self._idle = anyio.Event()
                 for job in jobs:
                     self.running[job.id] = None
-                if any(job.workflow_id is not None for job in jobs):
-                    try:
-                        # Pipelined: BEGIN travels with the gate query, the events with COMMIT.
-                        async with conn.pipeline(), conn.transaction():
-                            events = await self.worker.steps.load_gates(conn, jobs)
-                    except (psycopg.Error, DatabaseError) as exc:
-                        # The jobs stay claimed: each step then loads its gate when it starts.
-                        events = []
-                        log.warning("producer.gates_deferred", queue=self.queue,
-                                    error=describe(exc))
+                try:
+                    events = await self.worker.engine.claimed(conn, jobs)
+                except (psycopg.Error, DatabaseError) as exc:
+                    # The jobs stay claimed; the engine defers those it could not prepare.
+                    events = []
+                    log.warning("producer.claim_prepare_failed", queue=self.queue,
+                                error=describe(exc))
         except (psycopg.Error, DatabaseError) as exc:
             if not jobs:
                 raise
             # The claim's rows arrived: the jobs are this worker's, whatever became of the
-            # connection after. They run; a step whose gate did not load loads it itself.
+            # connection after. They run; a step whose gate did not load is deferred.
             events = []
             log.warning("producer.connection_lost_after_claim", queue=self.queue,
                         error=describe(exc), jobs=len(jobs))
@@ -302,7 +299,7 @@ class Producer:
         log.debug("job.executing", job_id=job.id, queue=job.queue, step=job.step,
                   attempt=job.attempt)
         try:
-            return await self.worker.execute(job)
+            return await self.worker.engine.run(job)
         except Exception as exc:  # a fault in baton itself must not stop the worker
             log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
             return self.worker.executor.failed(job, exc, kind="crash")

@@ -7,7 +7,6 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,18 +18,16 @@ import structlog
 from baton import migrations, ops
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
-from baton.job import JobState, json_text
 from baton.worker import processes
 from baton.worker.completer import Completer
-from baton.worker.executor import Executor, FetchedJob, Outcome
+from baton.worker.engine import Engine
+from baton.worker.executor import Executor, FetchedJob
 from baton.worker.heartbeat import Heartbeat
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
 from baton.worker.settings import WorkerSettings
-from baton.workflows import announce
-from baton.workflows import settle as settlement
-from baton.workflows.engine import StepRunner
+from baton.workflows.engine import WorkflowEngine
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -43,62 +40,9 @@ EXIT_WITH_THREADS = 70
 steps still running in threads (``exit_with_threads``)."""
 
 
-def step_event(outcome: Outcome) -> announce.StepEvent:
-    """Return the event announcing how a workflow step's attempt ended."""
-    job = outcome.job
-    assert job.workflow_id is not None and job.workflow_step is not None
-    state = "snoozed" if outcome.snooze else outcome.state.value
-    error = outcome.error.get("error") if outcome.error else None
-    return announce.StepEvent(job.workflow_id, job.workflow_step, job.step, state, job.id,
-                               job.attempt, outcome.has_result, error, job.workflow_label)
-
-
 def new_worker_id() -> str:
     """Return a worker id that says where the worker runs: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class StepsWrite:
-    """The follow-up of a batch of outcomes with workflow steps or usage records, built
-    before the writing transaction opens (a :class:`~baton.worker.completer.FollowUp`).
-
-    Without usage records and with step events built in Python, all of it goes out with
-    the finish: the finish sends the events of the outcomes it applies and the settlement
-    counts only steps whose jobs reached their final state, so one round trip writes the
-    batch. Otherwise it waits for the finish and covers only the outcomes it applied.
-    """
-
-    def __init__(self, worker: Worker, outcomes: Sequence[Outcome]) -> None:
-        self.worker = worker
-        self.outcomes = outcomes
-        self.records, self.announcement, self.settle = worker._build_write(outcomes)
-        self.blind = not self.records and (self.announcement is None
-                                           or self.announcement.inline)
-        self.finish_params = (self.announcement.finish_params()
-                              if self.blind and self.announcement else announce.NO_EVENTS)
-        self._announced: list[dict[str, Any]] | None = None
-        self._finished: list[dict[str, Any]] = []
-
-    async def send(self, conn: psycopg.AsyncConnection[Any], applied: set[int] | None) -> None:
-        if applied is not None and len(applied) < len(self.outcomes):
-            # Outcomes not applied (the job was rescued or cancelled meanwhile) are left out.
-            kept = [o for o in self.outcomes if o.job.id in applied]
-            self.records, self.announcement, self.settle = self.worker._build_write(kept)
-        for stmt in self.records:
-            await conn.execute(stmt.query, stmt.params)
-        if applied is not None and self.announcement is not None:
-            self._announced = await ops.run_async(
-                conn, self.announcement.send(self.worker.app.queries), "announce steps")
-        if self.settle is not None:
-            self._finished = await ops.run_async(conn, settlement.settlement(self.settle),
-                                                 "settle steps")
-
-    def events(self, applied: set[int]) -> list[dict[str, Any]]:
-        if self._announced is not None:
-            steps = self._announced
-        else:
-            steps = self.announcement.sent(applied) if self.announcement else []
-        return steps + self._finished
 
 
 class Worker:
@@ -124,16 +68,16 @@ class Worker:
         }
         self.limiter = anyio.CapacityLimiter(sum(self.settings.queues.values()))
         self.executor = Executor(app, self.limiter)
+        self.engine: Engine = WorkflowEngine(app, self.executor)
         self.completer = Completer(
             app,
             self.id,
             flush_interval=self.settings.flush_interval,
             flush_max=self.settings.flush_max,
             max_pending=self.settings.max_pending_outcomes,
-            after_write=self._after_write,
+            engine=self.engine,
             on_available=self._wake_queues,
         )
-        self.steps = StepRunner(self)
         self.step_names = sorted(app.steps)
         """The steps this worker can run: it fetches no other."""
         self.maintenance = Maintenance(self)
@@ -145,64 +89,6 @@ class Worker:
         self._unfinished: list[int] = []
         self._notifier: Notifier | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-
-    # -- hooks the workflow engine extends -------------------------------------------------
-
-    async def execute(self, job: FetchedJob) -> Outcome:
-        """Run one job to its outcome (a workflow step through its gate)."""
-        if job.workflow_id is None:
-            return await self.executor.run(job)
-        try:
-            return await self.steps.run(job)
-        except (psycopg.Error, DatabaseError) as exc:
-            # The gate could not read its rows: not the step's fault, so no attempt is used.
-            log.warning("workflow.step_deferred", job_id=job.id, step=job.workflow_step,
-                        error=describe(exc), retry_in=DEFER_SECONDS)
-            return Outcome(job, JobState.SCHEDULED, delay=DEFER_SECONDS, snooze=True)
-
-    def _after_write(self, outcomes: Sequence[Outcome]) -> StepsWrite:
-        return StepsWrite(self, outcomes)
-
-    def _build_write(self, outcomes: Sequence[Outcome]) -> tuple[
-        list[ops.Stmt], announce.Announcement | None, ops.Stmt | None
-    ]:
-        """Usage records, step announcement and settlement (which commits) of outcomes."""
-        q = self.app.queries
-        flow = [o for o in outcomes if o.job.workflow_id is not None]
-        announcement = (announce.Announcement.build([step_event(o) for o in flow])
-                        if flow else None)
-        steps = [
-            (o.job.workflow_id, o.job.workflow_step, o.state.value, o.job.id)
-            for o in flow
-            if o.job.workflow_id is not None and o.job.workflow_step is not None
-            and o.state in settlement.SETTLED_STATES
-        ]
-        settle = settlement.settle_statement(q, steps, commit=True) if steps else None
-        return self._records(outcomes), announcement, settle
-
-    def _records(self, outcomes: Sequence[Outcome]) -> list[ops.Stmt]:
-        """The statements keeping the outcomes' token usage and captured calls."""
-        stats: list[dict[str, Any]] = []
-        captures: list[dict[str, Any]] = []
-        for o in outcomes:
-            if not (o.usage or o.captures):
-                continue
-            where = {"workflow_id": str(o.job.workflow_id) if o.job.workflow_id else None,
-                     "step_name": o.step_name or o.job.step, "job_id": o.job.id,
-                     "attempt": o.job.attempt}
-            for usage in o.usage:
-                cost = self.app.pricing.cost(usage)
-                stats.append({**where, **usage.model_dump(),
-                              "cost": str(cost) if cost is not None else None})
-            captures.extend({**where, **c} for c in o.captures)
-        q = self.app.queries
-        stmts = []
-        if stats:
-            stmts.append(ops.Stmt(q["step_stats_insert"], {"rows": json_text(stats)}, rows=False))
-        if captures:
-            stmts.append(ops.Stmt(q["debug_logs_insert"], {"rows": json_text(captures)},
-                                  rows=False))
-        return stmts
 
     # -- lifecycle -------------------------------------------------------------------------
 

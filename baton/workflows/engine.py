@@ -1,149 +1,252 @@
-"""Running workflow steps: the stored-result guard, the dependency gate, result keeping."""
+"""The workflow engine the worker runs: gates claimed steps, runs them, writes what follows.
+
+It implements :class:`baton.worker.engine.Engine`. When steps are claimed it loads their
+gate rows in one statement and announces them executing; when one starts it decides from
+that row (reuse a stored result, wait, cancel, or run with its dependencies' results);
+when outcomes are written it adds their results (committed first), usage records, step
+events, the settlement that releases dependents, and the ``workflow_finished`` events of
+the workflows that settlement finished.
+"""
 
 from __future__ import annotations
 
 import inspect
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import psycopg
 import structlog
+from psycopg.rows import class_row
 
 from baton import ops
-from baton.db import describe
-from baton.errors import DatabaseError
-from baton.job import JobState
+from baton.job import JobState, json_text
+from baton.ops import Rows, Stmt
+from baton.worker.engine import PLAIN, Payload, Write
 from baton.worker.executor import FetchedJob, Outcome
-from baton.workflows import announce, store
+from baton.workflows import announce, settle
 from baton.workflows.gate import Dep, decide, gather_results
+from baton.workflows.store import dump_result
 
 if TYPE_CHECKING:
+    from baton.app import Baton
     from baton.context import Context
-    from baton.worker.worker import Worker
+    from baton.worker.executor import Executor
 
 log = structlog.get_logger("baton.workflow")
 
+DEFER_SECONDS = 1.0
+"""How long a step whose gate could not be read waits before it is tried again."""
 
-class StepRunner:
-    """Runs one workflow step: guard, gate, call, keep the result."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+@dataclass(slots=True)
+class Gate:
+    """What a claimed step needs before it runs: a ``node_gates`` row, read by name."""
 
-    async def load_gates(
-        self, conn: psycopg.AsyncConnection[Any], jobs: list[FetchedJob]
-    ) -> list[dict[str, Any]]:
-        """Load the gate rows of workflow steps in one statement and announce them as
-        executing; returns the event payloads to publish once the transaction commits."""
-        steps = [j for j in jobs if j.workflow_id is not None and j.workflow_step is not None]
+    workflow_id: uuid.UUID
+    name: str
+    has_result: bool
+    result: Any
+    deps: list[str]
+    model: str | None
+    min_success: int | None
+    ignore_cancelled: bool
+    ignore_discarded: bool
+    label: str
+    debug: bool
+    dependencies: list[dict[str, Any]]
+
+
+_GATE_ROW = class_row(Gate)
+
+
+class WorkflowEngine:
+    """Runs workflow steps through their gate; plain jobs pass straight to the executor."""
+
+    def __init__(self, app: Baton, executor: Executor) -> None:
+        self.app = app
+        self.executor = executor
+
+    # -- claimed ---------------------------------------------------------------------------
+
+    async def claimed(self, conn: psycopg.AsyncConnection[Any], jobs: list[FetchedJob]
+                      ) -> list[Payload]:
+        """Load the gates of the workflow steps among ``jobs`` in one statement and announce
+        them executing."""
+        steps = [j for j in jobs if j.workflow_id is not None]
         if not steps:
             return []
-        q = self.worker.app.queries
-        cur = await conn.execute(q["node_gates"], {
-            "workflow_ids": [j.workflow_id for j in steps],
-            "names": [j.workflow_step for j in steps],
-        }, prepare=True)
-        found = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
+        q = self.app.queries
+        async with conn.cursor(row_factory=_GATE_ROW) as cur:
+            await cur.execute(q["node_gates"], {
+                "workflow_ids": [j.workflow_id for j in steps],
+                "names": [j.workflow_step for j in steps],
+            }, prepare=True)
+            found: dict[tuple[uuid.UUID | None, str], Gate] = {
+                (g.workflow_id, g.name): g for g in await cur.fetchall()}
+        events = []
         for job in steps:
-            job.gate = found.get((job.workflow_id, job.workflow_step))
+            gate = job.gate = found.get((job.workflow_id, job.workflow_step or ""))
             job.gated = True
-        started = [announce.StepEvent(j.workflow_id, j.workflow_step, j.step, "executing",
-                                       j.id, j.attempt, label=j.workflow_label)
-                   for j in steps if j.workflow_id is not None and j.workflow_step is not None]
-        return await ops.run_async(conn, announce.emit_steps(q, started), "announce steps")
+            if gate is not None:
+                events.append(announce.StepEvent(
+                    gate.workflow_id, gate.label, gate.name, job.step, "executing", job.id,
+                    job.attempt))
+        return await ops.run_async(conn, settle.announce_steps(q, events), "announce steps")
+
+    # -- run -------------------------------------------------------------------------------
 
     async def run(self, job: FetchedJob) -> Outcome:
-        """Run a workflow step to its outcome."""
-        assert job.workflow_id is not None and job.workflow_step is not None
-        app = self.worker.app
+        """Run one claimed job: a workflow step through its gate, a plain job as it is."""
+        if job.workflow_id is None:
+            return await self.executor.run(job)
         if not job.gated:
-            async with app.connection() as conn:
-                events = await self.load_gates(conn, [job])
-            app.events.publish(events)
-        row = job.gate
-        if row is None:
+            # Its claim could not read the gate: not the step's fault, so no attempt is used.
+            log.warning("workflow.step_deferred", job_id=job.id, step_name=job.workflow_step,
+                        retry_in=DEFER_SECONDS)
+            return Outcome(job, JobState.SCHEDULED, delay=DEFER_SECONDS, snooze=True)
+        gate: Gate | None = job.gate
+        if gate is None:
             return Outcome(job, JobState.CANCELLED, error=_reason(job, "its workflow node is gone"))
-        (has_result, stored, declared, model, min_success, ignore_cancelled, ignore_discarded,
-         label, debug, dep_rows) = row
-        if has_result:
+        if gate.has_result:
             # The retry-idempotency guard: the step already produced a result.
             log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
-                     step=job.workflow_step, job_id=job.id)
-            return Outcome(job, JobState.COMPLETED, result=stored, has_result=True)
-        deps = [Dep(**d) for d in dep_rows]
-        decision = decide(deps, ignore_cancelled=ignore_cancelled,
-                          ignore_discarded=ignore_discarded, min_success=min_success)
-        step = app.steps.get(job.step)
+                     step_name=gate.name, job_id=job.id)
+            return Outcome(job, JobState.COMPLETED, result=gate.result, has_result=True)
+        deps = [Dep(**d) for d in gate.dependencies]
+        decision = decide(deps, ignore_cancelled=gate.ignore_cancelled,
+                          ignore_discarded=gate.ignore_discarded, min_success=gate.min_success)
         if decision.action == "wait":
             # Held again: its dependency's settlement releases it (the sweep backstops).
             return Outcome(job, JobState.PENDING, snooze=True)
+        step = self.app.steps.get(job.step)
         ctx = None
         if step is not None:
-            ctx = self.worker.executor.context(job, step)
-            ctx.workflow_label = label
-            ctx.deps = list(declared)
-            ctx.model = model
-            ctx.app = app
+            ctx = self.executor.context(job, step)
+            ctx.workflow_label = gate.label
+            ctx.deps = list(gate.deps)
+            ctx.model = gate.model
+            ctx.app = self.app
             ctx.failed_deps = [d.name for d in decision.failed]
-            ctx.capture_enabled = ctx.capture_enabled or debug
+            ctx.capture_enabled = ctx.capture_enabled or gate.debug
         if decision.action == "cancel":
             if ctx is not None and step is not None:
-                await self._callbacks(step.options, ctx, decision.failed, decision.reason)
+                await _callbacks(step.options, ctx, decision.failed, decision.reason)
             log.info("workflow.step_cancelled", workflow_id=str(job.workflow_id),
-                     step=job.workflow_step, reason=decision.reason)
+                     step_name=gate.name, reason=decision.reason)
             return Outcome(job, JobState.CANCELLED, error=_reason(job, decision.reason))
         if ctx is not None:
             ctx.results = gather_results(ctx.deps, deps)
-        outcome = await self.worker.executor.run(job, ctx)
+        outcome = await self.executor.run(job, ctx)
         if outcome.state is JobState.COMPLETED and outcome.result is not None:
-            await self._keep(job, outcome)
+            try:
+                outcome.result = dump_result(outcome.result)
+                outcome.has_result = True  # kept by the write, ahead of the completion
+            except Exception as exc:  # an unserializable result is the step's bug
+                outcome.state = JobState.DISCARDED
+                outcome.error = _reason(job, f"result is not JSON-serializable: {exc}")
         return outcome
 
-    async def _keep(self, job: FetchedJob, outcome: Outcome) -> None:
-        """Store the result now, so a kill before the completion cannot lose it."""
-        assert job.workflow_id is not None and job.workflow_step is not None
-        app = self.worker.app
-        try:
-            outcome.result = store.dump_result(outcome.result)
-        except Exception as exc:  # an unserializable result is the step's bug
-            outcome.state = JobState.DISCARDED
-            outcome.has_result = False
-            outcome.error = _reason(job, f"result is not JSON-serializable: {exc}")
-            return
-        failures = 0
-        while True:
-            try:
-                async with app.connection() as conn:
-                    await ops.run_async(conn, store.store_result(
-                        app.queries, job.workflow_id, job.workflow_step, outcome.result
-                    ), "store result")
-                return
-            except (DatabaseError, psycopg.Error) as exc:
-                failures += 1
-                delay = min(5.0, 0.1 * 2 ** min(failures, 6))
-                log.warning("workflow.result_store_failed", job_id=job.id,
-                            error=describe(exc),
-                            retry_in=delay)
-                await anyio.sleep(delay)
+    # -- written ---------------------------------------------------------------------------
 
-    async def _callbacks(self, options: Any, ctx: Context, failed: list[Dep], reason: str
-                         ) -> None:
-        kinds = {d.outcome for d in failed}
-        for kind, callback in (("cancelled", options.on_dep_cancelled),
-                               ("discarded", options.on_dep_discarded)):
-            if callback is None or kind not in kinds:
+    def written(self, outcomes: Sequence[Outcome]) -> Write:
+        """Results, usage records, step events and settlement of a batch of outcomes."""
+        records = self._records(outcomes)
+        flow = [o for o in outcomes if o.job.gate is not None]
+        if not flow:
+            return Write(after=records) if records else PLAIN
+        q = self.app.queries
+        kept = [{"workflow_id": announce.uuid_text(o.job.gate.workflow_id),
+                 "name": o.job.gate.name, "result": o.result}
+                for o in flow if o.has_result and o.state is JobState.COMPLETED]
+        steps = announce.Announcement.steps(_step_event(o) for o in flow)
+        settled = [(o.job.gate.workflow_id, o.job.gate.name, o.state.value, o.job.id)
+                   for o in flow if o.state in settle.SETTLED_STATES]
+        after = [*records, *ops.statements(steps.send_large(q))]
+        done: list[Payload] = []
+
+        def conclude(rows: Rows) -> list[Stmt]:
+            done.extend(settle.finished(rows))
+            return ops.statements(announce.send(q, done))
+
+        def events(applied: set[int]) -> list[Payload]:
+            for payload in done:
+                _log_finished(payload)
+            return [p for p, o in zip(steps.payloads, flow, strict=True)
+                    if o.job.id in applied] + done
+
+        if settled:
+            after.append(settle.statement(q, settled))
+        return Write(
+            ahead=[Stmt(q["nodes_keep_results"], {"rows": json_text(kept)}, rows=False)]
+            if kept else [],
+            before=[settle.lock(q, [o.job.gate.workflow_id for o in flow])],
+            finish_params={"event_jobs": [flow[i].job.id for i in steps.small],
+                           "event_chunks": steps.chunks, "event_bodies": steps.bodies},
+            after=after,
+            conclude=conclude if settled else None,
+            events=events,
+        )
+
+    def _records(self, outcomes: Sequence[Outcome]) -> list[Stmt]:
+        """The statements keeping the outcomes' token usage and captured calls."""
+        stats: list[dict[str, Any]] = []
+        captures: list[dict[str, Any]] = []
+        for o in outcomes:
+            if not (o.usage or o.captures):
                 continue
-            try:
-                value = callback(ctx, reason)
-                if inspect.isawaitable(value):
-                    await value
-            except Exception as exc:
-                log.warning("workflow.callback_failed", step=ctx.step, callback=kind,
-                            error=f"{type(exc).__name__}: {exc}")
+            where = {"workflow_id": str(o.job.workflow_id) if o.job.workflow_id else None,
+                     "step_name": o.step_name or o.job.step, "job_id": o.job.id,
+                     "attempt": o.job.attempt}
+            for usage in o.usage:
+                cost = self.app.pricing.cost(usage)
+                stats.append({**where, **usage.model_dump(),
+                              "cost": str(cost) if cost is not None else None})
+            captures.extend({**where, **c} for c in o.captures)
+        q = self.app.queries
+        stmts = []
+        if stats:
+            stmts.append(Stmt(q["step_stats_insert"], {"rows": json_text(stats)}, rows=False))
+        if captures:
+            stmts.append(Stmt(q["debug_logs_insert"], {"rows": json_text(captures)},
+                              rows=False))
+        return stmts
+
+
+def _step_event(outcome: Outcome) -> announce.StepEvent:
+    """The event announcing how a workflow step's attempt ended."""
+    job, gate = outcome.job, outcome.job.gate
+    state = "snoozed" if outcome.snooze else outcome.state.value
+    error = outcome.error.get("error") if outcome.error else None
+    return announce.StepEvent(gate.workflow_id, gate.label, gate.name, job.step, state, job.id,
+                              job.attempt, outcome.has_result, error)
+
+
+def _log_finished(payload: Payload) -> None:
+    failed = payload["outcome"] == "failed"
+    (log.warning if failed else log.info)(
+        "workflow.finished", workflow_id=payload["workflow_id"], label=payload["workflow_label"],
+        outcome=payload["outcome"], run=payload["run"], steps=payload["total_steps"],
+        settled=payload["settled_steps"], failed_steps=payload["failed_steps"])
+
+
+async def _callbacks(options: Any, ctx: Context, failed: list[Dep], reason: str) -> None:
+    kinds = {d.outcome for d in failed}
+    for kind, callback in (("cancelled", options.on_dep_cancelled),
+                           ("discarded", options.on_dep_discarded)):
+        if callback is None or kind not in kinds:
+            continue
+        try:
+            value = callback(ctx, reason)
+            if inspect.isawaitable(value):
+                await value
+        except Exception as exc:
+            log.warning("workflow.callback_failed", step=ctx.step, callback=kind,
+                        error=f"{type(exc).__name__}: {exc}")
 
 
 def _reason(job: FetchedJob, reason: str) -> dict[str, Any]:
     return {"attempt": job.attempt, "at": datetime.now(UTC).isoformat(), "kind": "workflow",
             "error": reason}
-

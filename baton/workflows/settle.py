@@ -1,5 +1,12 @@
-"""Settlement: recording finished steps, releasing dependents, finishing workflows."""
+"""Settlement: recording finished steps, releasing dependents, finishing workflows.
 
+When steps finish, in the finishing transaction, their ``completions`` rows are written
+once, their dependents' counters go down, dependents with nothing left to wait on are
+released (``pending`` → ``available``) and their queues woken, and a workflow whose every
+step settled is finished exactly once per run, its ``workflow_finished`` event sent.
+Every writer locks the workflows it settles (in id order) before it touches their job
+rows: the completer, a cancel, the sweep and a resume.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,10 @@ from pydantic_core import to_json
 
 from baton import ops
 from baton.db import Queries
-from baton.events import channel as events_channel
 from baton.job import JobState
-from baton.ops import Op, Stmt
-from baton.workflows.announce import Payload, StepEvent, emit_steps, uuid_text
+from baton.ops import Op, Rows, Stmt
+from baton.workflows import announce
+from baton.workflows.announce import Payload, StepEvent, uuid_text
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
@@ -24,37 +31,47 @@ Settled = tuple[uuid.UUID, str, str, int]
 """A step that settled: workflow id, step name, final state, job id."""
 
 
+def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
+    """The statement that takes the locks settling steps of these workflows needs (in id
+    order, so two transactions never deadlock); take them before touching job rows."""
+    return Stmt(q["workflows_lock"], {"ids": sorted({uuid_text(w) for w in workflow_ids})},
+                rows=False)
+
+
+def statement(q: Queries, steps: Sequence[Settled]) -> Stmt:
+    """The settlement of ``steps`` (see ``steps_settle``); its rows go to :func:`finished`."""
+    rows = [{"workflow_id": w, "name": n, "outcome": s, "job_id": j} for w, n, s, j in steps]
+    return Stmt(q["steps_settle"], {"rows": to_json(rows).decode(),
+                                    "channel": q.channel("insert")}, row_factory=dict_row)
+
+
+def finished(rows: Rows) -> list[Payload]:
+    """The ``workflow_finished`` events of the workflows a settlement finished."""
+    return [announce.finished_payload(row) for row in rows if row["id"] is not None]
+
+
 def settle(q: Queries, steps: Sequence[Settled], *, locked: bool = False
            ) -> Op[list[Payload]]:
-    """Record that ``steps`` settled; release dependents.
+    """Record that ``steps`` settled, release their dependents, finish and announce the
+    workflows they complete; return the ``workflow_finished`` events sent.
 
     Run it in the transaction that finished the steps (``locked``: it already holds their
-    workflows' locks). Only a step whose job is in that final state counts, so the
-    statement may go out along with the finish before its rows are read. A workflow whose
-    last step settled finishes here, and its ``workflow_finished`` event is sent: exactly
-    once, because only the first record of a step's settlement counts. Returns those
-    events' payloads.
+    workflows' locks). Only a step whose job is in that final state counts, and only the
+    first record of a step's settlement: a workflow finishes once per run.
     """
     if not steps:
         return []
     if not locked:
         yield lock(q, [wf_id for wf_id, *_ in steps])
-    return (yield from settlement(settle_statement(q, steps)))
+    rows = yield statement(q, steps)
+    return (yield from announce.send(q, finished(rows)))
 
 
-def settle_statement(q: Queries, steps: Sequence[Settled], *, commit: bool = False) -> Stmt:
-    """The statement of :func:`settle` (``commit``: the transaction commits with it)."""
-    rows = [{"workflow_id": w, "name": n, "outcome": s, "job_id": j} for w, n, s, j in steps]
-    return Stmt(q["steps_settle"], {
-        "rows": to_json(rows).decode(), "channel": q.channel("insert"),
-        "events_channel": events_channel(q.schema),
-    }, commit=commit, row_factory=dict_row)
-
-
-def settlement(stmt: Stmt) -> Op[list[Payload]]:
-    """Run a :func:`settle_statement`; return the ``workflow_finished`` events it sent."""
-    result = yield stmt
-    return list(result[0]["finished"] or [])
+def announce_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
+    """Send ``workflow_step_updated`` events in the current transaction; return them."""
+    if not events:
+        return []
+    return (yield from announce.Announcement.steps(events).send(q))
 
 
 def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]]:
@@ -73,21 +90,14 @@ def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]
     yield lock(q, [row["workflow_id"] for row in found])
     rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids},
                       row_factory=dict_row)
-    events = yield from emit_steps(q, [
-        StepEvent(r["workflow_id"], r["workflow_step"], r["step"], r["state"], r["job_id"],
-                  r["attempt"], error=r["error"])
+    events = yield from announce_steps(q, [
+        StepEvent(r["workflow_id"], r["label"], r["workflow_step"], r["step"], r["state"],
+                  r["job_id"], r["attempt"], error=r["error"])
         for r in rows
     ])
     steps = [(r["workflow_id"], r["workflow_step"], r["state"], r["job_id"]) for r in rows]
-    finished = yield from settle(q, steps, locked=True)
-    return events, finished, len(steps)
-
-
-def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
-    """The statement that takes the locks settling steps of these workflows needs (in id
-    order, so two transactions never deadlock); take them before touching job rows."""
-    return Stmt(q["workflows_lock"], {"ids": sorted({uuid_text(w) for w in workflow_ids})},
-                rows=False)
+    done = yield from settle(q, steps, locked=True)
+    return events, done, len(steps)
 
 
 def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
@@ -102,10 +112,9 @@ def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
     events: list[Payload] = []
     step = row["workflow_step"]
     if cancelled and workflow_id is not None and step is not None:
-        events = yield from emit_steps(q, [StepEvent(
-            workflow_id, step, row["step"], "cancelled", job_id, row["attempt"],
+        events = yield from announce_steps(q, [StepEvent(
+            workflow_id, row["label"], step, row["step"], "cancelled", job_id, row["attempt"],
             error="cancelled")])
         events += yield from settle(
             q, [(workflow_id, step, JobState.CANCELLED.value, job_id)], locked=True)
     return cancelled, events
-

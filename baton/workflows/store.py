@@ -98,13 +98,6 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     return order
 
 
-def store_result(q: Queries, workflow_id: uuid.UUID, name: str, value: Any) -> Op[None]:
-    """Keep a step's result (wrapped, so a bare number or string survives)."""
-    yield Stmt(q["node_store_result"], {
-        "workflow_id": workflow_id, "name": name, "result": json_text(dump_result(value)),
-    })
-
-
 def dump_result(value: Any) -> Any:
     """Return the JSON form of a step's result (pydantic models are dumped)."""
     return to_jsonable_python(value)

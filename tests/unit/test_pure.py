@@ -127,18 +127,27 @@ def test_args_refuse_nan_whatever_their_annotation() -> None:
 
 
 def test_event_notifications_pack_in_order_within_the_limit() -> None:
-    from baton.workflows.announce import NOTIFY_BYTES, NOTIFY_EVENT_BYTES, chunk_numbers, pack
+    from baton.workflows.announce import (
+        NOTIFY_BYTES,
+        NOTIFY_EVENT_BYTES,
+        Announcement,
+        chunk_numbers,
+        pack,
+    )
 
     # Sizes count bytes: two of them for every "é".
     bodies = [json.dumps({"i": i, "pad": "é" * (i * 37 % 450)}, ensure_ascii=False).encode()
               for i in range(200)]
     numbers = chunk_numbers(bodies)
-    assert numbers is not None and numbers == sorted(numbers) and numbers[-1] > 0
+    assert numbers == sorted(numbers) and numbers[-1] > 0
     chunks = pack([b.decode() for b in bodies], numbers)
     assert len(chunks) == numbers[-1] + 1
     assert all(len(chunk.encode()) <= NOTIFY_BYTES + 2 for chunk in chunks)
     unpacked = [event for chunk in chunks for event in json.loads(chunk)]
     assert [event["i"] for event in unpacked] == list(range(200))
     assert chunk_numbers([]) == [] and pack([], []) == []
-    # One event too large to travel inline sends the whole batch the database's way.
-    assert chunk_numbers([bodies[0], b"x" * (NOTIFY_EVENT_BYTES + 1)]) is None
+    # An event too large to travel inline goes by reference; the others still go inline.
+    big = {"i": -1, "pad": "x" * (NOTIFY_EVENT_BYTES + 1)}
+    announcement = Announcement.of([{"i": 0}, big, {"i": 1}])
+    assert announcement.small == [0, 2] and announcement.large == [big]
+    assert [json.loads(b)["i"] for b in announcement.bodies] == [0, 1]
