@@ -4,6 +4,11 @@ that block the event loop, plain def steps past their timeout or the shutdown gr
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,10 +16,18 @@ import psycopg
 from structlog.testing import capture_logs
 
 import baton
-from baton.testing import FAST_SETTINGS, running_worker, wait_for_job, wait_for_jobs
+from baton.testing import (
+    FAST_SETTINGS,
+    running_worker,
+    wait_for_job,
+    wait_for_jobs,
+    wait_for_workflow,
+)
 from baton.worker.executor import FetchedJob
 from tests.apps import basic
-from tests.helpers import sql_rows
+from tests.helpers import reap, sql_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def unstarted_worker(app: baton.Baton, **settings: Any) -> baton.Worker:
@@ -314,3 +327,45 @@ async def test_cancel_while_its_claim_is_still_loading_is_kept(
             await anyio.sleep(0.01)
     assert "early" not in flows.CALLS
     assert (await flows_app.get_job(job_id)).state == "cancelled"
+
+
+async def test_a_result_kept_before_a_kill_is_not_paid_for_twice(
+    app: baton.Baton, tmp_path: Path
+) -> None:
+    """SIGKILL between a step's body and its completion: the result was committed ahead
+    of the completion, so the attempt after the rescue returns it without running again."""
+    from tests.apps import procs
+
+    procs.app.dsn = app.dsn
+    calls = tmp_path / "calls"
+    wf = baton.Workflow("paid-kill")
+    wf.add("call", procs.paid.new(path=str(calls)))
+    await app.insert(wf)
+    env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
+    # Holding the workflow's lock stops the completion, not the result written before it.
+    async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
+        await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
+                             (wf.id,))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "baton", "worker", "--app", "tests.apps.procs:app",
+             "--dsn", app.dsn, "--heartbeat-interval", "0.2", "--heartbeat-ttl", "1"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with anyio.fail_after(30):
+                while not sql_rows(app.dsn, "SELECT has_result FROM baton.nodes "
+                                   "WHERE workflow_id = %s", (wf.id,))[0][0]:
+                    await anyio.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            reap(proc)
+        await holder.rollback()
+    [(state,)] = sql_rows(app.dsn, "SELECT state FROM baton.jobs")
+    assert state == "executing"  # the completion never committed
+    async with running_worker(procs.app):  # rescues the job, then runs it again
+        info = await wait_for_workflow(procs.app, wf.id)
+    await procs.app.close()
+    assert info.state == "completed"
+    assert calls.read_text().splitlines() == ["called"]  # paid once
+    assert await app.result(wf.id, "call") == {"answer": 42}
+    assert sql_rows(app.dsn, "SELECT attempt FROM baton.jobs") == [(2,)]

@@ -69,12 +69,6 @@ class Outcome:
     captures: list[dict[str, Any]] = field(default_factory=list)
     step_name: str = ""
 
-    @property
-    def plain(self) -> bool:
-        """Whether writing it is the finish statement alone: no workflow step to settle,
-        no usage or capture to record."""
-        return self.job.workflow_id is None and not self.usage and not self.captures
-
     def as_row(self) -> dict[str, Any]:
         """Return the JSON row for the batched finish statement."""
         return {

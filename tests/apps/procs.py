@@ -31,3 +31,11 @@ def hold_thread_first_attempt(ctx: baton.Context) -> int:
     if ctx.attempt == 1:
         time.sleep(3600)
     return ctx.attempt
+
+
+@app.step(max_attempts=3)
+async def paid(path: str) -> dict[str, int]:
+    """A paid call: each run appends a line to ``path``."""
+    with open(path, "a") as calls:
+        calls.write("called\n")
+    return {"answer": 42}
