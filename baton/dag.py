@@ -54,6 +54,8 @@ class Node:
     group: str | None = None
     model: str | None = None
     min_success: int | None = None
+    strict: bool = False
+    """With ``min_success``: the dependencies that failed still fail the workflow."""
 
 
 @dataclass
@@ -97,12 +99,15 @@ class Workflow:
         ignore_discarded: bool | None = None,
         model: str | None = None,
         min_success: int | None = None,
+        strict: bool = False,
     ) -> Workflow:
         """Add a step called ``name`` that runs ``job`` after ``deps``; return the workflow.
 
         A dependency may name a step or a fan-out group (meaning all of its copies).
         Per-step ``ignore_*`` flags override the workflow's. ``min_success`` (with group
-        dependencies) lets the step run once at least that many of them completed.
+        dependencies) lets the step run once at least that many of them completed; once
+        it completed, the dependencies that failed no longer fail the workflow (its quorum
+        was met) unless ``strict`` is true.
 
         ``job`` may be a whole :class:`Workflow`, run as this one step (a sub-workflow).
         Its steps are copied in now, named ``<name>.<step>``; those with no dependency
@@ -143,7 +148,7 @@ class Workflow:
                 f"step {name!r}: expected a job from step.new() or a Workflow, got {job!r}")
         self.nodes[name] = Node(
             name, job, dep_names, ignore_cancelled, ignore_discarded,
-            model=model or self.models.get(name), min_success=min_success,
+            model=model or self.models.get(name), min_success=min_success, strict=strict,
         )
         return self
 
@@ -228,13 +233,15 @@ class Workflow:
         min_success: int | None = None,
         ignore_cancelled: bool | None = None,
         ignore_discarded: bool | None = None,
+        strict: bool = False,
     ) -> list[str]:
         """Run ``job`` once per model as a group called ``name``; return the copies' names.
 
         Each copy is named ``<name>_<model short form>`` and sees its model in
         ``ctx.model``. With ``synthesize_with``, a ``<name>_synthesis`` step depends on the
         whole group and reads every copy's result keyed by model in ``ctx.results[name]``;
-        it runs once ``min_success`` copies completed (default: all of them).
+        it runs once ``min_success`` copies completed (default: all of them). When it
+        completes, copies that failed do not fail the workflow, unless ``strict``.
         """
         check_name(name)
         self._check_open()
@@ -263,7 +270,8 @@ class Workflow:
             # Failed copies must not cancel the synthesis: it decides by min_success.
             self.add(f"{name}_synthesis", synthesize_with, deps=[name],
                      model=synthesize_model, min_success=len(models) if min_success is None
-                     else min_success, ignore_cancelled=True, ignore_discarded=True)
+                     else min_success, ignore_cancelled=True, ignore_discarded=True,
+                     strict=strict)
         return members
 
     def expand(self, deps: Iterable[str]) -> list[str]:

@@ -129,6 +129,25 @@ async def test_multi_model_fan_out_k_of_n(app: baton.Baton) -> None:
     assert sorted(strict_info.failed_steps) == ["draft_bad_model", "draft_synthesis"]
 
 
+async def test_a_met_quorum_absorbs_failures_unless_strict(app: baton.Baton) -> None:
+    """A synthesis that met its K-of-N quorum completes its workflow, though a copy
+    failed; with strict=True the failed copy still fails it."""
+    ids = {}
+    for strict in (False, True):
+        wf = baton.Workflow(f"quorum-{strict}")
+        wf.add_fan_out("draft", flows.draft.new(topic="tides"), models=["model-a", "bad-b"],
+                       synthesize_with=flows.synthesize.new(), min_success=1, strict=strict)
+        ids[strict] = await app.insert(wf)
+    async with running_worker(app):
+        lenient = await wait_for_workflow(app, ids[False])
+        strict_info = await wait_for_workflow(app, ids[True])
+    assert (lenient.state, lenient.failed_steps) == ("completed", [])
+    assert (strict_info.state, strict_info.failed_steps) == ("failed", ["draft_bad_b"])
+    for info in (lenient, strict_info):
+        assert await app.result(info.id, "draft_synthesis") == {
+            "drafts": {"model-a": "model-a:tides"}, "failed": ["draft_bad_b"]}
+
+
 async def test_dynamic_append(app: baton.Baton) -> None:
     wf = baton.Workflow("dynamic")
     wf.add("expand", flows.expand.new(count=5))

@@ -7,13 +7,13 @@ VALUES (%(id)s, %(label)s, %(ignore_cancelled)s, %(ignore_discarded)s, %(debug)s
 -- name: nodes_insert
 INSERT INTO {schema}.nodes (
     workflow_id, name, job_id, step, deps, group_name, model, ignore_cancelled,
-    ignore_discarded, min_success, pending_deps)
+    ignore_discarded, min_success, strict, pending_deps)
 SELECT workflow_id, name, job_id, step, ARRAY(SELECT jsonb_array_elements_text(deps)),
-    group_name, model, ignore_cancelled, ignore_discarded, min_success, pending_deps
+    group_name, model, ignore_cancelled, ignore_discarded, min_success, strict, pending_deps
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
     workflow_id uuid, name text, job_id bigint, step text, deps jsonb, group_name text,
     model text, ignore_cancelled boolean, ignore_discarded boolean, min_success integer,
-    pending_deps integer)
+    strict boolean, pending_deps integer)
 
 -- name: edges_insert
 INSERT INTO {schema}.edges (workflow_id, dep, node)

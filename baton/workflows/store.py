@@ -65,6 +65,7 @@ def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[st
             "deps": node.deps, "group_name": node.group, "model": node.model,
             "ignore_cancelled": node.ignore_cancelled,
             "ignore_discarded": node.ignore_discarded, "min_success": node.min_success,
+            "strict": node.strict,
             "pending_deps": pending[name],
         })
     yield Stmt(q["nodes_insert"], {"rows": json_text(node_rows)})
