@@ -8,10 +8,15 @@ import anyio
 import anyio.abc
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 
 from baton import ops, workflows
-from baton.db import describe
+from baton.db import Queries, describe
 from baton.errors import DatabaseError
+from baton.job import JobState
+from baton.ops import Op, Stmt
+from baton.workflows import settle
+from baton.workflows.announce import Payload, StepEvent
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
@@ -111,26 +116,48 @@ class Maintenance:
         return len(rows)
 
     async def sweep(self) -> int:
-        """Backstop the workflow engine; return how many steps it settled or released.
+        """Backstop the workflow engine; return how many steps it settled, cancelled or
+        released.
 
         Settles finished steps whose settlement was never recorded (a rescue that
-        discarded a step, a cancel made by hand in SQL) and releases held steps that have
-        nothing left to wait on.
+        discarded a step, a cancel made by hand in SQL), cancels and settles held steps
+        whose dependency's rows were deleted (see :func:`cancel_orphaned`), and releases
+        held steps that have nothing left to wait on. Logs ``workflow.finished`` for each
+        workflow it finished, and ``maintenance.swept`` with the counts when it did
+        anything.
         """
         app = self.worker.app
+        limit = self.worker.settings.rescue_limit
         async with app.connection() as conn:
             events, finished, settled = await ops.run_async(
-                conn, workflows.sweep(app.queries, self.worker.settings.rescue_limit), "sweep")
+                conn, workflows.sweep(app.queries, limit), "sweep")
         app.events.publish(events + finished)
-        for payload in finished:
-            if payload["outcome"] == "failed":
-                log.warning("workflow.failed", workflow_id=str(payload["workflow_id"]),
-                            failed_steps=payload["failed_steps"], found_by="sweep")
+        async with app.connection() as conn:
+            events, cut_short, cancelled = await ops.run_async(
+                conn, cancel_orphaned(app.queries, limit), "cancel orphaned steps")
+        for step in cancelled:
+            log.warning("workflow.step_cancelled", workflow_id=str(step["workflow_id"]),
+                        step=step["workflow_step"], job_id=step["job_id"],
+                        reason=step["error"], found_by="sweep")
+        app.events.publish(events + cut_short)
+        finished += cut_short
         released = await self._rows("nodes_stranded", {}, queue_column=1)
-        if settled or released:
+        self._log_finished(finished)
+        if settled or cancelled or released or finished:
             log.info("maintenance.swept", settled=settled, released=len(released),
-                     finished=len(finished))
-        return settled + len(released)
+                     cancelled=len(cancelled), finished=len(finished))
+        return settled + len(cancelled) + len(released)
+
+    @staticmethod
+    def _log_finished(finished: list[Payload]) -> None:
+        """Log ``workflow.finished`` (a warning if it failed) for workflows the sweep
+        finished, with their tally."""
+        for payload in finished:
+            (log.warning if payload["outcome"] == "failed" else log.info)(
+                "workflow.finished", workflow_id=str(payload["workflow_id"]),
+                label=payload["workflow_label"], outcome=payload["outcome"],
+                steps=payload["total_steps"], settled=payload["settled_steps"],
+                failed_steps=list(payload["failed_steps"]), found_by="sweep")
 
     async def prune(self) -> dict[str, int]:
         """Delete one bounded batch of each kind of old row; return counts by table.
@@ -172,3 +199,37 @@ class Maintenance:
         except psycopg.Error as exc:
             log.warning("leader.resign_failed", error=describe(exc))
         self.is_leader = False
+
+
+def cancel_orphaned(q: Queries, limit: int
+                    ) -> Op[tuple[list[Payload], list[Payload], list[dict[str, Any]]]]:
+    """Cancel up to ``limit`` held steps that a deleted dependency would hold for ever,
+    then settle them as any cancelled step, so their dependents follow and their workflows
+    can finish (``steps_orphaned`` says which steps qualify, and when they are looked for:
+    once nothing else in their workflow can run).
+
+    A dependency that is gone and never settled is counted as a cancelled step of its
+    workflow. The workflows are locked before their job rows, as every writer does.
+    Returns the steps' events, the ``workflow_finished`` events and the cancelled steps
+    (``workflow_id``, ``label``, ``workflow_step``, ``step``, ``job_id``, ``attempt``,
+    ``error``).
+    """
+    found = yield Stmt(q["steps_orphaned"], {"limit": limit}, row_factory=dict_row)
+    if not found:
+        return [], [], []
+    workflow_ids = [row["workflow_id"] for row in found]
+    yield settle.lock(q, workflow_ids)
+    rows = yield Stmt(q["steps_orphaned_cancel"], {
+        "limit": limit, "workflow_ids": sorted({str(w) for w in workflow_ids}),
+    }, row_factory=dict_row)
+    events = yield from settle.announce_steps(q, [
+        StepEvent(r["workflow_id"], r["label"], r["workflow_step"], r["step"],
+                  JobState.CANCELLED.value, r["job_id"], r["attempt"], error=r["error"])
+        for r in rows
+    ])
+    finished = yield from settle.settle(q, [
+        (r["workflow_id"], r["workflow_step"], JobState.CANCELLED.value, r["job_id"])
+        for r in rows
+    ], locked=True)
+    return events, finished, rows
+
