@@ -477,9 +477,49 @@ class Baton:
         self.events.publish(payloads)
 
     async def retry(self, job_id: int) -> bool:
-        """Make a job that is not running available again. ``False`` if it is running."""
-        return await self._run(ops.retry(self.queries, job_id), "retry", None)
+        """Make a job that is not running available again. ``False`` if it is running.
+
+        A discarded or cancelled workflow step is resumed instead, with the discarded and
+        cancelled steps downstream of it (see :meth:`resume`).
+
+        :raises JobNotFound: if there is no such job.
+        """
+        changed, events = await self._run(workflows.retry_step(self.queries, job_id),
+                                          "retry", None)
+        self._announce(events)
+        return changed
 
     def retry_sync(self, job_id: int) -> bool:
-        """Retry a job from synchronous code."""
-        return self._run_sync(ops.retry(self.queries, job_id), "retry", None)
+        """Retry a job from synchronous code (see :meth:`retry`)."""
+        changed, events = self._run_sync(workflows.retry_step(self.queries, job_id),
+                                         "retry", None)
+        self._announce(events)
+        return changed
+
+    async def resume(self, workflow_id: uuid.UUID | str, steps: Sequence[str] | None = None
+                     ) -> list[str]:
+        """Run the discarded and cancelled steps of a workflow again; return their names.
+
+        Completed steps keep their results and do not run again; running ones are left
+        alone. A finished workflow runs again as a new run (its ``run`` grows by one), and
+        ends with a ``workflow_finished`` of its own. Nothing is done (and ``[]``
+        returned) when no step is discarded or cancelled, as when another resume just
+        did it.
+
+        :param steps: resume only these steps and the discarded or cancelled steps
+            downstream of them.
+        :raises WorkflowNotFound: if there is no such workflow.
+        :raises NoSuchStepError: if it has no step of one of ``steps``.
+        """
+        op = workflows.resume_workflow(self.queries, workflow_id, steps)
+        resumed, events = await self._run(op, "resume workflow", None)
+        self._announce(events)
+        return resumed
+
+    def resume_sync(self, workflow_id: uuid.UUID | str, steps: Sequence[str] | None = None
+                    ) -> list[str]:
+        """Resume a workflow from synchronous code (see :meth:`resume`)."""
+        op = workflows.resume_workflow(self.queries, workflow_id, steps)
+        resumed, events = self._run_sync(op, "resume workflow", None)
+        self._announce(events)
+        return resumed

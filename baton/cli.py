@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status)
     _inspect(status)
 
-    workflow = sub.add_parser("workflow", help="inspect workflows")
+    workflow = sub.add_parser("workflow", help="inspect and resume workflows")
     wf_sub = workflow.add_subparsers(dest="action", required=True)
     show = wf_sub.add_parser("show", help="every step, its state, attempts, duration, cost")
     show.add_argument("id")
@@ -129,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--label")
     listing.add_argument("--state", choices=["running", "completed", "failed"])
     listing.add_argument("--limit", type=int, default=20)
-    for p in (show, cost, listing):
+    resume = wf_sub.add_parser(
+        "resume", help="run a workflow's discarded and cancelled steps again")
+    resume.add_argument("id")
+    resume.add_argument("--step", action="append", dest="steps", metavar="NAME",
+                        help="resume this step and the discarded or cancelled steps "
+                             "downstream of it (repeat for more); default: every one")
+    for p in (show, cost, listing, resume):
         _common(p)
         _inspect(p)
 
@@ -254,6 +260,11 @@ def cmd_workflow(args: argparse.Namespace) -> int:
                  ",".join(v.failed_steps), v.inserted_at] for v in views]
         return _out(args, [v.model_dump(mode="json") for v in views], render.table(
             ["id", "label", "state", "settled", "failed", "inserted"], rows))
+    if args.action == "resume":
+        resumed = anyio.run(_using(app, lambda: app.resume(args.id, args.steps)))
+        human = (f"workflow {args.id} resumed: {', '.join(resumed)}" if resumed
+                 else f"workflow {args.id} unchanged (no discarded or cancelled step to resume)")
+        return _out(args, {"workflow_id": args.id, "resumed": resumed}, human)
     if args.action == "cost":
         report = anyio.run(_using(app, lambda: app.query.cost(args.id)))
         rows = [[line.step_name, line.model, line.calls, line.input_tokens, line.output_tokens,

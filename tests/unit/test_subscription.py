@@ -99,5 +99,5 @@ def test_finishes_far_behind_the_mark_are_forgotten() -> None:
     old = [finished(uuid.uuid4(), T0 - timedelta(hours=1)) for _ in range(1024)]
     recent = finished(uuid.uuid4(), T0)
     assert len(offered(sub, *old, recent)) == 1025
-    assert set(sub.seen) == {recent.workflow_id}
+    assert set(sub.seen) == {(recent.workflow_id, 1)}
     assert offered(sub, recent) == []
