@@ -24,7 +24,9 @@ class StepView(BaseModel):
     """One step of a workflow as it stands."""
 
     step_name: str
-    worker: str
+    """The step's name inside its workflow."""
+    function: str
+    """The registered step function it runs."""
     state: str | None
     attempt: int | None
     max_attempts: int | None

@@ -26,7 +26,7 @@ def run_workflow(dsn: str) -> str:
             wf.add("ask", flows.ask_llm.new(prompt="q"))
             wf.add_fan_out("draft", flows.draft.new(topic="t"), models=["m1", "bad"],
                            deps=["ask"], synthesize_with=flows.synthesize.new(),
-                           min_success=1)
+                           min_success=1, strict=True)
             workflow_id = await flows.app.insert(wf)
             async with running_worker(flows.app):
                 await wait_for_workflow(flows.app, workflow_id)

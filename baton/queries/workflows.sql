@@ -258,7 +258,7 @@ SELECT {schema}.emit_many(%(channel)s, %(payloads)s::jsonb)
 
 -- name: workflow_steps_get
 -- Every step of one workflow, for a page that loads after steps already ran.
-SELECT s.step_name, s.worker, s.state, s.attempt, s.max_attempts, s.deps, s.model,
+SELECT s.step_name, s.function, s.state, s.attempt, s.max_attempts, s.deps, s.model,
     s.has_result, s.last_error, s.job_id, s.attempted_at, s.finalized_at, s.group_name,
     (SELECT sum(st.cost) FROM {schema}.step_stats AS st
      WHERE st.workflow_id = s.workflow_id AND st.step_name = s.step_name) AS cost
