@@ -54,7 +54,8 @@ class Baton:
         connect_timeout: float = 30.0,
     ) -> None:
         self.schema = validate_schema(schema)
-        self.queries = Queries(self.schema)
+        self.sql = Queries(self.schema)
+        """The named SQL statements of this app's schema (``app.query`` is the read API)."""
         self.max_args_bytes = max_args_bytes
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -344,7 +345,7 @@ class Baton:
         :raises PayloadTooLargeError: if its args are larger than ``max_args_bytes``.
         """
         check_sizes([job], self.max_args_bytes)
-        op = ops.enqueue(self.queries, [job], idempotency_key=idempotency_key)
+        op = ops.enqueue(self.sql, [job], idempotency_key=idempotency_key)
         return (await self._run(op, "enqueue", conn, single=True))[0]
 
     async def enqueue_many(
@@ -358,14 +359,14 @@ class Baton:
         :param conn: insert in the caller's transaction on this connection.
         """
         self._check_sizes(jobs)
-        op = ops.enqueue(self.queries, jobs, commit=conn is None)
+        op = ops.enqueue(self.sql, jobs, commit=conn is None)
         return await self._run(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
     def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None,
                      idempotency_key: str | None = None) -> int:
         """Insert one job from synchronous code and return its id (see :meth:`enqueue`)."""
         check_sizes([job], self.max_args_bytes)
-        op = ops.enqueue(self.queries, [job], idempotency_key=idempotency_key)
+        op = ops.enqueue(self.sql, [job], idempotency_key=idempotency_key)
         return self._run_sync(op, "enqueue", conn, single=True)[0]
 
     def enqueue_many_sync(
@@ -373,7 +374,7 @@ class Baton:
     ) -> list[int]:
         """Insert many jobs from synchronous code and return their ids in order."""
         self._check_sizes(jobs)
-        op = ops.enqueue(self.queries, jobs, commit=conn is None)
+        op = ops.enqueue(self.sql, jobs, commit=conn is None)
         return self._run_sync(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
 
     def _check_sizes(self, jobs: Sequence[JobSpec]) -> None:
@@ -386,12 +387,12 @@ class Baton:
 
         :raises JobNotFound: if there is none.
         """
-        return await self._run(ops.get_job(self.queries, job_id), "get job", None, single=True,
+        return await self._run(ops.get_job(self.sql, job_id), "get job", None, single=True,
                                write=False)
 
     def get_job_sync(self, job_id: int) -> Job:
         """Return the job row with ``job_id`` from synchronous code."""
-        return self._run_sync(ops.get_job(self.queries, job_id), "get job", None, write=False)
+        return self._run_sync(ops.get_job(self.sql, job_id), "get job", None, write=False)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job; a running one is told to stop. ``False`` if it already finished.
@@ -400,7 +401,7 @@ class Baton:
         themselves (or run, if they ignore cancelled dependencies).
         """
         cancelled, finished = await self._run(
-            workflows.cancel_step(self.queries, job_id), "cancel", None
+            workflows.cancel_step(self.sql, job_id), "cancel", None
         )
         self._announce(finished)
         return cancelled
@@ -408,7 +409,7 @@ class Baton:
     def cancel_sync(self, job_id: int) -> bool:
         """Cancel a job from synchronous code."""
         cancelled, finished = self._run_sync(
-            workflows.cancel_step(self.queries, job_id), "cancel", None
+            workflows.cancel_step(self.sql, job_id), "cancel", None
         )
         self._announce(finished)
         return cancelled
@@ -424,7 +425,7 @@ class Baton:
         :raises WorkflowError: (cycles, unknown dependencies, ...) before anything is written.
         """
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
-        return await self._run(workflows.insert(self.queries, workflow), "insert workflow",
+        return await self._run(workflows.insert(self.sql, workflow), "insert workflow",
                                conn)
 
     def insert_sync(
@@ -432,12 +433,12 @@ class Baton:
     ) -> uuid.UUID:
         """Insert a workflow from synchronous code; return its id."""
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
-        return self._run_sync(workflows.insert(self.queries, workflow), "insert workflow", conn)
+        return self._run_sync(workflows.insert(self.sql, workflow), "insert workflow", conn)
 
     async def append(self, workflow_id: uuid.UUID, workflow: Workflow) -> list[str]:
         """Add the steps of ``workflow`` to a running workflow; return their names."""
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
-        return await self._run(workflows.append(self.queries, workflow_id, workflow),
+        return await self._run(workflows.append(self.sql, workflow_id, workflow),
                                "append to workflow", None)
 
     async def result(self, workflow_id: uuid.UUID, step: str) -> Any:
@@ -446,12 +447,12 @@ class Baton:
         :raises NoSuchStepError: if the workflow has no such step.
         :raises NoResultError: if the step stored no result.
         """
-        return await self._run(workflows.result(self.queries, workflow_id, step),
+        return await self._run(workflows.result(self.sql, workflow_id, step),
                                "read result", None, write=False)
 
     async def results(self, workflow_id: uuid.UUID) -> dict[str, Any]:
         """Return every stored result of a workflow, by step name."""
-        return await self._run(workflows.results(self.queries, workflow_id), "read results",
+        return await self._run(workflows.results(self.sql, workflow_id), "read results",
                                None, write=False)
 
     async def get_workflow(self, workflow_id: uuid.UUID) -> workflows.WorkflowInfo:
@@ -459,7 +460,7 @@ class Baton:
 
         :raises WorkflowNotFound: if there is none.
         """
-        return await self._run(workflows.get(self.queries, workflow_id), "get workflow", None,
+        return await self._run(workflows.get(self.sql, workflow_id), "get workflow", None,
                                write=False)
 
     def workflow_from_template(self, data: dict[str, Any] | str) -> Workflow:
@@ -484,14 +485,14 @@ class Baton:
 
         :raises JobNotFound: if there is no such job.
         """
-        changed, events = await self._run(workflows.retry_step(self.queries, job_id),
+        changed, events = await self._run(workflows.retry_step(self.sql, job_id),
                                           "retry", None)
         self._announce(events)
         return changed
 
     def retry_sync(self, job_id: int) -> bool:
         """Retry a job from synchronous code (see :meth:`retry`)."""
-        changed, events = self._run_sync(workflows.retry_step(self.queries, job_id),
+        changed, events = self._run_sync(workflows.retry_step(self.sql, job_id),
                                          "retry", None)
         self._announce(events)
         return changed
@@ -511,7 +512,7 @@ class Baton:
         :raises WorkflowNotFound: if there is no such workflow.
         :raises NoSuchStepError: if it has no step of one of ``steps``.
         """
-        op = workflows.resume_workflow(self.queries, workflow_id, steps)
+        op = workflows.resume_workflow(self.sql, workflow_id, steps)
         resumed, events = await self._run(op, "resume workflow", None)
         self._announce(events)
         return resumed
@@ -519,7 +520,7 @@ class Baton:
     def resume_sync(self, workflow_id: uuid.UUID | str, steps: Sequence[str] | None = None
                     ) -> list[str]:
         """Resume a workflow from synchronous code (see :meth:`resume`)."""
-        op = workflows.resume_workflow(self.queries, workflow_id, steps)
+        op = workflows.resume_workflow(self.sql, workflow_id, steps)
         resumed, events = self._run_sync(op, "resume workflow", None)
         self._announce(events)
         return resumed

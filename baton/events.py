@@ -386,7 +386,7 @@ class Subscription:
     async def _rows(self, query: str, params: dict[str, Any]) -> list[Row]:
         assert self.conn is not None
         async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(self.app.queries[query], params)
+            await cur.execute(self.app.sql[query], params)
             return await cur.fetchall()
 
     async def _catch_up_all(self) -> None:

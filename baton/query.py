@@ -152,7 +152,7 @@ class Query:
             # One statement, so no transaction: one round trip, and no COMMIT to lose.
             async with self.app.connection(autocommit=True) as conn:
                 cur = conn.cursor(row_factory=row_factory)
-                await cur.execute(self.app.queries[name], params)
+                await cur.execute(self.app.sql[name], params)
                 return await cur.fetchall()
 
     async def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowView:

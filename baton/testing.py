@@ -132,7 +132,7 @@ async def drain_queue(app: Baton, queue: str = "default", *, timeout: float = 60
             while True:
                 async with app.connection() as conn:
                     cur = conn.cursor(row_factory=dict_row)
-                    await cur.execute(app.queries["queue_busy_count"], {"queue": queue})
+                    await cur.execute(app.sql["queue_busy_count"], {"queue": queue})
                     row = await cur.fetchone()
                 if row is None or row["busy"] == 0:
                     break
@@ -144,7 +144,7 @@ def assert_enqueued(app: Baton, step: str, **args: Any) -> Job:
     """Assert that a job of ``step`` whose args contain ``args`` is waiting; return it."""
     with app.connection_sync() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        cur.execute(app.queries["job_find_waiting"], {"step": step, "args": encode_json(args)})
+        cur.execute(app.sql["job_find_waiting"], {"step": step, "args": encode_json(args)})
         row = cur.fetchone()
     if row is None:
         raise AssertionError(f"no waiting job of step {step!r} with args {args!r}")

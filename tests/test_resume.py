@@ -316,7 +316,7 @@ async def test_a_resume_during_a_sweep(app: baton.Baton, first: str) -> None:
     async def sweep() -> None:
         async with app.connection() as conn:
             _, _, settled = await ops.run_async(
-                conn, workflows.sweep(app.queries, 100), "sweep")
+                conn, workflows.sweep(app.sql, 100), "sweep")
         swept.append(settled)
 
     async def resume() -> None:

@@ -87,7 +87,7 @@ class Completer:
         self.flush_max = flush_max
         self.max_pending = max_pending
         self.engine = engine
-        self._events = events_channel(app.queries.schema)
+        self._events = events_channel(app.sql.schema)
         self.pending: list[Outcome] = []
         self._wake = anyio.Event()
         self._room = anyio.Event()
@@ -156,7 +156,7 @@ class Completer:
             # reply was lost, yet it committed): only its latest attempt's outcome counts.
             latest = {o.job.id: o for o in batch}
             batch = [o for o in batch if latest[o.job.id] is o]
-        q = self.app.queries
+        q = self.app.sql
         write = self.engine.written(batch) if self.engine is not None else PLAIN
         params = {"outcomes": json.dumps([o.as_row() for o in batch], default=str,
                                          allow_nan=False),

@@ -58,7 +58,7 @@ class Maintenance:
         """Renew or take the lease; if leading, do one pass of every chore."""
         worker = self.worker
         app = worker.app
-        q = app.queries
+        q = app.sql
         settings = worker.settings
         async with app.connection() as conn:
             cur = await conn.execute(
@@ -86,10 +86,10 @@ class Maintenance:
         """Run one query; if ``queue_column`` is given, wake the queues of the rows."""
         app = self.worker.app
         async with app.connection() as conn:
-            cur = await conn.execute(app.queries[name], params)
+            cur = await conn.execute(app.sql[name], params)
             rows = await cur.fetchall() if cur.description is not None else []
             if queue_column is not None:
-                wake = ops.notify_queues(app.queries, [r[queue_column] for r in rows])
+                wake = ops.notify_queues(app.sql, [r[queue_column] for r in rows])
                 await ops.run_async(conn, wake, "wake queues")
         return rows
 
@@ -130,11 +130,11 @@ class Maintenance:
         limit = self.worker.settings.rescue_limit
         async with app.connection() as conn:
             events, finished, settled = await ops.run_async(
-                conn, workflows.sweep(app.queries, limit), "sweep")
+                conn, workflows.sweep(app.sql, limit), "sweep")
         app.events.publish(events + finished)
         async with app.connection() as conn:
             events, cut_short, cancelled = await ops.run_async(
-                conn, cancel_orphaned(app.queries, limit), "cancel orphaned steps")
+                conn, cancel_orphaned(app.sql, limit), "cancel orphaned steps")
         for step in cancelled:
             log.warning("workflow.step_cancelled", workflow_id=str(step["workflow_id"]),
                         step=step["workflow_step"], job_id=step["job_id"],
@@ -194,7 +194,7 @@ class Maintenance:
         app = self.worker.app
         try:
             async with app.connection() as conn:
-                await conn.execute(app.queries["leader_resign"],
+                await conn.execute(app.sql["leader_resign"],
                                    {"name": LEADER_NAME, "id": self.worker.id})
         except psycopg.Error as exc:
             log.warning("leader.resign_failed", error=describe(exc))

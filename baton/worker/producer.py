@@ -217,11 +217,11 @@ class Producer:
         async with self._claiming():
             held = [*self.running, *self.worker.completer.unwritten(self.queue)]
             async with app.connection(autocommit=True) as conn:
-                cur = await conn.execute(app.queries["jobs_reconcile"], {
+                cur = await conn.execute(app.sql["jobs_reconcile"], {
                     "queue": self.queue, "worker_id": self.worker.id, "held": held})
                 ids = [row[0] for row in await cur.fetchall()]
                 if ids:
-                    await ops.run_async(conn, ops.notify_queues(app.queries, [self.queue]),
+                    await ops.run_async(conn, ops.notify_queues(app.sql, [self.queue]),
                                         "wake queues")
             self._reconcile_due = False
         if ids:
@@ -237,7 +237,7 @@ class Producer:
         try:
             async with app.connection(autocommit=True) as conn:
                 cur = await conn.execute(
-                    app.queries["jobs_fetch"],
+                    app.sql["jobs_fetch"],
                     {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
                      "steps": self.worker.step_names},
                     prepare=True,

@@ -120,7 +120,7 @@ class Worker:
         self._heartbeat = heartbeat = Heartbeat(
             self.app.dsn, self._beat, interval=self.settings.heartbeat_interval,
             blocked_after=self.settings.loop_blocked_after, worker_id=self.id)
-        channel = self.app.queries.channel
+        channel = self.app.sql.channel
         self._notifier = Notifier(
             self.app.dsn,
             {channel("insert"): self._on_insert, channel("control"): self._on_control},
@@ -224,7 +224,7 @@ class Worker:
                 await anyio.to_thread.run_sync(self._heartbeat.stop)
             try:
                 async with self.app.connection() as conn:
-                    await conn.execute(self.app.queries["worker_unregister"], {"id": self.id})
+                    await conn.execute(self.app.sql["worker_unregister"], {"id": self.id})
             except psycopg.Error as exc:
                 log.warning("worker.unregister_failed", error=describe(exc))
 
@@ -234,11 +234,11 @@ class Worker:
         try:
             async with self.app.connection() as conn:
                 cur = await conn.execute(
-                    self.app.queries["jobs_hand_back"],
+                    self.app.sql["jobs_hand_back"],
                     {"ids": self._unfinished, "worker_id": self.id},
                 )
                 rows = await cur.fetchall()
-                wake = ops.notify_queues(self.app.queries, [r[1] for r in rows])
+                wake = ops.notify_queues(self.app.sql, [r[1] for r in rows])
                 await ops.run_async(conn, wake, "wake queues")
         except (psycopg.Error, DatabaseError) as exc:
             log.warning("worker.hand_back_failed", error=describe(exc), job_ids=self._unfinished)
@@ -269,11 +269,11 @@ class Worker:
 
     async def _register(self) -> None:
         async with self.app.connection() as conn:
-            await conn.execute(self.app.queries["worker_register"], self._registration())
+            await conn.execute(self.app.sql["worker_register"], self._registration())
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:
         """Renew the registry row (on the heartbeat's thread and connection)."""
-        conn.execute(self.app.queries["worker_register"], self._registration())
+        conn.execute(self.app.sql["worker_register"], self._registration())
 
     async def _reconcile_every(self, interval: float) -> None:
         """Hand back, now and then, jobs the table says this worker holds but it does not

@@ -78,7 +78,7 @@ class WorkflowEngine:
         steps = [j for j in jobs if j.workflow_id is not None]
         if not steps:
             return []
-        q = self.app.queries
+        q = self.app.sql
         async with conn.cursor(row_factory=_GATE_ROW) as cur:
             await cur.execute(q["node_gates"], {
                 "workflow_ids": [j.workflow_id for j in steps],
@@ -157,7 +157,7 @@ class WorkflowEngine:
         flow = [o for o in outcomes if o.job.gate is not None]
         if not flow:
             return Write(after=records) if records else PLAIN
-        q = self.app.queries
+        q = self.app.sql
         kept = [{"workflow_id": announce.uuid_text(o.job.gate.workflow_id),
                  "name": o.job.gate.name, "result": o.result}
                 for o in flow if o.has_result and o.state is JobState.COMPLETED]
@@ -205,7 +205,7 @@ class WorkflowEngine:
                 stats.append({**where, **usage.model_dump(),
                               "cost": str(cost) if cost is not None else None})
             captures.extend({**where, **c} for c in o.captures)
-        q = self.app.queries
+        q = self.app.sql
         stmts = []
         if stats:
             stmts.append(Stmt(q["step_stats_insert"], {"rows": json_text(stats)}, rows=False))
