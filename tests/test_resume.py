@@ -225,6 +225,22 @@ async def test_named_steps_resume_with_their_downstream_only(app: baton.Baton) -
     assert resumable.CALLS == {"a1": 2, "b1": 1, "c1": 1, "a2": 2, "b2": 1}
 
 
+async def test_a_failure_a_quorum_absorbed_is_resumed_only_by_name(app: baton.Baton) -> None:
+    wf = baton.Workflow("quorum")
+    wf.add("a", resumable.flaky.new(key="a"))
+    wf.add("b", resumable.counted.new(key="b"))
+    wf.add("j", resumable.counted.new(key="j"), deps=["a", "b"], min_success=1)
+    workflow_id = await app.insert(wf)
+    first = await run_to_end(app, workflow_id)
+    assert first.state == "completed" and states(app, workflow_id)["a"] == "discarded"
+    assert await app.resume(workflow_id) == []  # the workflow completed: nothing failed it
+    resumable.FIXED.add("a")
+    assert await app.resume(workflow_id, ["a"]) == ["a"]
+    second = await run_to_end(app, workflow_id)
+    assert second.state == "completed" and run_of(app, workflow_id) == 2
+    assert resumable.CALLS == {"a": 2, "b": 1, "j": 1}
+
+
 async def both_waiting_on_the_lock(
     app: baton.Baton, workflow_id: uuid.UUID, first: Callable[[], Coroutine[Any, Any, None]],
     second: Callable[[], Coroutine[Any, Any, None]],

@@ -15,8 +15,10 @@ FOR UPDATE
 
 -- name: workflow_resume_targets
 -- The steps a resume runs again, their jobs locked: with %(names)s NULL, every step whose
--- job is discarded or cancelled; else the steps named and every step downstream of them
--- (by the edges, transitively) whose job is. A job still executing is never one of them.
+-- job is discarded or cancelled, but for a failure settlement did not count against the
+-- workflow (a quorum step completed without it); else the steps named and every step
+-- downstream of them (by the edges, transitively) whose job is discarded or cancelled.
+-- A job still executing is never one of them.
 WITH RECURSIVE downstream (name) AS (
     SELECT unnest(%(names)s::text[])
     UNION
@@ -26,10 +28,15 @@ WITH RECURSIVE downstream (name) AS (
 )
 SELECT n.name
 FROM {schema}.nodes AS n
+JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 JOIN {schema}.jobs AS j ON j.id = n.job_id
 WHERE n.workflow_id = %(id)s
   AND j.state IN ('discarded', 'cancelled')
-  AND (%(names)s::text[] IS NULL OR n.name IN (SELECT name FROM downstream))
+  AND CASE WHEN %(names)s::text[] IS NULL
+           THEN n.name = ANY(w.failed_steps) OR NOT EXISTS (
+               SELECT 1 FROM {schema}.completions AS c
+               WHERE c.workflow_id = n.workflow_id AND c.name = n.name)
+           ELSE n.name IN (SELECT name FROM downstream) END
 ORDER BY n.name
 FOR UPDATE OF j
 
