@@ -201,7 +201,9 @@ class Events:
             else:
                 count, name = str(payload.get("state")), "workflow.step_updated"
             self.counts[count] += 1
-            log.info(name, **{k: v for k, v in payload.items() if k != "type"})
+            failed = count == "workflow_failed"  # whoever finished it: completer or sweep
+            (log.warning if failed else log.info)(
+                name, **{k: v for k, v in payload.items() if k != "type"})
             if not self.hooks:
                 continue  # typed events only for hooks: a batch of steps stays cheap
             event = parse_event(payload)

@@ -172,8 +172,6 @@ class WorkflowEngine:
             return ops.statements(announce.send(q, done))
 
         def events(applied: set[int]) -> list[Payload]:
-            for payload in done:
-                _log_finished(payload)
             return [p for p, o in zip(steps.payloads, flow, strict=True)
                     if o.job.id in applied] + done
 
@@ -222,14 +220,6 @@ def _step_event(outcome: Outcome) -> announce.StepEvent:
     error = outcome.error.get("error") if outcome.error else None
     return announce.StepEvent(gate.workflow_id, gate.label, gate.name, job.step, state, job.id,
                               job.attempt, outcome.has_result, error)
-
-
-def _log_finished(payload: Payload) -> None:
-    failed = payload["outcome"] == "failed"
-    (log.warning if failed else log.info)(
-        "workflow.finished", workflow_id=payload["workflow_id"], label=payload["workflow_label"],
-        outcome=payload["outcome"], run=payload["run"], steps=payload["total_steps"],
-        settled=payload["settled_steps"], failed_steps=payload["failed_steps"])
 
 
 async def _callbacks(options: Any, ctx: Context, failed: list[Dep], reason: str) -> None:
