@@ -100,7 +100,3 @@ SELECT ARRAY(SELECT name FROM resumed ORDER BY name) AS steps,
     (SELECT count(*) FROM woken) AS woken,
     (SELECT count(*) FROM counted) AS recounted,
     (SELECT count(*) FROM forgotten) AS forgotten
-
--- name: job_workflow_state
--- A job's workflow step, if it is one, and its state: what a retry does depends on both.
-SELECT workflow_id, workflow_step, state FROM {schema}.jobs WHERE id = %(id)s

@@ -176,7 +176,8 @@ SELECT id, label, state, total_steps, settled_steps, failed_steps, inserted_at, 
 FROM {schema}.workflows WHERE id = %(id)s
 
 -- name: job_workflow
-SELECT j.workflow_id, j.workflow_step, j.step, j.attempt, w.label
+-- A job's workflow step, if it is one: what a cancel announces, what a retry resumes.
+SELECT j.workflow_id, j.workflow_step, j.step, j.attempt, j.state, w.label
 FROM {schema}.jobs AS j
 LEFT JOIN {schema}.workflows AS w ON w.id = j.workflow_id
 WHERE j.id = %(id)s

@@ -81,7 +81,7 @@ def retry_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
 
     :raises JobNotFound: if there is no such job.
     """
-    rows = yield Stmt(q["job_workflow_state"], {"id": job_id}, row_factory=dict_row)
+    rows = yield Stmt(q["job_workflow"], {"id": job_id}, row_factory=dict_row)
     if rows:
         row = rows[0]
         if (row["workflow_id"] is not None and row["workflow_step"] is not None
