@@ -15,7 +15,7 @@ from baton.db import Queries, describe
 from baton.errors import DatabaseError
 from baton.job import JobState
 from baton.ops import Op, Stmt
-from baton.workflows import settle
+from baton.workflows import announce, settle
 from baton.workflows.announce import Payload, StepEvent
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ def cancel_orphaned(q: Queries, limit: int
     rows = yield Stmt(q["steps_orphaned_cancel"], {
         "limit": limit, "workflow_ids": sorted({str(w) for w in workflow_ids}),
     }, row_factory=dict_row)
-    events = yield from settle.announce_steps(q, [
+    events = yield from announce.send_steps(q, [
         StepEvent(r["workflow_id"], r["label"], r["workflow_step"], r["step"],
                   JobState.CANCELLED.value, r["job_id"], r["attempt"], error=r["error"])
         for r in rows

@@ -133,6 +133,13 @@ def send(q: Queries, payloads: list[Payload]) -> Op[list[Payload]]:
     return (yield from Announcement.of(payloads).send(q))
 
 
+def send_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
+    """Send ``workflow_step_updated`` events in the current transaction; return them."""
+    if not events:
+        return []
+    return (yield from Announcement.steps(events).send(q))
+
+
 def chunk_numbers(bodies: Sequence[bytes]) -> list[int]:
     """Number events' UTF-8 JSON by the notification carrying it, each a JSON array of at
     most :data:`NOTIFY_BYTES` bytes (every body is at most :data:`NOTIFY_EVENT_BYTES`)."""

@@ -94,7 +94,7 @@ class WorkflowEngine:
                 events.append(announce.StepEvent(
                     gate.workflow_id, gate.label, gate.name, job.step, "executing", job.id,
                     job.attempt))
-        return await ops.run_async(conn, settle.announce_steps(q, events), "announce steps")
+        return await ops.run_async(conn, announce.send_steps(q, events), "announce steps")
 
     # -- run -------------------------------------------------------------------------------
 

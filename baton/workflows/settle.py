@@ -67,13 +67,6 @@ def settle(q: Queries, steps: Sequence[Settled], *, locked: bool = False
     return (yield from announce.send(q, finished(rows)))
 
 
-def announce_steps(q: Queries, events: Sequence[StepEvent]) -> Op[list[Payload]]:
-    """Send ``workflow_step_updated`` events in the current transaction; return them."""
-    if not events:
-        return []
-    return (yield from announce.Announcement.steps(events).send(q))
-
-
 def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]]:
     """Settle up to ``limit`` finished steps of running workflows whose settlement was
     never recorded (a rescue that discarded one, a cancel made by hand in SQL).
@@ -90,7 +83,7 @@ def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]
     yield lock(q, [row["workflow_id"] for row in found])
     rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids},
                       row_factory=dict_row)
-    events = yield from announce_steps(q, [
+    events = yield from announce.send_steps(q, [
         StepEvent(r["workflow_id"], r["label"], r["workflow_step"], r["step"], r["state"],
                   r["job_id"], r["attempt"], error=r["error"])
         for r in rows
@@ -112,7 +105,7 @@ def cancel_step(q: Queries, job_id: int) -> Op[tuple[bool, list[Payload]]]:
     events: list[Payload] = []
     step = row["workflow_step"]
     if cancelled and workflow_id is not None and step is not None:
-        events = yield from announce_steps(q, [StepEvent(
+        events = yield from announce.send_steps(q, [StepEvent(
             workflow_id, row["label"], step, row["step"], "cancelled", job_id, row["attempt"],
             error="cancelled")])
         events += yield from settle(
