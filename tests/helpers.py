@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,6 +16,19 @@ def sql_rows(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.execute(query, params)  # type: ignore[arg-type]
         return cur.fetchall() if cur.description else []
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_process(dsn: str, app: str, *args: str) -> subprocess.Popen[Any]:
+    """Start ``baton worker --app APP --dsn DSN ARGS...`` as a real process, quiet, that can
+    never fall back to an embedded server."""
+    env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
+    env["BATON_ENV"] = "production"
+    return subprocess.Popen(
+        [sys.executable, "-m", "baton", "worker", "--app", app, "--dsn", dsn, *args],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def reap(proc: subprocess.Popen[Any]) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -20,7 +18,7 @@ from baton.events import StepUpdated, WorkflowFinished, channel
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker
 from tests.apps import flows
-from tests.helpers import reap, sql_rows
+from tests.helpers import reap, sql_rows, worker_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -301,11 +299,8 @@ async def test_killed_step_still_finishes_its_workflow(app: baton.Baton) -> None
     wf.add("next", procs.quick.new(n=1), deps=["doomed"])
     async with app.events.subscribe(wf.id) as stream:
         await app.insert(wf)
-        env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "baton", "worker", "--app", "tests.apps.procs:app",
-             "--dsn", app.dsn, "--heartbeat-interval", "0.2", "--heartbeat-ttl", "1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = worker_process(app.dsn, "tests.apps.procs:app", "--heartbeat-interval", "0.2",
+                              "--heartbeat-ttl", "1")
         try:
             with anyio.fail_after(30):
                 async for event in stream:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from baton.worker import processes
 from baton.worker.executor import Executor
 from tests.apps import process_steps as ps
 from tests.conftest import bound
-from tests.helpers import reap, sql_rows
+from tests.helpers import reap, sql_rows, worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,13 +268,7 @@ async def test_child_that_exits_fails_the_attempt(app: baton.Baton) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 async def test_child_dies_with_a_killed_worker(app: baton.Baton, tmp_path: Path) -> None:
     job_id = await app.enqueue(ps.sleeper.new(folder=str(tmp_path), name="k", seconds=3600))
-    env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
-    env["BATON_ENV"] = "production"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "baton", "worker", "--app", "tests.apps.process_steps:app",
-         "--queues", "default=1", "--dsn", app.dsn],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = worker_process(app.dsn, "tests.apps.process_steps:app", "--queues", "default=1")
     try:
         pid = await read_pid(tmp_path / "k.pid")
         assert pid != proc.pid

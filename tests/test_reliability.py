@@ -4,10 +4,7 @@ that block the event loop, plain def steps past their timeout or the shutdown gr
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +22,7 @@ from baton.testing import (
 )
 from baton.worker.executor import FetchedJob
 from tests.apps import basic
-from tests.helpers import reap, sql_rows
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import reap, sql_rows, worker_process
 
 
 def unstarted_worker(app: baton.Baton, **settings: Any) -> baton.Worker:
@@ -341,15 +336,12 @@ async def test_a_result_kept_before_a_kill_is_not_paid_for_twice(
     wf = baton.Workflow("paid-kill")
     wf.add("call", procs.paid.new(path=str(calls)))
     await app.insert(wf)
-    env = {k: v for k, v in os.environ.items() if k != "BATON_DATABASE_URL"}
     # Holding the workflow's lock stops the completion, not the result written before it.
     async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
         await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
                              (wf.id,))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "baton", "worker", "--app", "tests.apps.procs:app",
-             "--dsn", app.dsn, "--heartbeat-interval", "0.2", "--heartbeat-ttl", "1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = worker_process(app.dsn, "tests.apps.procs:app", "--heartbeat-interval", "0.2",
+                              "--heartbeat-ttl", "1")
         try:
             with anyio.fail_after(30):
                 while not sql_rows(app.dsn, "SELECT has_result FROM baton.nodes "
