@@ -177,11 +177,12 @@ class Completer:
                     await _send(conn, write.before)
                     cur = await conn.execute(q["jobs_finish"], params)
                     last = await _send(conn, write.after)
-                    finished = await cur.fetchall()
                     if write.conclude is not None and last is not None:
                         await _send(conn, write.conclude(await last.fetchall()))
                     if not write.empty:
                         await conn.execute(_COMMIT)
+                    # Read last: the COMMIT travels with the rest unless conclude waited.
+                    finished = await cur.fetchall()
             except BaseException:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     with anyio.CancelScope(shield=True):
