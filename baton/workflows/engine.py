@@ -158,7 +158,7 @@ class WorkflowEngine:
         if not flow:
             return Write(after=records) if records else PLAIN
         q = self.app.sql
-        kept = [{"workflow_id": announce.uuid_text(o.job.gate.workflow_id),
+        kept = [{"workflow_id": str(o.job.gate.workflow_id),
                  "name": o.job.gate.name, "result": o.result}
                 for o in flow if o.has_result and o.state is JobState.COMPLETED]
         steps = announce.Announcement.steps(_step_event(o) for o in flow)

@@ -22,7 +22,7 @@ from baton.db import Queries
 from baton.job import JobState
 from baton.ops import Op, Rows, Stmt
 from baton.workflows import announce
-from baton.workflows.announce import Payload, StepEvent, uuid_text
+from baton.workflows.announce import Payload, StepEvent
 
 SETTLED_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
 
@@ -34,7 +34,7 @@ Settled = tuple[uuid.UUID, str, str, int]
 def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
     """The statement that takes the locks settling steps of these workflows needs (in id
     order, so two transactions never deadlock); take them before touching job rows."""
-    return Stmt(q["workflows_lock"], {"ids": sorted({uuid_text(w) for w in workflow_ids})},
+    return Stmt(q["workflows_lock"], {"ids": sorted({str(w) for w in workflow_ids})},
                 rows=False)
 
 
@@ -79,7 +79,7 @@ def sweep(q: Queries, limit: int) -> Op[tuple[list[Payload], list[Payload], int]
                        row_factory=dict_row)
     if not found:
         return [], [], 0
-    workflow_ids = sorted({uuid_text(row["workflow_id"]) for row in found})
+    workflow_ids = sorted({str(row["workflow_id"]) for row in found})
     yield lock(q, [row["workflow_id"] for row in found])
     rows = yield Stmt(q["jobs_unsettled"], {"limit": limit, "workflow_ids": workflow_ids},
                       row_factory=dict_row)
