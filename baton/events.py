@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import random
 import uuid
 from collections import Counter, deque
@@ -34,6 +35,7 @@ from psycopg.rows import dict_row
 from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, field_validator
 
 from baton.db import channel_name, connect, connect_heals, connection_lost, database_error, describe
+from baton.logs import enabled
 
 if TYPE_CHECKING:
     from baton.app import Baton
@@ -192,6 +194,9 @@ class Events:
 
     def publish(self, payloads: Iterable[dict[str, Any]]) -> None:
         """Log and hand committed events to the in-process hooks."""
+        # Checked once per batch: building each step's log fields for a line that is
+        # dropped cost ~6 % of a workflow step's Python time (1 -> 10,000 -> 1 profile).
+        info = enabled(log, logging.INFO)
         for payload in payloads:
             kind = payload.get("type")
             if kind == WORKFLOW_FINISHED:
@@ -202,8 +207,9 @@ class Events:
                 count, name = str(payload.get("state")), "workflow.step_updated"
             self.counts[count] += 1
             failed = count == "workflow_failed"  # whoever finished it: completer or sweep
-            (log.warning if failed else log.info)(
-                name, **{k: v for k, v in payload.items() if k != "type"})
+            if info or failed:
+                (log.warning if failed else log.info)(
+                    name, **{k: v for k, v in payload.items() if k != "type"})
             if not self.hooks:
                 continue  # typed events only for hooks: a batch of steps stays cheap
             event = parse_event(payload)

@@ -6,6 +6,14 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import BindableLogger
+
+
+def enabled(logger: BindableLogger, level: int) -> bool:
+    """Whether ``logger`` emits ``level`` (true if it cannot tell). Hot paths check it once
+    per batch instead of building fields for lines that are dropped."""
+    check = getattr(logger, "is_enabled_for", None)
+    return bool(check(level)) if callable(check) else True
 
 
 class _Stderr:

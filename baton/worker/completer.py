@@ -18,6 +18,7 @@ from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
 from baton.job import JobState
+from baton.logs import enabled
 from baton.ops import Stmt
 from baton.worker.engine import PLAIN, Engine
 from baton.worker.executor import Outcome
@@ -26,12 +27,6 @@ if TYPE_CHECKING:
     from baton.app import Baton
 
 log = structlog.get_logger("baton.completer")
-
-def _enabled(level: int) -> bool:
-    """Whether the configured logger emits ``level`` (true if it cannot tell)."""
-    check = getattr(log, "is_enabled_for", None)
-    return bool(check(level)) if callable(check) else True
-
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -197,7 +192,7 @@ class Completer:
         events = write.events(applied) if write.events else []
         if events:
             self.app.events.publish(events)
-        info = _enabled(logging.INFO)  # at volume the info lines are often off: skip them
+        info = enabled(log, logging.INFO)  # at volume the info lines are often off: skip them
         for outcome in batch:
             if info or outcome.state is JobState.DISCARDED:
                 self._log(outcome, applied=outcome.job.id in applied)
