@@ -39,6 +39,20 @@ async def test_chain_passes_results(app: baton.Baton) -> None:
                                 "body": "<html>https://example.com</html>"}
 
 
+async def test_siblings_get_their_own_copy_of_a_shared_result(app: baton.Baton) -> None:
+    # The claim reads a dependency's result once for all the steps that need it; each
+    # step still gets a copy of its own to change.
+    wf = baton.Workflow("shared")
+    wf.add("root", flows.value.new(v={"items": ["x" * 10_000] * 3}))
+    for i in range(50):
+        wf.add(f"s{i}", flows.spoil.new(), deps=["root"])
+    workflow_id = await app.insert(wf)
+    async with running_worker(app):
+        info = await wait_for_workflow(app, workflow_id)
+    assert info.state == "completed"
+    assert flows.CALLS["spoil"] == [3] * 50
+
+
 async def test_diamond_join_sees_both(app: baton.Baton) -> None:
     wf = baton.Workflow("diamond")
     wf.add("a", flows.value.new(v=1))

@@ -136,7 +136,7 @@ SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value' AS result, n.dep
     COALESCE((
         SELECT jsonb_agg(jsonb_build_object(
             'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL,
-            'has_result', COALESCE(d.has_result, false), 'result', d.result -> 'value',
+            'has_result', COALESCE(d.has_result, false),
             'group', d.group_name, 'model', d.model) ORDER BY e.dep)
         FROM {schema}.edges AS e
         LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
@@ -152,6 +152,18 @@ CROSS JOIN LATERAL (
     OFFSET 0
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+
+-- name: node_dep_results
+-- The results of the steps' dependencies, each once however many of the steps share it
+-- (as JSON text: every step parses its own copy).
+SELECT d.workflow_id, d.name, (d.result -> 'value')::text AS result
+FROM (
+    SELECT DISTINCT e.workflow_id, e.dep
+    FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
+    JOIN {schema}.edges AS e ON e.workflow_id = t.workflow_id AND e.node = t.name
+) AS x
+JOIN {schema}.nodes AS d ON d.workflow_id = x.workflow_id AND d.name = x.dep
+WHERE d.has_result
 
 -- name: nodes_keep_results
 -- Keep steps' results, committed before their completion is written: a step retried after

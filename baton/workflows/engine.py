@@ -13,13 +13,14 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import structlog
 from psycopg.rows import class_row
+from pydantic_core import from_json
 
 from baton import ops
 from baton.job import JobState, json_text
@@ -57,6 +58,16 @@ class Gate:
     label: str
     debug: bool
     dependencies: list[dict[str, Any]]
+    results: dict[tuple[uuid.UUID, str], str] = field(default_factory=dict)
+    """The JSON text of the dependencies' results, shared by the steps of one claim."""
+
+
+def _result(gate: Gate, dep: dict[str, Any]) -> Any:
+    """A dependency's result, parsed for this step alone (a step may change what it gets)."""
+    if not (dep["has_result"] and dep["outcome"] == "completed"):
+        return None
+    text = gate.results.get((gate.workflow_id, dep["name"]))
+    return None if text is None else from_json(text)
 
 
 _GATE_ROW = class_row(Gate)
@@ -79,18 +90,25 @@ class WorkflowEngine:
         if not steps:
             return []
         q = self.app.sql
-        async with conn.cursor(row_factory=_GATE_ROW) as cur:
-            await cur.execute(q["node_gates"], {
-                "workflow_ids": [j.workflow_id for j in steps],
-                "names": [j.workflow_step for j in steps],
-            }, prepare=True)
+        params = {"workflow_ids": [j.workflow_id for j in steps],
+                  "names": [j.workflow_step for j in steps]}
+        # Dependency results come once per claim, not once per step that needs them: a
+        # 1 -> 10,000 -> 1 workflow whose first step returns 100 kB ran at 2,300 steps/s
+        # when each step's gate row carried that result.
+        async with conn.pipeline(), conn.cursor(row_factory=_GATE_ROW) as cur, \
+                conn.cursor() as results:
+            await cur.execute(q["node_gates"], params, prepare=True)
+            await results.execute(q["node_dep_results"], params, prepare=True)
             found: dict[tuple[uuid.UUID | None, str], Gate] = {
                 (g.workflow_id, g.name): g for g in await cur.fetchall()}
+            texts: dict[tuple[uuid.UUID, str], str] = {
+                (w, name): text for w, name, text in await results.fetchall()}
         events = []
         for job in steps:
             gate = job.gate = found.get((job.workflow_id, job.workflow_step or ""))
             job.gated = True
             if gate is not None:
+                gate.results = texts
                 events.append(announce.StepEvent(
                     gate.workflow_id, gate.label, gate.name, job.step, "executing", job.id,
                     job.attempt))
@@ -115,7 +133,7 @@ class WorkflowEngine:
             log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
                      step_name=gate.name, job_id=job.id)
             return Outcome(job, JobState.COMPLETED, result=gate.result, has_result=True)
-        deps = [Dep(**d) for d in gate.dependencies]
+        deps = [Dep(**d, result=_result(gate, d)) for d in gate.dependencies]
         decision = decide(deps, ignore_cancelled=gate.ignore_cancelled,
                           ignore_discarded=gate.ignore_discarded, min_success=gate.min_success)
         if decision.action == "wait":

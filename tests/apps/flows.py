@@ -59,6 +59,14 @@ async def join(ctx: baton.Context) -> dict[str, Any]:
 
 
 @app.step
+async def spoil(ctx: baton.Context) -> None:
+    """Notes how many items its dependency's result had, then changes its copy."""
+    seen = ctx.results["root"]
+    note("spoil", len(seen["items"]))
+    seen["items"].append("changed")
+
+
+@app.step
 async def noop() -> None:
     return None
 
