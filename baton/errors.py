@@ -21,6 +21,14 @@ class ConfigurationError(BatonError):
     """Baton is not configured correctly."""
 
 
+class ScheduleError(ConfigurationError, ValueError):
+    """A schedule is invalid: its cron expression, its time zone, its job or its name."""
+
+    def __init__(self, schedule: str, detail: str) -> None:
+        self.schedule = schedule
+        super().__init__(f"schedule {schedule!r}: {detail}")
+
+
 class MigrationError(BatonError):
     """The database schema is missing or at an unexpected version; run `baton migrate`."""
 

@@ -1,0 +1,75 @@
+-- Queries of periodic jobs (migration 12). {schema} is the quoted schema name.
+
+-- name: schedules_define
+-- A starting worker writes the schedules it defines. A schedule whose expression or time
+-- zone changed starts again from its next tick after now; otherwise its next_tick stays, so
+-- a tick missed while no worker ran is still enqueued (late, once).
+INSERT INTO {schema}.schedules AS s (
+    name, cron, timezone, step, queue, args, meta, max_attempts, priority, timeout, next_tick)
+SELECT name, cron, timezone, step, queue, args, meta, max_attempts, priority, timeout,
+       next_tick
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
+    name text, cron text, timezone text, step text, queue text, args jsonb, meta jsonb,
+    max_attempts integer, priority smallint, timeout double precision,
+    next_tick timestamptz)
+ORDER BY name
+ON CONFLICT (name) DO UPDATE
+SET next_tick = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                     THEN s.next_tick ELSE EXCLUDED.next_tick END,
+    defined_at = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                      THEN s.defined_at ELSE now() END,
+    cron = EXCLUDED.cron,
+    timezone = EXCLUDED.timezone,
+    step = EXCLUDED.step,
+    queue = EXCLUDED.queue,
+    args = EXCLUDED.args,
+    meta = EXCLUDED.meta,
+    max_attempts = EXCLUDED.max_attempts,
+    priority = EXCLUDED.priority,
+    timeout = EXCLUDED.timeout,
+    seen_at = now()
+
+-- name: schedules_seen
+-- A live worker renews the schedules it defines.
+UPDATE {schema}.schedules SET seen_at = now() WHERE name = ANY(%(names)s::text[])
+
+-- name: schedules_live
+-- The leader's read: schedules a live worker defines, and the time (now, unless given).
+SELECT name, cron, timezone, next_tick, COALESCE(%(now)s::timestamptz, now()) AS now
+FROM {schema}.schedules
+WHERE seen_at > now() - make_interval(secs => %(ttl)s)
+ORDER BY name
+
+-- name: schedule_tick
+-- Enqueue one tick: move next_tick on from the value the leader read (a compare-and-set
+-- that fails once any leader did it) and insert the job, in one statement. The job's id is
+-- drawn here so the schedule can name it.
+WITH ticked AS (
+    UPDATE {schema}.schedules AS s
+    SET last_tick = %(tick)s,
+        next_tick = %(following)s,
+        ticked_at = now(),
+        last_job_id = nextval(pg_get_serial_sequence('{schema}.jobs', 'id'))
+    WHERE s.name = %(name)s
+      AND s.next_tick = %(expected)s
+      AND s.cron = %(cron)s
+      AND s.timezone = %(timezone)s
+    RETURNING s.last_job_id, s.step, s.queue, s.args, s.meta, s.max_attempts, s.priority,
+              s.timeout
+), inserted AS (
+    INSERT INTO {schema}.jobs (id, state, queue, step, args, meta, max_attempts, priority,
+                               timeout)
+    SELECT last_job_id, 'available', queue, step, args, meta || %(meta)s::jsonb,
+           max_attempts, priority, timeout
+    FROM ticked
+    RETURNING id, queue
+)
+SELECT id, queue, pg_notify(%(channel)s, queue) FROM inserted
+
+-- name: schedules_list
+-- Every schedule, for `baton status` and app.query.schedules().
+SELECT name, cron, timezone, step, queue, next_tick, last_tick, last_job_id, ticked_at,
+       defined_at, seen_at,
+       seen_at > now() - make_interval(secs => %(ttl)s) AS live
+FROM {schema}.schedules
+ORDER BY name

@@ -1,0 +1,135 @@
+"""The scheduler service: every worker writes the schedules its app defines and keeps them
+live; the elected leader enqueues their ticks (see :mod:`baton.periodic` for the rule)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import psycopg
+import structlog
+from psycopg.rows import dict_row
+
+from baton import periodic
+from baton.db import describe, translate_errors
+from baton.errors import DatabaseError, ScheduleError
+
+if TYPE_CHECKING:
+    from baton.worker.worker import Worker
+
+log = structlog.get_logger("baton.scheduler")
+
+WAKE_SLACK = 0.001
+"""Seconds past a tick the leader wakes, so that the tick has passed on the server's clock
+as well (a tick found not yet due costs one more read a little later)."""
+
+
+class Scheduler:
+    """Defines the app's schedules when the worker starts, renews them while it lives, and
+    ticks every live schedule while the worker leads.
+
+    It wakes at the earliest next tick, or after ``maintenance_interval`` when that comes
+    first (a leader elected meanwhile starts ticking then).
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.schedules = list(worker.app.schedules.values())
+        self.passes = 0
+        """Leader passes done (each enqueues whatever ticks were due)."""
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Define the schedules, report started, then renew and tick until cancelled."""
+        settings = self.worker.settings
+        await self.define()
+        task_status.started()
+        renew_at = anyio.current_time() + settings.heartbeat_interval
+        while True:
+            wait = settings.maintenance_interval
+            try:
+                if self.schedules and anyio.current_time() >= renew_at:
+                    await self.renew()
+                    renew_at = anyio.current_time() + settings.heartbeat_interval
+                if self.worker.maintenance.is_leader:
+                    until = await self.tick()
+                    if until is not None:
+                        wait = min(wait, max(until, 0.0) + WAKE_SLACK)
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("scheduler.failed", error=describe(exc))
+            await anyio.sleep(wait)
+
+    async def define(self) -> None:
+        """Write the app's schedules (a changed expression starts again from now)."""
+        if not self.schedules:
+            return
+        app = self.worker.app
+        rows = periodic.rows_json(self.schedules, datetime.now(UTC))
+        with translate_errors("define schedules"):
+            async with app.connection() as conn:
+                await conn.execute(app.sql["schedules_define"], {"rows": rows})
+        log.info("schedules.defined", worker_id=self.worker.id,
+                 schedules=sorted(s.name for s in self.schedules))
+
+    async def renew(self) -> None:
+        """Mark the app's schedules as defined by a live worker."""
+        app = self.worker.app
+        async with app.connection(autocommit=True) as conn:
+            await conn.execute(app.sql["schedules_seen"],
+                               {"names": [s.name for s in self.schedules]})
+
+    async def tick(self, now: datetime | None = None) -> float | None:
+        """Enqueue the due tick of every live schedule; return the seconds until the
+        earliest next tick (None if no schedule has one).
+
+        :param now: the time to tick at (default: the database's clock); for tests.
+        """
+        app = self.worker.app
+        async with app.connection(autocommit=True) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(app.sql["schedules_live"], {
+                "now": now, "ttl": self.worker.settings.heartbeat_ttl})
+            rows = await cur.fetchall()
+        self.passes += 1
+        soonest: float | None = None
+        for row in rows:
+            if row["next_tick"] is None:
+                continue
+            try:
+                tick = periodic.due(row["name"], row["cron"], row["timezone"],
+                                    row["next_tick"], row["now"])
+            except ScheduleError as exc:  # a row written by hand or by a newer version
+                log.error("schedule.invalid", schedule=row["name"], error=str(exc))
+                continue
+            following = row["next_tick"] if tick is None else tick.following
+            if tick is not None:
+                await self._enqueue(tick, row)
+            if following is not None:
+                until = (following - row["now"]).total_seconds()
+                soonest = until if soonest is None else min(soonest, until)
+        return soonest
+
+    async def _enqueue(self, tick: periodic.Tick, row: dict[str, Any]) -> int | None:
+        """Enqueue ``tick`` unless another leader did; return the job's id if this one did."""
+        app = self.worker.app
+        async with app.connection(autocommit=True) as conn:
+            cur = await conn.execute(app.sql["schedule_tick"], {
+                "name": tick.name, "expected": tick.expected, "tick": tick.tick,
+                "following": tick.following, "cron": row["cron"], "timezone": row["timezone"],
+                "meta": tick.meta(), "channel": app.sql.channel("insert"),
+            })
+            inserted = await cur.fetchone()
+        if inserted is None:
+            log.info("schedule.tick_taken", schedule=tick.name, tick=tick.tick.isoformat())
+            return None
+        job_id: int = inserted[0]
+        if tick.missed_since is not None:
+            log.warning("schedule.missed", schedule=tick.name, job_id=job_id,
+                        missed_since=tick.missed_since.isoformat(), tick=tick.tick.isoformat(),
+                        reason="no leader ran at these ticks: the latest is enqueued, once")
+        else:
+            log.info("schedule.ticked", schedule=tick.name, job_id=job_id, queue=inserted[1],
+                     tick=tick.tick.isoformat())
+        return job_id
