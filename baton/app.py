@@ -15,12 +15,16 @@ from baton import connections, migrations, ops, workflows
 from baton.dag import SUBWORKFLOW_STEP, Workflow, subworkflow_step
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
-from baton.errors import StepError, UnknownStepError
+from baton.errors import ScheduleError, StepError, UnknownStepError
 from baton.events import Events, Hook
-from baton.job import Job, JobSpec, check_options, check_sizes
+from baton.job import Job, JobSpec, check_options, check_sizes, check_tags
+from baton.limits import (
+    QueueLimit, WindowSpec, list_limits, queue_limit, remove_limit, set_limit)
+from baton.periodic import Schedule
 from baton.pricing import Pricing
 from baton.query import Query
 from baton.step import DEFAULT_MAX_ARGS_BYTES, JobBatch, Step, StepOptions
+from baton.queues import QueueControl, QueueInfo, list_queues, set_control
 
 log = structlog.get_logger("baton.app")
 
@@ -62,6 +66,8 @@ class Baton:
         self.pricing = pricing or Pricing()
         self.capture = capture
         self.steps: dict[str, Step] = {SUBWORKFLOW_STEP: subworkflow_step()}
+        self.schedules: dict[str, Schedule] = {}
+        """Periodic jobs by name (``@app.step(cron=...)`` and :meth:`schedule`)."""
         self.events = Events(self)
         self.query = Query(self)
         self._dsn = dsn
@@ -103,6 +109,9 @@ class Baton:
         llm: bool = False,
         capture: bool = False,
         executor: Literal["thread", "process"] = "thread",
+        cron: str | None = None,
+        timezone: str = "UTC",
+        args: dict[str, Any] | None = None,
     ) -> Callable[[F], Step]: ...
 
     def step(
@@ -121,6 +130,9 @@ class Baton:
         llm: bool = False,
         capture: bool = False,
         executor: Literal["thread", "process"] = "thread",
+        cron: str | None = None,
+        timezone: str = "UTC",
+        args: dict[str, Any] | None = None,
     ) -> Step | Callable[[F], Step]:
         """Register a function (``async def`` or plain ``def``) as a step.
 
@@ -130,6 +142,8 @@ class Baton:
         workflow dependency failed that way and this step is cancelled because of it.
         ``executor="process"`` runs a plain ``def`` step in a child process that a timeout,
         a cancel or a shutdown kills (see ``docs/queue.md``); the default is a thread.
+        ``cron`` enqueues a job of the step with ``args`` at every tick of the expression,
+        read in ``timezone`` (see :meth:`schedule` and ``docs/periodic.md``).
         """
         options = StepOptions(
             queue=queue,
@@ -151,7 +165,14 @@ class Baton:
             step = Step(f, options, name=name, max_args_bytes=self.max_args_bytes)
             if step.name in self.steps:
                 raise StepError(f"a step named {step.name!r} is already registered")
+            if cron is None and args is not None:
+                raise StepError(f"step {step.name!r}: args= are the arguments of a periodic "
+                                "job; pass cron= too, or give them to step.new()")
+            periodic = None if cron is None else self._new_schedule(
+                step.new(**(args or {})), cron=cron, timezone=timezone, name=step.name)
             self.steps[step.name] = step
+            if periodic is not None:
+                self.schedules[periodic.name] = periodic
             return step
 
         return register(fn) if fn is not None else register
@@ -186,6 +207,35 @@ class Baton:
         register = self.step(queue=queue, max_attempts=max_attempts, timeout=timeout,
                              llm=True, **options)
         return register(fn) if fn is not None else register
+
+    def schedule(self, job: JobSpec, *, cron: str, timezone: str = "UTC",
+                 name: str | None = None) -> Schedule:
+        """Enqueue ``job`` at every tick of ``cron`` read in ``timezone``; return the schedule.
+
+        Workers started afterwards define it; the elected leader enqueues each tick once. A
+        tick missed while no leader ran is enqueued late, once: only the latest of them
+        (see ``docs/periodic.md``).
+
+        :param cron: five fields (minute hour day-of-month month day-of-week), or six with
+            seconds first.
+        :param timezone: an IANA time zone; the ticks follow its daylight saving time.
+        :param name: unique in the app; default the job's step name (name the others when
+            one step has several schedules).
+        :raises ScheduleError: if the expression, the time zone or the name is invalid, or
+            the name is taken.
+        """
+        schedule = self._new_schedule(job, cron=cron, timezone=timezone, name=name)
+        self.schedules[schedule.name] = schedule
+        return schedule
+
+    def _new_schedule(self, job: JobSpec, *, cron: str, timezone: str, name: str | None
+                      ) -> Schedule:
+        name = job.step if name is None else name
+        if name in self.schedules:
+            raise ScheduleError(name, "a schedule of that name is already registered; pass "
+                                      "name=... to schedule a step more than once")
+        check_sizes([job], self.max_args_bytes)
+        return Schedule(name, job, cron, timezone)
 
     def get_step(self, name: str) -> Step:
         """Return the registered step called ``name``.
@@ -524,3 +574,111 @@ class Baton:
         resumed, events = self._run_sync(op, "resume workflow", None)
         self._announce(events)
         return resumed
+
+    # -- queues --------------------------------------------------------------------------
+
+    def _queue_op(self, name: str, **change: Any) -> ops.Op[QueueControl]:
+        registered = {step.options.queue for step in self.steps.values()}
+        return set_control(self.sql, name, registered=registered, **change)
+
+    async def pause_queue(self, name: str) -> QueueControl:
+        """Pause a queue in every worker: none fetches its jobs (running ones finish; new
+        ones are still accepted, and wait), now and after a restart, until resumed.
+
+        :raises QueueNotFound: if no job, live worker or step of this app uses the queue.
+        """
+        return await self._run(self._queue_op(name, paused=True), "pause queue", None,
+                               single=True)
+
+    def pause_queue_sync(self, name: str) -> QueueControl:
+        """Pause a queue from synchronous code (see :meth:`pause_queue`)."""
+        return self._run_sync(self._queue_op(name, paused=True), "pause queue", None,
+                              single=True)
+
+    async def resume_queue(self, name: str) -> QueueControl:
+        """Resume a paused queue: its workers fetch its jobs again at once.
+
+        :raises QueueNotFound: as :meth:`pause_queue`.
+        """
+        return await self._run(self._queue_op(name, paused=False), "resume queue", None,
+                               single=True)
+
+    def resume_queue_sync(self, name: str) -> QueueControl:
+        """Resume a queue from synchronous code (see :meth:`resume_queue`)."""
+        return self._run_sync(self._queue_op(name, paused=False), "resume queue", None,
+                              single=True)
+
+    async def scale_queue(self, name: str, concurrency: int | None) -> QueueControl:
+        """Set how many jobs of a queue each worker serving it runs at once, overriding
+        the worker's own setting; ``None`` goes back to it. Scaling down interrupts no job:
+        slots end as their jobs finish.
+
+        :raises OptionsError: unless ``concurrency`` is ``None`` or from 1 to 10,000.
+        :raises QueueNotFound: as :meth:`pause_queue`.
+        """
+        op = self._queue_op(name, scale=True, concurrency=concurrency)
+        return await self._run(op, "scale queue", None, single=True)
+
+    def scale_queue_sync(self, name: str, concurrency: int | None) -> QueueControl:
+        """Scale a queue from synchronous code (see :meth:`scale_queue`)."""
+        op = self._queue_op(name, scale=True, concurrency=concurrency)
+        return self._run_sync(op, "scale queue", None, single=True)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        """Return every queue with its settings, jobs by state and live workers."""
+        return await self._run(list_queues(self.sql), "list queues", None, single=True,
+                               write=False)
+
+    def list_queues_sync(self) -> list[QueueInfo]:
+        """List the queues from synchronous code (see :meth:`list_queues`)."""
+        return self._run_sync(list_queues(self.sql), "list queues", None, single=True,
+                              write=False)
+
+    # -- queue limits --------------------------------------------------------------------
+
+    async def limit_queue(
+        self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
+        tokens: WindowSpec | None = None, partition_by: str | None = None,
+    ) -> QueueLimit:
+        """Set the limits of a queue across all workers, replacing any it had; running
+        workers obey at once. A limit not given is no limit.
+
+        :param concurrency: the most jobs of the queue executing at once.
+        :param rate: the most jobs started in any window: ``(20, 1.0)`` or ``"20/1s"``.
+        :param tokens: no job starts while the queue's jobs recorded this many tokens
+            (input + output) within the window: ``(100_000, 60.0)`` or ``"100000/1m"``.
+        :param partition_by: a key of the jobs' args: every limit applies to each of its
+            values on its own (per customer, per provider).
+        :raises ConfigurationError: for a bad name or limit, or none at all.
+        """
+        op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
+                                             tokens=tokens, partition_by=partition_by))
+        return await self._run(op, "limit queue", None, single=True)
+
+    def limit_queue_sync(
+        self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
+        tokens: WindowSpec | None = None, partition_by: str | None = None,
+    ) -> QueueLimit:
+        """Set the limits of a queue from synchronous code (see :meth:`limit_queue`)."""
+        op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
+                                             tokens=tokens, partition_by=partition_by))
+        return self._run_sync(op, "limit queue", None, single=True)
+
+    async def unlimit_queue(self, name: str) -> bool:
+        """Remove every limit of a queue; ``False`` if it had none."""
+        return await self._run(remove_limit(self.sql, name), "unlimit queue", None,
+                               single=True)
+
+    def unlimit_queue_sync(self, name: str) -> bool:
+        """Remove a queue's limits from synchronous code (see :meth:`unlimit_queue`)."""
+        return self._run_sync(remove_limit(self.sql, name), "unlimit queue", None, single=True)
+
+    async def queue_limits(self, names: Sequence[str] | None = None) -> list[QueueLimit]:
+        """Return the limits of the queues ``names`` (of every limited queue by default)."""
+        return await self._run(list_limits(self.sql, names), "read queue limits", None,
+                               single=True, write=False)
+
+    def queue_limits_sync(self, names: Sequence[str] | None = None) -> list[QueueLimit]:
+        """Return queue limits from synchronous code (see :meth:`queue_limits`)."""
+        return self._run_sync(list_limits(self.sql, names), "read queue limits", None,
+                              single=True, write=False)

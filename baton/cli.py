@@ -19,7 +19,7 @@ import structlog
 
 from baton import render
 from baton.app import Baton
-from baton.errors import BatonError, ConfigurationError, DatabaseError
+from baton.errors import BatonError, ConfigurationError, DatabaseError, OptionsError
 from baton.logs import configure_logging
 from baton.migrations import migrate_down, migrate_up
 from baton.worker import Worker, WorkerSettings, parse_queues
@@ -145,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
                        ("cancel", "cancel a job (a running one is told to stop)")):
         p = job_sub.add_parser(name, help=text)
         p.add_argument("id", type=int)
+        _common(p)
+        _inspect(p)
+
+    queue = sub.add_parser("queue", help="pause, resume and scale queues in every worker")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    pause = queue_sub.add_parser("pause", help="stop fetching a queue's jobs (running ones "
+                                 "finish; new ones are accepted and wait)")
+    resume_queue = queue_sub.add_parser("resume", help="fetch a paused queue's jobs again")
+    scale = queue_sub.add_parser("scale", help="set how many jobs of a queue each worker "
+                                 "serving it runs at once")
+    for p in (pause, resume_queue, scale):
+        p.add_argument("name", help="the queue")
+    scale.add_argument("concurrency", metavar="N",
+                       help="a whole number from 1, or 'default' for each worker's own "
+                            "--queues setting")
+    queues = queue_sub.add_parser("list", help="every queue: paused, scale, jobs by state, "
+                                  "live workers")
+    for p in (pause, resume_queue, scale, queues):
         _common(p)
         _inspect(p)
     return parser
@@ -294,6 +312,44 @@ def cmd_job(args: argparse.Namespace) -> int:
     return _out(args, {"job_id": args.id, "changed": changed}, human)
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    if args.action == "list":
+        infos = anyio.run(_using(app, app.list_queues))
+        states = ["available", "executing", "scheduled", "retryable", "pending", "completed",
+                  "discarded", "cancelled"]
+        human = render.table(
+            ["queue", "paused", "scale", *states, "workers"],
+            [[q.name, "yes" if q.paused else "no", q.concurrency or "-",
+              *(q.counts.get(s, 0) for s in states), len(q.workers)] for q in infos])
+        serving = [[q.name, w.id, q.concurrency or w.concurrency] for q in infos
+                   for w in q.workers]
+        if serving:
+            human += "\n\n" + render.table(["queue", "worker", "concurrency"], serving)
+        return _out(args, [q.model_dump(mode="json") for q in infos], human)
+    if args.action == "scale":
+        concurrency = _concurrency(args.concurrency)
+        control = anyio.run(_using(app, lambda: app.scale_queue(args.name, concurrency)))
+        human = f"queue {control.name} scaled to " + (
+            f"{control.concurrency} at once per worker" if control.concurrency
+            else "each worker's own concurrency")
+    else:
+        action = app.pause_queue if args.action == "pause" else app.resume_queue
+        control = anyio.run(_using(app, lambda: action(args.name)))
+        human = f"queue {control.name} " + ("paused" if control.paused else "resumed")
+    return _out(args, control.model_dump(mode="json"), human)
+
+
+def _concurrency(text: str) -> int | None:
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise OptionsError("concurrency", f"expected a whole number from 1, or 'default', "
+                           f"got {text!r:.80}") from None
+
+
 def _using(app: Baton, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
     async def run() -> T:
         try:
@@ -328,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configure_logging(args.log_level, json=args.log_json)
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
-                   "workflow": cmd_workflow, "job": cmd_job}[args.command]
+                   "workflow": cmd_workflow, "job": cmd_job,
+                   "queue": cmd_queue}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         return 130

@@ -116,6 +116,17 @@ class JobNotFound(BatonError):
         super().__init__(f"no job with id {job_id}")
 
 
+class QueueNotFound(BatonError):
+    """No queue has that name: no job, live worker or step uses it."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        super().__init__(
+            f"no queue named {queue!r}: no job, live worker or registered step uses it; "
+            "check the name (`baton queue list` shows the queues)"
+        )
+
+
 class WorkflowError(BatonError):
     """A workflow is invalid."""
 

@@ -79,12 +79,35 @@ class Producer:
         self._cancelled: set[int] = set()
         """Claimed jobs cancelled before they reached the waiting line (while their
         claim's gates loaded): never started."""
+        self.paused = False
+        """The queue is paused: nothing is fetched; claimed jobs run to their end."""
+        self._slots = 0
+        """Slot tasks alive: more than ``limit`` after a scale down, until the extra ones
+        end as their jobs finish."""
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible."""
         self._wakes += 1
         self._maybe_more = True
         self._wake.set()
+
+    def pause(self, paused: bool) -> None:
+        """Stop fetching (``True``; running jobs go on) or fetch again (``False``)."""
+        self.paused = paused
+        if not paused:
+            self.wake()
+
+    def scale(self, limit: int) -> None:
+        """Run up to ``limit`` jobs at once from now on: new slots start at once; when it
+        shrinks, slots end as their jobs finish (none is interrupted)."""
+        self.limit = limit
+        self._ahead = min(self._ahead, limit)
+        if self._tg is not None and not self._closed:
+            while self._slots < limit:
+                self._slots += 1
+                self._tg.start_soon(self._slot_loop, _Slot())
+        self._work.set()  # idle slots beyond the limit end now
+        self.wake()
 
     def stop(self) -> None:
         """Stop fetching; running jobs go on."""
@@ -130,6 +153,7 @@ class Producer:
         failures = 0
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self._slots = self.limit
             for _ in range(self.limit):
                 tg.start_soon(self._slot_loop, _Slot())
             task_status.started()
@@ -143,9 +167,11 @@ class Producer:
                 if self.stopping:
                     break
                 demand = self.limit + self._ahead - len(self.running)
-                if demand <= 0 or not self._maybe_more:
+                if demand <= 0 or not self._maybe_more or self.paused:
                     continue
                 await self.worker.completer.wait_for_room()
+                if self.paused:  # paused while it waited
+                    continue
                 refill, self._refill = self._refill, False
                 wakes = self._wakes
                 try:
@@ -274,6 +300,9 @@ class Producer:
                 slot.scope = scope
                 while not scope.cancel_called:
                     if not self._waiting:
+                    if self._slots > self.limit:  # scaled down: this slot ends
+                        self._slots -= 1
+                        return
                         if self._closed:
                             return
                         if self._work.is_set():

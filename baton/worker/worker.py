@@ -20,6 +20,7 @@ from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
 from baton.worker import processes
 from baton.worker.completer import Completer
+from baton.worker.control import QueueControls
 from baton.worker.engine import Engine
 from baton.worker.executor import Executor, FetchedJob
 from baton.worker.heartbeat import Heartbeat
@@ -81,6 +82,8 @@ class Worker:
         self.step_names = sorted(app.steps)
         """The steps this worker can run: it fetches no other."""
         self.maintenance = Maintenance(self)
+        self.queue_controls = QueueControls(self)
+        """Pause and scale of this worker's queues, from the ``queues`` table."""
         self._heartbeat: Heartbeat | None = None
         self.started = anyio.Event()
         self.stopped = anyio.Event()
@@ -134,7 +137,11 @@ class Worker:
                 services.start_soon(heartbeat.tick)
                 heartbeat.start()
                 services.start_soon(self._reconcile_every, self.settings.reconcile_interval)
+                services.start_soon(self.queue_controls.run, self.settings.heartbeat_interval)
                 await services.start(self.maintenance.run)
+                # Read after LISTEN is in place, before the first fetch: a queue paused
+                # before the start stays paused, and no change falls between the two.
+                await self.queue_controls.load()
                 async with anyio.create_task_group() as producers:
                     for producer in self.producers.values():
                         await producers.start(producer.run)
@@ -302,6 +309,9 @@ class Worker:
         except ValueError:
             log.warning("worker.bad_control_message", payload=payload[:200])
             return
+        if isinstance(message, dict) and message.get("action") == "queue":
+            self.queue_controls.on_message(message)
+            return
         if message.get("action") != "cancel" or message.get("worker") != self.id:
             return
         job_id = int(message["job_id"])
@@ -316,3 +326,4 @@ class Worker:
     def _wake_all(self) -> None:
         for producer in self.producers.values():
             producer.wake()
+        self.queue_controls.refresh_soon()  # a pause or scale may have been announced
