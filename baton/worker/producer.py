@@ -299,10 +299,10 @@ class Producer:
             with anyio.CancelScope() as scope:
                 slot.scope = scope
                 while not scope.cancel_called:
-                    if not self._waiting:
                     if self._slots > self.limit:  # scaled down: this slot ends
                         self._slots -= 1
                         return
+                    if not self._waiting:
                         if self._closed:
                             return
                         if self._work.is_set():

@@ -27,6 +27,7 @@ from baton.worker.heartbeat import Heartbeat
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
+from baton.worker.scheduler import Scheduler
 from baton.worker.settings import WorkerSettings
 from baton.workflows.engine import WorkflowEngine
 
@@ -82,6 +83,8 @@ class Worker:
         self.step_names = sorted(app.steps)
         """The steps this worker can run: it fetches no other."""
         self.maintenance = Maintenance(self)
+        self.scheduler = Scheduler(self)
+        """Defines the app's schedules; enqueues their ticks while this worker leads."""
         self.queue_controls = QueueControls(self)
         """Pause and scale of this worker's queues, from the ``queues`` table."""
         self._heartbeat: Heartbeat | None = None
@@ -139,6 +142,7 @@ class Worker:
                 services.start_soon(self._reconcile_every, self.settings.reconcile_interval)
                 services.start_soon(self.queue_controls.run, self.settings.heartbeat_interval)
                 await services.start(self.maintenance.run)
+                await services.start(self.scheduler.run)  # once the schedules are defined
                 # Read after LISTEN is in place, before the first fetch: a queue paused
                 # before the start stays paused, and no change falls between the two.
                 await self.queue_controls.load()
