@@ -23,6 +23,7 @@ from baton.errors import (
     QueueNotFound,
     RemoteStepError,
     ResultError,
+    ScheduleError,
     StepError,
     StepNameWarning,
     UnknownDependencyError,
@@ -31,6 +32,7 @@ from baton.errors import (
     WorkflowNotFound,
 )
 from baton.job import Job, JobSpec, JobState
+from baton.periodic import Schedule
 from baton.signals import Cancel, Discard, Signal, Snooze
 from baton.step import JobBatch, Step
 from baton.worker import Worker, WorkerSettings
@@ -63,6 +65,8 @@ __all__ = [
     "QueueNotFound",
     "RemoteStepError",
     "ResultError",
+    "Schedule",
+    "ScheduleError",
     "Signal",
     "Snooze",
     "Step",

@@ -22,6 +22,8 @@ from baton.app import Baton
 from baton.errors import BatonError, ConfigurationError, DatabaseError, OptionsError
 from baton.logs import configure_logging
 from baton.migrations import migrate_down, migrate_up
+from baton.periodic import ScheduleInfo, local_time
+from baton.query import Status
 from baton.worker import Worker, WorkerSettings, parse_queues
 
 log = structlog.get_logger("baton.cli")
@@ -250,7 +252,10 @@ def _out(args: argparse.Namespace, data: Any, human: str) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     app = _app_for(args)
-    status = anyio.run(_using(app, app.query.status))
+    async def read() -> tuple[Status, list[ScheduleInfo]]:
+        return await app.query.status(), await app.query.schedules()
+
+    status, schedules = anyio.run(_using(app, read))
     states = ["available", "executing", "scheduled", "retryable", "pending", "completed",
               "discarded", "cancelled"]
     rows = [[q.queue, *(q.counts.get(s, 0) for s in states),
@@ -266,7 +271,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                   "the step):\n")
         human += render.table(["queue", "step", "available"],
                               [[u.queue, u.step, u.jobs] for u in status.unrunnable])
-    return _out(args, status.model_dump(mode="json"), human)
+    if schedules:
+        human += "\n\nschedules (a past next tick is enqueued late, once, by the next leader):\n"
+        human += render.table(
+            ["schedule", "cron", "time zone", "step", "next tick", "last tick", "live"],
+            [[s.name, s.cron, s.timezone, s.step, local_time(s.next_tick, s.timezone),
+              local_time(s.last_tick, s.timezone), "yes" if s.live else "no"]
+             for s in schedules])
+    data = {**status.model_dump(mode="json"),
+            "schedules": [s.model_dump(mode="json") for s in schedules]}
+    return _out(args, data, human)
 
 
 def cmd_workflow(args: argparse.Namespace) -> int:

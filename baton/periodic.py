@@ -18,9 +18,17 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
+from psycopg.rows import class_row
+from pydantic import BaseModel
 
+from baton.db import Queries
 from baton.errors import ScheduleError
 from baton.job import JobSpec, encode_json
+from baton.ops import Op, Stmt
+
+LIVE_AFTER = 10.0
+"""Seconds a schedule stays live after a worker that defines it last renewed it, in
+listings (the leader uses its workers' ``heartbeat_ttl``)."""
 
 _NAME = re.compile(r"[^\x00]{1,200}")
 
@@ -173,3 +181,40 @@ def due(name: str, expression: str, timezone: str, next_tick: datetime, now: dat
     if latest is None or latest < next_tick:  # a next_tick that is no tick (set by hand)
         latest = next_tick
     return Tick(name, next_tick, latest, ticks.following(max(now, latest)))
+
+
+class ScheduleInfo(BaseModel):
+    """One row of the ``schedules`` table, as ``baton status`` shows it."""
+
+    name: str
+    cron: str
+    timezone: str
+    step: str
+    queue: str
+    next_tick: datetime | None
+    """The next tick to enqueue (in the past: no leader ran since; it is enqueued late)."""
+    last_tick: datetime | None
+    last_job_id: int | None
+    ticked_at: datetime | None
+    defined_at: datetime
+    seen_at: datetime
+    live: bool
+    """Whether a live worker defines the schedule: the leader ticks only those."""
+
+
+def local_time(moment: datetime | None, timezone: str) -> str:
+    """Return ``moment`` as people read it in ``timezone`` (``-`` for None)."""
+    if moment is None:
+        return "-"
+    try:
+        moment = moment.astimezone(ZoneInfo(timezone))
+    except (ZoneInfoNotFoundError, ValueError):
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def list_schedules(q: Queries, live_after: float = LIVE_AFTER) -> Op[list[ScheduleInfo]]:
+    """Return every schedule, by name."""
+    rows: list[ScheduleInfo] = yield Stmt(q["schedules_list"], {"ttl": live_after},
+                                          row_factory=class_row(ScheduleInfo))
+    return rows

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from baton.db import translate_errors
 from baton.errors import WorkflowNotFound
+from baton.periodic import LIVE_AFTER, ScheduleInfo
 from baton.workflows import WorkflowInfo
 
 if TYPE_CHECKING:
@@ -195,3 +196,9 @@ class Query:
         workers = await self._rows("workers_live", {}, _WORKER_ROW)
         unrunnable = await self._rows("jobs_unrunnable", {}, class_row(Unrunnable))
         return Status(queues=list(queues.values()), workers=workers, unrunnable=unrunnable)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Return every periodic job's schedule by name, with its next and last tick
+        (``live``: a live worker defines it, so the leader ticks it)."""
+        return await self._rows("schedules_list", {"ttl": LIVE_AFTER},
+                                class_row(ScheduleInfo))
