@@ -18,6 +18,7 @@ from baton.embedded import resolve_dsn
 from baton.errors import ScheduleError, StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options, check_sizes
+from baton.limits import QueueLimit, WindowSpec, list_limits, queue_limit, remove_limit, set_limit
 from baton.periodic import Schedule
 from baton.pricing import Pricing
 from baton.query import Query
@@ -631,3 +632,52 @@ class Baton:
         """List the queues from synchronous code (see :meth:`list_queues`)."""
         return self._run_sync(list_queues(self.sql), "list queues", None, single=True,
                               write=False)
+
+    # -- queue limits --------------------------------------------------------------------
+
+    async def limit_queue(
+        self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
+        tokens: WindowSpec | None = None, partition_by: str | None = None,
+    ) -> QueueLimit:
+        """Set the limits of a queue across all workers, replacing any it had; running
+        workers obey at once. A limit not given is no limit.
+
+        :param concurrency: the most jobs of the queue executing at once.
+        :param rate: the most jobs started in any window: ``(20, 1.0)`` or ``"20/1s"``.
+        :param tokens: no job starts while the queue's jobs recorded this many tokens
+            (input + output) within the window: ``(100_000, 60.0)`` or ``"100000/1m"``.
+        :param partition_by: a key of the jobs' args: every limit applies to each of its
+            values on its own (per customer, per provider).
+        :raises ConfigurationError: for a bad name or limit, or none at all.
+        """
+        op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
+                                             tokens=tokens, partition_by=partition_by))
+        return await self._run(op, "limit queue", None, single=True)
+
+    def limit_queue_sync(
+        self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
+        tokens: WindowSpec | None = None, partition_by: str | None = None,
+    ) -> QueueLimit:
+        """Set the limits of a queue from synchronous code (see :meth:`limit_queue`)."""
+        op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
+                                             tokens=tokens, partition_by=partition_by))
+        return self._run_sync(op, "limit queue", None, single=True)
+
+    async def unlimit_queue(self, name: str) -> bool:
+        """Remove every limit of a queue; ``False`` if it had none."""
+        return await self._run(remove_limit(self.sql, name), "unlimit queue", None,
+                               single=True)
+
+    def unlimit_queue_sync(self, name: str) -> bool:
+        """Remove a queue's limits from synchronous code (see :meth:`unlimit_queue`)."""
+        return self._run_sync(remove_limit(self.sql, name), "unlimit queue", None, single=True)
+
+    async def queue_limits(self, names: Sequence[str] | None = None) -> list[QueueLimit]:
+        """Return the limits of the queues ``names`` (of every limited queue by default)."""
+        return await self._run(list_limits(self.sql, names), "read queue limits", None,
+                               single=True, write=False)
+
+    def queue_limits_sync(self, names: Sequence[str] | None = None) -> list[QueueLimit]:
+        """Return queue limits from synchronous code (see :meth:`queue_limits`)."""
+        return self._run_sync(list_limits(self.sql, names), "read queue limits", None,
+                              single=True, write=False)

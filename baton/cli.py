@@ -164,7 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "--queues setting")
     queues = queue_sub.add_parser("list", help="every queue: paused, scale, jobs by state, "
                                   "live workers")
-    for p in (pause, resume_queue, scale, queues):
+    limit = queue_sub.add_parser("limit", help="set a queue's limits across all workers "
+                                 "(replacing any it had)")
+    limit.add_argument("--concurrency", type=int, help="the most jobs executing at once")
+    limit.add_argument("--rate", help="the most jobs started in any window, e.g. 20/1s")
+    limit.add_argument("--tokens", help="no job starts while the queue's jobs recorded this "
+                       "many tokens within the window, e.g. 100000/1m")
+    limit.add_argument("--partition-by", metavar="KEY",
+                       help="apply every limit to each value of this key of the jobs' args")
+    unlimit = queue_sub.add_parser("unlimit", help="remove every limit of a queue")
+    for p in (limit, unlimit):
+        p.add_argument("name", help="the queue")
+    limits = queue_sub.add_parser("limits", help="the limits of every limited queue")
+    for p in (pause, resume_queue, scale, queues, limit, unlimit, limits):
         _common(p)
         _inspect(p)
     return parser
@@ -328,6 +340,8 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     app = _app_for(args)
+    if args.action in ("limit", "unlimit", "limits"):
+        return _queue_limits(app, args)
     if args.action == "list":
         infos = anyio.run(_using(app, app.list_queues))
         states = ["available", "executing", "scheduled", "retryable", "pending", "completed",
@@ -352,6 +366,25 @@ def cmd_queue(args: argparse.Namespace) -> int:
         control = anyio.run(_using(app, lambda: action(args.name)))
         human = f"queue {control.name} " + ("paused" if control.paused else "resumed")
     return _out(args, control.model_dump(mode="json"), human)
+
+
+def _queue_limits(app: Baton, args: argparse.Namespace) -> int:
+    if args.action == "limits":
+        found = anyio.run(_using(app, app.queue_limits))
+        rows = [[lim.queue, lim.concurrency or "-", lim.rate or "-", lim.tokens or "-",
+                 lim.partition_by or "-"] for lim in found]
+        return _out(args, [lim.model_dump(mode="json") for lim in found], render.table(
+            ["queue", "concurrency", "rate", "tokens", "partition by"], rows))
+    if args.action == "unlimit":
+        removed = anyio.run(_using(app, lambda: app.unlimit_queue(args.name)))
+        human = f"queue {args.name} " + ("has no limits now" if removed else
+                                         "unchanged (it had no limits)")
+        return _out(args, {"queue": args.name, "changed": removed}, human)
+    set_to = anyio.run(_using(app, lambda: app.limit_queue(
+        args.name, concurrency=args.concurrency, rate=args.rate, tokens=args.tokens,
+        partition_by=args.partition_by)))
+    return _out(args, set_to.model_dump(mode="json"),
+                f"queue {set_to.queue} limited: {set_to.describe()}")
 
 
 def _concurrency(text: str) -> int | None:

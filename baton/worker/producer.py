@@ -262,13 +262,14 @@ class Producer:
         events: list[dict[str, Any]] = []
         try:
             async with app.connection(autocommit=True) as conn:
-                cur = await conn.execute(
-                    app.sql["jobs_fetch"],
-                    {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
-                     "steps": self.worker.step_names},
-                    prepare=True,
-                )
-                rows: list[tuple[Any, ...]] = await cur.fetchall()
+                params = {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
+                          "steps": self.worker.step_names}
+                rows: list[tuple[Any, ...]]
+                if self.worker.limits.applies(self.queue):  # limits across all workers
+                    rows = await self.worker.limits.claim(conn, params)
+                else:
+                    cur = await conn.execute(app.sql["jobs_fetch"], params, prepare=True)
+                    rows = await cur.fetchall()
                 jobs = [FetchedJob(*row) for row in rows]
                 # In ``running`` before the claim lock is released: a reconcile after this
                 # fetch counts them as held.

@@ -24,6 +24,7 @@ from baton.worker.control import QueueControls
 from baton.worker.engine import Engine
 from baton.worker.executor import Executor, FetchedJob
 from baton.worker.heartbeat import Heartbeat
+from baton.worker.limits import Limits
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
 from baton.worker.producer import Producer
@@ -71,6 +72,8 @@ class Worker:
         self.limiter = anyio.CapacityLimiter(sum(self.settings.queues.values()))
         self.executor = Executor(app, self.limiter)
         self.engine: Engine = WorkflowEngine(app, self.executor)
+        self.limits = Limits(self)
+        """Limits of this worker's queues across all workers, from ``queue_limits``."""
         self.completer = Completer(
             app,
             self.id,
@@ -79,6 +82,7 @@ class Worker:
             max_pending=self.settings.max_pending_outcomes,
             engine=self.engine,
             on_available=self._wake_queues,
+            on_written=self.limits.written,
         )
         self.step_names = sorted(app.steps)
         """The steps this worker can run: it fetches no other."""
@@ -142,6 +146,7 @@ class Worker:
                 services.start_soon(self._reconcile_every, self.settings.reconcile_interval)
                 services.start_soon(self.queue_controls.run, self.settings.heartbeat_interval)
                 await services.start(self.maintenance.run)
+                await services.start(self.limits.run)  # read before the first fetch
                 await services.start(self.scheduler.run)  # once the schedules are defined
                 # Read after LISTEN is in place, before the first fetch: a queue paused
                 # before the start stays paused, and no change falls between the two.
@@ -315,6 +320,9 @@ class Worker:
             return
         if isinstance(message, dict) and message.get("action") == "queue":
             self.queue_controls.on_message(message)
+            return
+        if isinstance(message, dict) and message.get("action") == "limits":
+            self.limits.changed(str(message.get("queue")))
             return
         if message.get("action") != "cancel" or message.get("worker") != self.id:
             return

@@ -1,0 +1,193 @@
+"""The worker's side of queue limits: which queues it serves are limited, and their claim.
+
+A queue without limits takes the plain fetch (``jobs_fetch``) and costs nothing more. A
+limited queue is claimed in a short transaction: ``queue_limit_lock`` takes the queue's
+limits row, then ``jobs_fetch_limited``, a statement of its own, counts what runs and
+what started and claims what the limits leave room for. Both travel with the ``BEGIN``
+and ``COMMIT`` in one round trip, and nothing outlives the transaction (so it works
+behind PgBouncer in transaction mode).
+
+The limits are read at start, again when a change is announced on the control channel,
+and every heartbeat interval as the fallback for a missed announcement. A claim
+that found a partition at its rate or token limit says when the window frees up, and the
+producer is woken then; when jobs of a queue with a concurrency limit finish, the
+queue's producers everywhere are woken (a NOTIFY once their outcomes are written).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from baton import ops
+from baton.db import describe
+from baton.errors import DatabaseError
+from baton.limits import QueueLimit, list_limits
+from baton.worker.executor import Outcome
+
+if TYPE_CHECKING:
+    from baton.worker.worker import Worker
+
+log = structlog.get_logger("baton.limits")
+
+_BEGIN = sql.SQL("BEGIN")
+_COMMIT = sql.SQL("COMMIT")
+
+SCAN_PER_SLOT = 10
+"""A partitioned claim considers up to this many available jobs per job it may claim
+(at least :data:`MIN_SCAN`): partitions at their limit are skipped before the scan, the
+others take turns within it. A scan cut short leads to another claim at once."""
+MIN_SCAN = 100
+
+
+class Limits:
+    """The limits of the queues a worker serves, and the limited claim."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.limited: dict[str, QueueLimit] = {}
+        """The limits of the queues this worker serves that have some."""
+        self._refresh = anyio.Event()
+        self._ended: set[str] = set()
+        self._ended_event = anyio.Event()
+        self._timers: dict[str, float] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def applies(self, queue: str) -> bool:
+        """Whether ``queue`` has limits (its producer then claims with :meth:`claim`)."""
+        return queue in self.limited
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Load the limits, report started, then keep them fresh until cancelled."""
+        await self.load()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._announce_ended)
+            task_status.started()
+            while True:
+                with anyio.move_on_after(self.worker.settings.heartbeat_interval):
+                    await self._refresh.wait()
+                self._refresh = anyio.Event()
+                try:
+                    await self.load()
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("limits.refresh_failed", error=describe(exc))
+
+    def changed(self, queue: str) -> None:
+        """The limits of ``queue`` changed (announced on the control channel): reload."""
+        if queue in self.worker.producers:
+            self._refresh.set()
+
+    async def load(self) -> None:
+        """Read the limits of the queues this worker serves; wake producers whose queue's
+        limits changed."""
+        app = self.worker.app
+        async with app.connection(autocommit=True) as conn:
+            found = await ops.run_async(conn, list_limits(app.sql, list(self.worker.producers)),
+                                        "read queue limits")
+        limited = {limit.queue: limit for limit in found}
+        changed = {q for q in limited.keys() | self.limited.keys()
+                   if _rules(limited.get(q)) != _rules(self.limited.get(q))}
+        self.limited = limited
+        for queue in sorted(changed):
+            limit = limited.get(queue)
+            log.info("limits.loaded", queue=queue,
+                     limits=limit.describe() if limit is not None else None)
+            self._wake(queue)
+
+    async def claim(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
+                    ) -> list[tuple[Any, ...]]:
+        """Claim jobs of a limited queue on ``conn`` (autocommit) with ``jobs_fetch``'s
+        ``params``; return the rows ``jobs_fetch`` would."""
+        queue: str = params["queue"]
+        demand: int = params["demand"]
+        limit = self.limited.get(queue)
+        scan = demand if limit is None or limit.partition_by is None else max(
+            MIN_SCAN, demand * SCAN_PER_SLOT)
+        q = self.worker.app.sql
+        try:
+            async with conn.pipeline():
+                await conn.execute(_BEGIN)
+                lock = await conn.execute(q["queue_limit_lock"], {"queue": queue})
+                cur = await conn.execute(q["jobs_fetch_limited"], {**params, "scan": scan},
+                                         prepare=True)
+                await conn.execute(_COMMIT)
+                locked = await lock.fetchall()
+                rows = await cur.fetchall()
+        except BaseException:
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                with anyio.CancelScope(shield=True):
+                    await conn.rollback()
+            raise
+        if not locked:  # the limits were removed: the plain fetch from now on
+            self.limited.pop(queue, None)
+            self._refresh.set()
+            self._wake(queue)
+            return []
+        wait = rows[0][-1] if rows else None
+        jobs = [row[:-1] for row in rows if row[0] is not None]
+        if wait is not None and len(jobs) < demand:
+            self._wake_in(queue, max(0.0, float(wait)))
+        return jobs
+
+    def written(self, outcomes: Sequence[Outcome]) -> None:
+        """Outcomes were written: the queues with a concurrency limit among them have room
+        again, here and in every worker serving them."""
+        if not self.limited:
+            return
+        ended = {o.job.queue for o in outcomes} & {
+            q for q, limit in self.limited.items() if limit.concurrency is not None}
+        if ended:
+            for queue in ended:
+                self._wake(queue)
+            self._ended |= ended
+            self._ended_event.set()
+
+    async def _announce_ended(self) -> None:
+        """Wake the other workers of queues whose jobs finished here (one NOTIFY for all
+        that finished since the last)."""
+        app = self.worker.app
+        while True:
+            await self._ended_event.wait()
+            self._ended_event = anyio.Event()
+            queues, self._ended = sorted(self._ended), set()
+            try:
+                async with app.connection(autocommit=True) as conn:
+                    await ops.run_async(conn, ops.notify_queues(app.sql, queues), "wake queues")
+            except (psycopg.Error, DatabaseError) as exc:  # their poll finds the room
+                log.warning("limits.wake_failed", queues=queues, error=describe(exc))
+
+    def _wake(self, queue: str) -> None:
+        producer = self.worker.producers.get(queue)
+        if producer is not None:
+            producer.wake()
+
+    def _wake_in(self, queue: str, seconds: float) -> None:
+        """Wake the producer of ``queue`` in ``seconds`` (unless one is due sooner)."""
+        if seconds <= 0 or self._tg is None:
+            self._wake(queue)
+            return
+        due = anyio.current_time() + seconds
+        if self._timers.get(queue, math.inf) <= due:
+            return
+        self._timers[queue] = due
+        self._tg.start_soon(self._wake_at, queue, due)
+
+    async def _wake_at(self, queue: str, due: float) -> None:
+        await anyio.sleep_until(due)
+        if self._timers.get(queue) == due:
+            del self._timers[queue]
+            self._wake(queue)
+
+
+def _rules(limit: QueueLimit | None) -> Any:
+    return None if limit is None else limit.model_dump(exclude={"updated_at"})
