@@ -66,15 +66,21 @@ class Cron:
                                       "in the next fifty years")
 
     def latest(self, now: datetime) -> datetime | None:
-        """Return the latest tick at or before ``now`` (timezone-aware), or None."""
+        """Return the latest tick at or before ``now`` (timezone-aware) in UTC, or None."""
         # Backwards from the second after now (cronsim's reverse iteration excludes its start).
         start = now.astimezone(self.zone).replace(microsecond=0) + timedelta(seconds=1)
-        return next(CronSim(self.expression, start, reverse=True), None)
+        return _utc(next(CronSim(self.expression, start, reverse=True), None))
 
     def following(self, now: datetime) -> datetime | None:
-        """Return the first tick after ``now`` (timezone-aware), or None if there is none in
-        the next fifty years."""
-        return next(CronSim(self.expression, now.astimezone(self.zone)), None)
+        """Return the first tick after ``now`` (timezone-aware) in UTC, or None if there is
+        none in the next fifty years."""
+        return _utc(next(CronSim(self.expression, now.astimezone(self.zone)), None))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """``moment`` in UTC. Ticks are compared in UTC only: two datetimes of one zone compare
+    by their wall time, so the two 02:00 of a night that repeats an hour would be equal."""
+    return None if moment is None else moment.astimezone(UTC)
 
 
 def _zone(timezone: object, name: str) -> ZoneInfo:
@@ -174,11 +180,14 @@ def due(name: str, expression: str, timezone: str, next_tick: datetime, now: dat
 
     :raises ScheduleError: if the stored expression or time zone is invalid.
     """
+    now, next_tick = now.astimezone(UTC), next_tick.astimezone(UTC)
     if next_tick > now:
         return None
     ticks = cron(expression, timezone)
     latest = ticks.latest(now)
-    if latest is None or latest < next_tick:  # a next_tick that is no tick (set by hand)
+    # The forward chain of next ticks decides: going backwards, cronsim may read a repeated
+    # hour of a daylight saving change as its first occurrence.
+    if latest is None or latest < next_tick:
         latest = next_tick
     return Tick(name, next_tick, latest, ticks.following(max(now, latest)))
 
