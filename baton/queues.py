@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+import structlog
 from psycopg.rows import class_row
 from pydantic import BaseModel, Field
 
@@ -17,6 +18,8 @@ from baton.db import Queries
 from baton.errors import OptionsError, QueueNotFound
 from baton.job import check_queue
 from baton.ops import Op, Stmt
+
+log = structlog.get_logger("baton.queues")
 
 MAX_CONCURRENCY = 10_000
 """The most jobs of one queue a worker may be scaled to run at once."""
@@ -102,6 +105,12 @@ def set_control(
     if not rows:
         raise QueueNotFound(name)
     control: QueueControl = rows[0]
+    if paused is not None:
+        log.info("queue.paused" if paused else "queue.resumed", queue=name,
+                 version=control.version)
+    if scale:
+        log.info("queue.scaled", queue=name, concurrency=control.concurrency,
+                 version=control.version)
     return control
 
 

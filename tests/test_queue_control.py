@@ -224,3 +224,11 @@ def test_cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         assert main([*argv, "--dsn", dsn]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("baton: error: ") and error in captured.err, argv
+
+
+async def test_a_worker_started_later_obeys_the_scale(app: baton.Baton) -> None:
+    await app.scale_queue("limited", 7)
+    async with running_worker(app, queues={"limited": 2, "default": 3}) as worker:
+        assert worker.producers["limited"].limit == 7
+        assert worker.producers["default"].limit == 3
+        assert worker.limiter.total_tokens == 10
