@@ -11,13 +11,14 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from baton import connections, migrations, ops, workflows
+from baton import connections, migrations, ops, results, workflows
+from baton.coroutines import loop_only
 from baton.dag import SUBWORKFLOW_STEP, Workflow, subworkflow_step
 from baton.db import Queries, validate_schema
 from baton.embedded import resolve_dsn
 from baton.errors import ScheduleError, StepError, UnknownStepError
 from baton.events import Events, Hook
-from baton.job import Job, JobSpec, check_options, check_sizes
+from baton.job import Job, JobSpec, check_options, check_sizes, check_tags
 from baton.limits import QueueLimit, WindowSpec, list_limits, queue_limit, remove_limit, set_limit
 from baton.periodic import Schedule
 from baton.pricing import Pricing
@@ -111,6 +112,8 @@ class Baton:
         cron: str | None = None,
         timezone: str = "UTC",
         args: dict[str, Any] | None = None,
+        keep_result: bool = False,
+        tags: Sequence[str] = (),
     ) -> Callable[[F], Step]: ...
 
     def step(
@@ -132,6 +135,8 @@ class Baton:
         cron: str | None = None,
         timezone: str = "UTC",
         args: dict[str, Any] | None = None,
+        keep_result: bool = False,
+        tags: Sequence[str] = (),
     ) -> Step | Callable[[F], Step]:
         """Register a function (``async def`` or plain ``def``) as a step.
 
@@ -143,6 +148,8 @@ class Baton:
         a cancel or a shutdown kills (see ``docs/queue.md``); the default is a thread.
         ``cron`` enqueues a job of the step with ``args`` at every tick of the expression,
         read in ``timezone`` (see :meth:`schedule` and ``docs/periodic.md``).
+        ``keep_result=True`` keeps what a plain job of the step returns, for
+        :meth:`result_of`; ``tags`` label every job of the step (see ``docs/results.md``).
         """
         options = StepOptions(
             queue=queue,
@@ -155,6 +162,8 @@ class Baton:
             llm=llm,
             capture=capture,
             executor=executor,
+            keep_result=keep_result,
+            tags=check_tags(tags, step=name),
         )
         # Validate the options once, here, rather than at every new().
         check_options(queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,
@@ -270,6 +279,14 @@ class Baton:
                 self._pool = pool
             else:  # another task opened one meanwhile: keep that one
                 await pool.close()
+
+    def open_sync(self) -> None:
+        """Open the sync connection pool for the ``_sync`` API (done on first use), as
+        :meth:`open` does the async one.
+
+        :raises DatabaseError: if no connection opens.
+        """
+        self._open_sync()
 
     def _open_sync(self) -> ConnectionPool:
         """Open the sync connection pool, as :meth:`open` does the async one."""
@@ -431,6 +448,7 @@ class Baton:
         if not isinstance(jobs, JobBatch):
             check_sizes(jobs, self.max_args_bytes)
 
+    @loop_only
     async def get_job(self, job_id: int) -> Job:
         """Return the job row with ``job_id``.
 
@@ -443,6 +461,7 @@ class Baton:
         """Return the job row with ``job_id`` from synchronous code."""
         return self._run_sync(ops.get_job(self.sql, job_id), "get job", None, write=False)
 
+    @loop_only
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job; a running one is told to stop. ``False`` if it already finished.
 
@@ -484,12 +503,20 @@ class Baton:
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return self._run_sync(workflows.insert(self.sql, workflow), "insert workflow", conn)
 
+    @loop_only
     async def append(self, workflow_id: uuid.UUID, workflow: Workflow) -> list[str]:
         """Add the steps of ``workflow`` to a running workflow; return their names."""
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return await self._run(workflows.append(self.sql, workflow_id, workflow),
                                "append to workflow", None)
 
+    def append_sync(self, workflow_id: uuid.UUID, workflow: Workflow) -> list[str]:
+        """Add steps to a running workflow from synchronous code (see :meth:`append`)."""
+        check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
+        return self._run_sync(workflows.append(self.sql, workflow_id, workflow),
+                              "append to workflow", None)
+
+    @loop_only
     async def result(self, workflow_id: uuid.UUID, step: str) -> Any:
         """Return the stored result of one step of a workflow.
 
@@ -499,11 +526,23 @@ class Baton:
         return await self._run(workflows.result(self.sql, workflow_id, step),
                                "read result", None, write=False)
 
+    def result_sync(self, workflow_id: uuid.UUID, step: str) -> Any:
+        """Return one step's stored result from synchronous code (see :meth:`result`)."""
+        return self._run_sync(workflows.result(self.sql, workflow_id, step),
+                              "read result", None, write=False)
+
+    @loop_only
     async def results(self, workflow_id: uuid.UUID) -> dict[str, Any]:
         """Return every stored result of a workflow, by step name."""
         return await self._run(workflows.results(self.sql, workflow_id), "read results",
                                None, write=False)
 
+    def results_sync(self, workflow_id: uuid.UUID) -> dict[str, Any]:
+        """Return every stored result of a workflow from synchronous code."""
+        return self._run_sync(workflows.results(self.sql, workflow_id), "read results",
+                              None, write=False)
+
+    @loop_only
     async def get_workflow(self, workflow_id: uuid.UUID) -> workflows.WorkflowInfo:
         """Return a workflow's row (state, counts, failed steps).
 
@@ -511,6 +550,28 @@ class Baton:
         """
         return await self._run(workflows.get(self.sql, workflow_id), "get workflow", None,
                                write=False)
+
+    def get_workflow_sync(self, workflow_id: uuid.UUID) -> workflows.WorkflowInfo:
+        """Return a workflow's row from synchronous code (see :meth:`get_workflow`)."""
+        return self._run_sync(workflows.get(self.sql, workflow_id), "get workflow", None,
+                              write=False)
+
+    @loop_only
+    async def result_of(self, job_id: int) -> Any:
+        """Return what a completed job returned: a plain job's kept result (its step
+        declared ``keep_result=True``), or a workflow step's stored result.
+
+        :raises JobNotFound: if there is no such job.
+        :raises ResultNotReadyError: if the job has not completed.
+        :raises ResultNotKeptError: if its step does not keep results.
+        """
+        return await self._run(results.result_of(self.sql, job_id), "read result", None,
+                               single=True, write=False)
+
+    def result_of_sync(self, job_id: int) -> Any:
+        """Return a completed job's result from synchronous code (see :meth:`result_of`)."""
+        return self._run_sync(results.result_of(self.sql, job_id), "read result", None,
+                              single=True, write=False)
 
     def workflow_from_template(self, data: dict[str, Any] | str) -> Workflow:
         """Compile a workflow from a template (dict or JSON); see :mod:`baton.templates`."""
@@ -526,6 +587,7 @@ class Baton:
     def _announce(self, payloads: Sequence[dict[str, Any]]) -> None:
         self.events.publish(payloads)
 
+    @loop_only
     async def retry(self, job_id: int) -> bool:
         """Make a job that is not running available again. ``False`` if it is running.
 
@@ -546,6 +608,7 @@ class Baton:
         self._announce(events)
         return changed
 
+    @loop_only
     async def resume(self, workflow_id: uuid.UUID | str, steps: Sequence[str] | None = None
                      ) -> list[str]:
         """Run the discarded and cancelled steps of a workflow again; return their names.

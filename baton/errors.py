@@ -198,6 +198,42 @@ class NoResultError(ResultError):
         super().__init__(f"step {name!r} has no result (it returned None or has not completed)")
 
 
+class ResultNotReadyError(ResultError):
+    """The job has not completed, so it has no result (yet)."""
+
+    def __init__(self, job_id: int, state: str) -> None:
+        self.job_id = job_id
+        self.state = state
+        super().__init__(
+            f"job {job_id} is {state}, not completed, so it has no result; wait for it to "
+            "complete (baton.testing.wait_for_job in tests)"
+        )
+
+
+class ResultNotKeptError(ResultError):
+    """The job completed, but its result was not kept."""
+
+    def __init__(self, job_id: int, step: str) -> None:
+        self.job_id = job_id
+        self.step = step
+        super().__init__(
+            f"job {job_id} completed, but step {step!r} does not keep its results; declare "
+            "it with @app.step(keep_result=True) to keep the results of its next jobs"
+        )
+
+
+class NoEventLoopError(BatonError, RuntimeError):
+    """A coroutine method was called outside an event loop; call its ``_sync`` twin."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        super().__init__(
+            f"{method}() is a coroutine method and no event loop is running here, so it "
+            f"would return an unawaited coroutine: await it inside async code, or call "
+            f"{method}_sync() from synchronous code"
+        )
+
+
 class ProcessDiedError(BatonError):
     """A step's child process ended before the step returned."""
 

@@ -6,7 +6,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -61,6 +61,7 @@ class JobOptions(TypedDict, total=False):
     scheduled_at: datetime | None
     schedule_in: float | timedelta | None
     meta: dict[str, Any] | None
+    tags: Sequence[str] | None
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class JobSpec:
     timeout: float | None = None
     scheduled_at: datetime | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    """Labels to find the job by (``jobs.tags``); see :func:`check_tags`."""
     args_json: str = field(default="", repr=False, compare=False)
     """The args as JSON text (computed once, when the job is built)."""
 
@@ -99,6 +102,8 @@ class JobSpec:
                                f"{self.scheduled_at!r}", step=self.step)
         if self.meta or not isinstance(self.meta, dict):
             check_meta(self.step, self.meta)
+        if self.tags or type(self.tags) is not tuple:
+            object.__setattr__(self, "tags", check_tags(self.tags, step=self.step))
         if not self.args_json:
             object.__setattr__(self, "args_json", args_text(self.step, self.args))
 
@@ -150,7 +155,8 @@ class JobSpec:
             f'"timeout":{_ENCODE(self.timeout)},'
             f'"scheduled_at":{at},'
             f'"workflow_id":{_ENCODE(str(workflow_id)) if workflow_id else "null"},'
-            f'"workflow_step":{_ENCODE(workflow_step)}}}'
+            f'"workflow_step":{_ENCODE(workflow_step)},'
+            f'"tags":{_ENCODE(self.tags) if self.tags else "[]"}}}'
         )
 
     def row_params(self) -> dict[str, Any]:
@@ -160,6 +166,7 @@ class JobSpec:
             "meta": _ENCODE(self.meta) if self.meta else "{}",
             "max_attempts": self.max_attempts, "priority": self.priority,
             "timeout": self.timeout, "scheduled_at": self.scheduled_at,
+            "tags": list(self.tags),
         }
 
     def copy_row(
@@ -190,7 +197,7 @@ class JobSpec:
         return (
             f"{state}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t",
             f"\t{meta}\t{self.max_attempts}\t{self.priority}\t{timeout}\t{at_text}"
-            f"{workflow_id}\t{step}\n",
+            f"{workflow_id}\t{step}\t{tags_literal(self.tags)}\n",
         )
 
 
@@ -240,6 +247,37 @@ def check_options(*, queue: str, priority: int, max_attempts: int, timeout: floa
             or not 0 < timeout < math.inf):
         raise OptionsError("timeout", f"must be a positive, finite number of seconds, not "
                            f"{timeout!r}", step=step)
+
+
+TAG_NAME = re.compile(r"[A-Za-z0-9_.:/=@+-]{1,64}", re.ASCII)
+TAG_RULE = "1 to 64 ASCII letters, digits or the characters _ - . : / = @ +"
+MAX_TAGS = 16
+"""The most tags one job may carry."""
+
+
+def check_tags(tags: object, *, step: str | None = None) -> tuple[str, ...]:
+    """Return ``tags`` as a tuple without repeats (first occurrence kept).
+
+    :raises OptionsError: unless ``tags`` is a sequence (a list) of at most :data:`MAX_TAGS`
+        names of :data:`TAG_RULE` (a single string is refused: it is not a list of tags).
+    """
+    if isinstance(tags, str | bytes) or not isinstance(tags, Sequence):
+        raise OptionsError("tags", f"must be a list of tags, not {tags!r:.80}", step=step)
+    for tag in tags:
+        if not isinstance(tag, str) or not TAG_NAME.fullmatch(tag):
+            raise OptionsError("tags", f"a tag is {TAG_RULE}, not {tag!r:.80}", step=step)
+    unique = tuple(dict.fromkeys(tags))
+    if len(unique) > MAX_TAGS:
+        raise OptionsError("tags", f"at most {MAX_TAGS} tags, not {len(unique)}", step=step)
+    return unique
+
+
+def tags_literal(tags: tuple[str, ...]) -> str:
+    """Return checked tags as a PostgreSQL array literal (each quoted: a tag may read
+    ``NULL``; the rule leaves nothing else to escape, for COPY either)."""
+    if not tags:
+        return "{}"
+    return "{" + ",".join(f'"{tag}"' for tag in tags) + "}"
 
 
 def check_meta(step: str, meta: object) -> None:
@@ -392,3 +430,4 @@ class Job(BaseModel):
     attempted_at: datetime | None
     attempted_by: str | None
     finalized_at: datetime | None
+    tags: list[str] = []

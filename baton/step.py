@@ -51,6 +51,10 @@ class StepOptions:
     executor: Literal["thread", "process"] = "thread"
     """Where a plain ``def`` step runs: a worker thread, or a child process that a timeout,
     a cancel or a shutdown can kill (``baton.worker.processes``)."""
+    keep_result: bool = False
+    """Keep what a plain job of this step returns (``job_results``; ``app.result_of``)."""
+    tags: tuple[str, ...] = ()
+    """Tags every job of this step starts with (``job.options(tags=...)`` replaces them)."""
 
 
 _ARGS_CONFIG = ConfigDict(extra="forbid")
@@ -101,7 +105,8 @@ class Step:
                               if _untyped(h))
         self.args_adapter = adapter
         o = options
-        self._spec = JobSpec(self.name, {}, o.queue, o.priority, o.max_attempts, o.timeout)
+        self._spec = JobSpec(self.name, {}, o.queue, o.priority, o.max_attempts, o.timeout,
+                             tags=o.tags)
         self._validate = adapter.validator.validate_python
         self._to_python = adapter.serializer.to_python
         self.__doc__ = fn.__doc__

@@ -7,17 +7,17 @@ WITH input AS (
     FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS (
         state text, queue text, step text, args jsonb, meta jsonb, max_attempts integer,
         priority smallint, timeout double precision, scheduled_at timestamptz,
-        workflow_id uuid, workflow_step text)) WITH ORDINALITY AS t(
+        workflow_id uuid, workflow_step text, tags text[])) WITH ORDINALITY AS t(
         state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
-        workflow_id, workflow_step, ord)
+        workflow_id, workflow_step, tags, ord)
 ), inserted AS (
     INSERT INTO {schema}.jobs (
         state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
-        workflow_id, workflow_step)
+        workflow_id, workflow_step, tags)
     SELECT
         CASE WHEN state = 'available' AND scheduled_at > now() THEN 'scheduled' ELSE state END,
         queue, step, args, meta, max_attempts, priority, timeout,
-        COALESCE(scheduled_at, now()), workflow_id, workflow_step
+        COALESCE(scheduled_at, now()), workflow_id, workflow_step, COALESCE(tags, '{}')
     FROM input
     ORDER BY ord
     RETURNING id, queue, state
@@ -33,11 +33,12 @@ SELECT
 -- One job: a plain VALUES insert (no JSON to unpack); wakes its queue if it is available.
 WITH inserted AS (
     INSERT INTO {schema}.jobs (
-        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at)
+        state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at, tags)
     VALUES (
         CASE WHEN %(scheduled_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
         %(queue)s, %(step)s, %(args)s::jsonb, %(meta)s::jsonb, %(max_attempts)s,
-        %(priority)s, %(timeout)s, COALESCE(%(scheduled_at)s::timestamptz, now()))
+        %(priority)s, %(timeout)s, COALESCE(%(scheduled_at)s::timestamptz, now()),
+        %(tags)s::text[])
     RETURNING id, queue, state
 )
 SELECT id, CASE WHEN state = 'available' THEN pg_notify(%(channel)s, queue) END
@@ -50,12 +51,12 @@ FROM inserted
 WITH inserted AS (
     INSERT INTO {schema}.jobs (
         state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
-        idempotency_key)
+        idempotency_key, tags)
     VALUES (
         CASE WHEN %(scheduled_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
         %(queue)s, %(step)s, %(args)s::jsonb, %(meta)s::jsonb, %(max_attempts)s,
         %(priority)s, %(timeout)s, COALESCE(%(scheduled_at)s::timestamptz, now()),
-        %(idempotency_key)s)
+        %(idempotency_key)s, %(tags)s::text[])
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, queue, state
 )
@@ -79,14 +80,14 @@ SELECT now(), COALESCE(pg_sequence_last_value('{schema}.jobs_id_seq'::regclass),
 -- Many jobs at once, as lines of JobSpec.copy_row; ids come from the sequence.
 COPY {schema}.jobs (
     state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
-    workflow_id, workflow_step)
+    workflow_id, workflow_step, tags)
 FROM STDIN
 
 -- name: jobs_copy_now
 -- As jobs_copy, for jobs that all run from now on: scheduled_at takes its default, now().
 COPY {schema}.jobs (
     state, queue, step, args, meta, max_attempts, priority, timeout,
-    workflow_id, workflow_step)
+    workflow_id, workflow_step, tags)
 FROM STDIN
 
 -- name: jobs_copied
@@ -192,7 +193,7 @@ RETURNING id
 -- migration must not reach a process still on this code).
 SELECT id, state, queue, step, args, meta, errors, attempt, max_attempts, snoozes, priority,
     timeout, workflow_id, workflow_step, inserted_at, scheduled_at, attempted_at,
-    attempted_by, finalized_at
+    attempted_by, finalized_at, tags
 FROM {schema}.jobs
 WHERE id = %(id)s
 
@@ -268,7 +269,7 @@ RETURNING j.id, j.state, j.queue, j.attempted_by, j.workflow_id
 
 -- name: jobs_prune
 -- Delete a bounded batch of finished jobs older than %(max_age)s seconds (workflow steps
--- are pruned with their workflow, never on their own).
+-- are pruned with their workflow, never on their own), with their kept results.
 WITH doomed AS (
     SELECT id
     FROM {schema}.jobs
@@ -277,7 +278,9 @@ WITH doomed AS (
     ORDER BY finalized_at
     LIMIT %(limit)s
 ), deleted AS (
-    DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id RETURNING 1
+    DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id RETURNING j.id
+), results_gone AS (
+    DELETE FROM {schema}.job_results AS r USING deleted WHERE r.job_id = deleted.id
 )
 SELECT count(*) FROM deleted
 

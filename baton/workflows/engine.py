@@ -22,7 +22,7 @@ import structlog
 from psycopg.rows import class_row
 from pydantic_core import from_json
 
-from baton import ops
+from baton import ops, results
 from baton.job import JobState, json_text
 from baton.ops import Rows, Stmt
 from baton.worker.engine import PLAIN, Payload, Write
@@ -228,6 +228,8 @@ class WorkflowEngine:
         if captures:
             stmts.append(Stmt(q["debug_logs_insert"], {"rows": json_text(captures)},
                               rows=False))
+        if (kept := results.keep_statement(q, self.app.steps, outcomes)) is not None:
+            stmts.append(kept)  # plain jobs' kept results, after the finish that completed them
         return stmts
 
 
