@@ -2,6 +2,7 @@
 
 ``perform_job`` runs a job the way a worker would (arguments through a JSON round trip),
 ``drain_queue`` runs what is available in-process, ``wait_for_job`` waits for a state,
+``wait_for_tick`` for a periodic job's next tick,
 and ``running_worker`` runs a real worker for the length of a block.
 """
 
@@ -11,6 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -18,6 +20,7 @@ from psycopg.rows import dict_row
 
 from baton.app import Baton
 from baton.job import Job, JobSpec, JobState, encode_json
+from baton.periodic import ScheduleInfo
 from baton.worker import Worker, WorkerSettings
 from baton.worker.executor import Executor, FetchedJob, Outcome
 from baton.workflows import WorkflowInfo
@@ -101,6 +104,34 @@ async def wait_for_workflow(
         interval, lambda info: f"workflow {workflow_id} still running "
                                f"({info.settled_steps} of {info.total_steps} steps settled)",
     )
+
+
+async def wait_for_tick(
+    app: Baton, schedule: str, *, after: datetime | None = None, timeout: float = 10.0,
+    interval: float = 0.01,
+) -> Job:
+    """Return the job of a schedule's latest tick, once it has a tick later than ``after``
+    (any tick when None). A worker must run meanwhile (``running_worker``): its leader
+    enqueues the ticks.
+
+    :raises TimeoutError: if there is no such tick within ``timeout`` seconds.
+    """
+
+    async def read() -> ScheduleInfo | None:
+        return next((s for s in await app.query.schedules() if s.name == schedule), None)
+
+    def ticked(info: ScheduleInfo | None) -> bool:
+        return (info is not None and info.last_tick is not None
+                and (after is None or info.last_tick > after))
+
+    def why(info: ScheduleInfo | None) -> str:
+        if info is None:
+            return f"no schedule named {schedule!r} was defined (is a worker running?)"
+        return f"schedule {schedule!r} had no tick after {after or info.defined_at}"
+
+    info = await _poll(read, ticked, timeout, interval, why)
+    assert info is not None and info.last_job_id is not None
+    return await app.get_job(info.last_job_id)
 
 
 async def perform_job(app: Baton, job: JobSpec, *, attempt: int = 1) -> Outcome:
