@@ -38,6 +38,7 @@ from baton.job import Job, JobSpec, JobState
 from baton.periodic import Schedule
 from baton.signals import Cancel, Discard, Signal, Snooze
 from baton.step import JobBatch, Step
+from baton.unique import JobId, JobIds, Unique, WorkflowId
 from baton.worker import Worker, WorkerSettings
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "DuplicateStepError",
     "Job",
     "JobBatch",
+    "JobId",
+    "JobIds",
     "JobNotFound",
     "JobSpec",
     "JobState",
@@ -78,11 +81,13 @@ __all__ = [
     "Step",
     "StepError",
     "StepNameWarning",
+    "Unique",
     "UnknownDependencyError",
     "UnknownStepError",
     "Worker",
     "WorkerSettings",
     "Workflow",
     "WorkflowError",
+    "WorkflowId",
     "WorkflowNotFound",
 ]

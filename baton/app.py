@@ -25,6 +25,7 @@ from baton.pricing import Pricing
 from baton.query import Query
 from baton.queues import QueueControl, QueueInfo, list_queues, set_control
 from baton.step import DEFAULT_MAX_ARGS_BYTES, JobBatch, Step, StepOptions
+from baton.unique import JobId, JobIds, Unique, WorkflowId, coerce_unique
 
 log = structlog.get_logger("baton.app")
 
@@ -109,6 +110,7 @@ class Baton:
         llm: bool = False,
         capture: bool = False,
         executor: Literal["thread", "process"] = "thread",
+        unique: Unique | bool | None = None,
         cron: str | None = None,
         timezone: str = "UTC",
         args: dict[str, Any] | None = None,
@@ -132,6 +134,7 @@ class Baton:
         llm: bool = False,
         capture: bool = False,
         executor: Literal["thread", "process"] = "thread",
+        unique: Unique | bool | None = None,
         cron: str | None = None,
         timezone: str = "UTC",
         args: dict[str, Any] | None = None,
@@ -146,6 +149,8 @@ class Baton:
         workflow dependency failed that way and this step is cancelled because of it.
         ``executor="process"`` runs a plain ``def`` step in a child process that a timeout,
         a cancel or a shutdown kills (see ``docs/queue.md``); the default is a thread.
+        ``unique`` keeps at most one job of the step with the same key at a time
+        (:class:`~baton.Unique`; ``True`` for its defaults; see ``docs/unique.md``).
         ``cron`` enqueues a job of the step with ``args`` at every tick of the expression,
         read in ``timezone`` (see :meth:`schedule` and ``docs/periodic.md``).
         ``keep_result=True`` keeps what a plain job of the step returns, for
@@ -162,6 +167,7 @@ class Baton:
             llm=llm,
             capture=capture,
             executor=executor,
+            unique=coerce_unique(unique, name),
             keep_result=keep_result,
             tags=check_tags(tags, step=name),
         )
@@ -399,8 +405,11 @@ class Baton:
     # -- jobs ----------------------------------------------------------------------------
 
     async def enqueue(self, job: JobSpec, *, conn: psycopg.AsyncConnection[Any] | None = None,
-                      idempotency_key: str | None = None) -> int:
+                      idempotency_key: str | None = None) -> JobId:
         """Insert one job and return its id.
+
+        A unique job (``unique=``) whose key an existing job holds is not inserted: the
+        existing job's id is returned, with ``duplicate`` set (see ``docs/unique.md``).
 
         :param conn: insert in the caller's transaction on this connection (nothing is
             committed here; a rollback enqueues nothing).
@@ -411,37 +420,40 @@ class Baton:
         :raises PayloadTooLargeError: if its args are larger than ``max_args_bytes``.
         """
         check_sizes([job], self.max_args_bytes)
-        op = ops.enqueue(self.sql, [job], idempotency_key=idempotency_key)
-        return (await self._run(op, "enqueue", conn, single=True))[0]
+        op = ops.enqueue_one(self.sql, job, idempotency_key=idempotency_key)
+        return await self._run(op, "enqueue", conn, single=True)
 
     async def enqueue_many(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
-    ) -> list[int]:
+    ) -> JobIds:
         """Insert many jobs at once and return their ids in order.
 
-        All or none are inserted. A :class:`~baton.step.JobBatch` (``step.new_many``) is
+        All or none are inserted. Unique jobs whose key is held (by an existing job or an
+        earlier job of the call) are not: their ids are the holder's and their positions
+        are in the result's ``duplicates``.
+        A :class:`~baton.step.JobBatch` (``step.new_many``) is
         validated as it is sent, while the server inserts the rows before it.
 
         :param conn: insert in the caller's transaction on this connection.
         """
         self._check_sizes(jobs)
         op = ops.enqueue(self.sql, jobs, commit=conn is None)
-        return await self._run(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
+        return await self._run(op, "enqueue", conn, single=ops.one_statement(jobs))
 
     def enqueue_sync(self, job: JobSpec, *, conn: psycopg.Connection[Any] | None = None,
-                     idempotency_key: str | None = None) -> int:
+                     idempotency_key: str | None = None) -> JobId:
         """Insert one job from synchronous code and return its id (see :meth:`enqueue`)."""
         check_sizes([job], self.max_args_bytes)
-        op = ops.enqueue(self.sql, [job], idempotency_key=idempotency_key)
-        return self._run_sync(op, "enqueue", conn, single=True)[0]
+        op = ops.enqueue_one(self.sql, job, idempotency_key=idempotency_key)
+        return self._run_sync(op, "enqueue", conn, single=True)
 
     def enqueue_many_sync(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.Connection[Any] | None = None
-    ) -> list[int]:
+    ) -> JobIds:
         """Insert many jobs from synchronous code and return their ids in order."""
         self._check_sizes(jobs)
         op = ops.enqueue(self.sql, jobs, commit=conn is None)
-        return self._run_sync(op, "enqueue", conn, single=len(jobs) < ops.COPY_FROM)
+        return self._run_sync(op, "enqueue", conn, single=ops.one_statement(jobs))
 
     def _check_sizes(self, jobs: Sequence[JobSpec]) -> None:
         # A batch's jobs are built and checked by their step as the rows are sent.
@@ -486,8 +498,11 @@ class Baton:
 
     async def insert(
         self, workflow: Workflow, *, conn: psycopg.AsyncConnection[Any] | None = None
-    ) -> uuid.UUID:
+    ) -> WorkflowId:
         """Validate ``workflow`` and insert all of it in one transaction; return its id.
+
+        A unique workflow (``Workflow(unique=...)``) whose key an existing workflow holds
+        is not inserted: that workflow's id is returned, with ``duplicate`` set.
 
         :param conn: insert in the caller's transaction on this connection.
         :raises WorkflowError: (cycles, unknown dependencies, ...) before anything is written.
@@ -498,8 +513,8 @@ class Baton:
 
     def insert_sync(
         self, workflow: Workflow, *, conn: psycopg.Connection[Any] | None = None
-    ) -> uuid.UUID:
-        """Insert a workflow from synchronous code; return its id."""
+    ) -> WorkflowId:
+        """Insert a workflow from synchronous code; return its id (see :meth:`insert`)."""
         check_sizes([node.job for node in workflow.nodes.values()], self.max_args_bytes)
         return self._run_sync(workflows.insert(self.sql, workflow), "insert workflow", conn)
 

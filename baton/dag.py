@@ -19,6 +19,7 @@ from baton.context import Context
 from baton.errors import CycleError, DuplicateStepError, UnknownDependencyError, WorkflowError
 from baton.job import JobSpec
 from baton.step import Step, StepOptions
+from baton.unique import Unique, coerce_unique
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
@@ -68,6 +69,10 @@ class Workflow:
 
     :param label: a free human label (``workflow_name`` in Baton), e.g. ``"patent:US1"``.
     :param id: the workflow's id; a fresh UUID by default.
+    :param unique: at most one workflow with the same key at a time (:class:`~baton.Unique`:
+        its label, with ``by_label=True``, or its label and all its steps); a second
+        insert returns the first workflow's id, flagged ``duplicate``. ``True`` for the
+        defaults. Jobs inside a workflow are never unique: their own ``unique`` is ignored.
     :param ignore_cancelled: run steps whose dependency was cancelled (workflow default).
     :param ignore_discarded: run steps whose dependency was discarded (workflow default).
     :param debug: capture the context of every step.
@@ -79,6 +84,7 @@ class Workflow:
     ignore_cancelled: bool = False
     ignore_discarded: bool = False
     debug: bool = False
+    unique: Unique | None = None
     models: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
@@ -86,6 +92,10 @@ class Workflow:
     """The step name this workflow was added under as a sub-workflow (it is closed then)."""
 
     def __post_init__(self) -> None:
+        if self.unique is not None:
+            self.unique = coerce_unique(self.unique)
+            if self.unique is not None:
+                self.unique.workflow_states()  # refuses a job's options
         if isinstance(self.id, str):
             self.id = uuid.UUID(self.id)
 

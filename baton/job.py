@@ -17,6 +17,7 @@ from pydantic_core import to_jsonable_python
 from typing_extensions import TypedDict, Unpack
 
 from baton.errors import ArgsError, OptionsError, PayloadTooLargeError
+from baton.unique import Unique, coerce_unique
 
 
 class JobState(StrEnum):
@@ -57,6 +58,7 @@ class JobOptions(TypedDict, total=False):
     queue: str | None
     priority: int | None
     max_attempts: int | None
+    unique: Unique | bool | None
     timeout: float | None
     scheduled_at: datetime | None
     schedule_in: float | timedelta | None
@@ -88,6 +90,9 @@ class JobSpec:
     meta: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     """Labels to find the job by (``jobs.tags``); see :func:`check_tags`."""
+    unique: Unique | None = None
+    """At most one job with the same key at a time (:class:`~baton.Unique`; ``True`` for its
+    defaults); enforced by the database when the job is enqueued on its own."""
     args_json: str = field(default="", repr=False, compare=False)
     """The args as JSON text (computed once, when the job is built)."""
 
@@ -104,6 +109,11 @@ class JobSpec:
             check_meta(self.step, self.meta)
         if self.tags or type(self.tags) is not tuple:
             object.__setattr__(self, "tags", check_tags(self.tags, step=self.step))
+        if self.unique is not None:
+            unique = coerce_unique(self.unique, self.step)
+            if unique is not None:
+                unique.job_states(self.step)  # refuses a workflow's options
+            object.__setattr__(self, "unique", unique)
         if not self.args_json:
             object.__setattr__(self, "args_json", args_text(self.step, self.args))
 

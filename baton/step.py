@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import UnionType
 from typing import (
     Annotated,
@@ -27,6 +27,7 @@ from typing_extensions import TypedDict, Unpack
 from baton.context import Context
 from baton.errors import ArgsError, PayloadTooLargeError, StepError, StepNameWarning
 from baton.job import JobOptions, JobSpec, copy_text, find_unstorable, json_text
+from baton.unique import Unique, check_keys
 
 DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
@@ -51,6 +52,8 @@ class StepOptions:
     executor: Literal["thread", "process"] = "thread"
     """Where a plain ``def`` step runs: a worker thread, or a child process that a timeout,
     a cancel or a shutdown can kill (``baton.worker.processes``)."""
+    unique: Unique | None = None
+    """At most one job of this step with the same key at a time (:class:`~baton.Unique`)."""
     keep_result: bool = False
     """Keep what a plain job of this step returns (``job_results``; ``app.result_of``)."""
     tags: tuple[str, ...] = ()
@@ -107,6 +110,9 @@ class Step:
         o = options
         self._spec = JobSpec(self.name, {}, o.queue, o.priority, o.max_attempts, o.timeout,
                              tags=o.tags)
+        if o.unique is not None:
+            check_keys(o.unique, self.name, self.arg_names)
+            self._spec = replace(self._spec, unique=o.unique)
         self._validate = adapter.validator.validate_python
         self._to_python = adapter.serializer.to_python
         self.__doc__ = fn.__doc__

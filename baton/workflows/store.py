@@ -17,6 +17,7 @@ from baton.db import Queries
 from baton.errors import NoResultError, NoSuchStepError, WorkflowError, WorkflowNotFound
 from baton.job import JobState, json_text
 from baton.ops import Op, Stmt, insert_jobs
+from baton.unique import WorkflowId, workflow_key
 
 
 class WorkflowInfo(BaseModel):
@@ -38,15 +39,45 @@ class WorkflowInfo(BaseModel):
         return cls.model_validate(row)
 
 
-def insert(q: Queries, wf: Workflow) -> Op[uuid.UUID]:
-    """Validate ``wf`` and insert it in one transaction, one statement per table."""
+def insert(q: Queries, wf: Workflow) -> Op[WorkflowId]:
+    """Validate ``wf`` and insert it in one transaction, one statement per table. A unique
+    workflow whose key another workflow holds is not inserted: that one's id is returned,
+    flagged ``duplicate``."""
     order = wf.validate()
-    yield Stmt(q["workflow_insert"], {
+    row = {
         "id": wf.id, "label": wf.label, "ignore_cancelled": wf.ignore_cancelled,
         "ignore_discarded": wf.ignore_discarded, "debug": wf.debug, "total": len(order),
-    })
+    }
+    if wf.unique is None:
+        yield Stmt(q["workflow_insert"], row)
+    elif (holder := (yield from insert_unique(q, wf, row))) is not None:
+        return holder
     yield from _insert_steps(q, wf, order, settled=set())
-    return wf.id
+    return WorkflowId(wf.id)
+
+
+def insert_unique(q: Queries, wf: Workflow, row: dict[str, Any], now: datetime | None = None
+                  ) -> Op[WorkflowId | None]:
+    """Insert the row of a unique workflow (``row``: the parameters of ``workflow_insert``)
+    unless another workflow holds its key; return that one's id, or None when inserted.
+
+    ``now`` stands for the server's clock in a key's period (tests).
+    """
+    assert wf.unique is not None
+    steps = [(name, node.job.step, node.job.args, node.deps) for name, node in wf.nodes.items()]
+    params = {**row, "unique_key": workflow_key(wf.unique, wf.label, steps),
+              "unique_period": wf.unique.period,
+              "unique_states": wf.unique.workflow_states(), "now": now}
+    while True:
+        found = yield Stmt(q["workflow_insert_unique"], params)
+        if not found:
+            # The holder committed while the insert waited for it: a new statement sees it
+            # (unless it left its states meanwhile: then try again).
+            found = yield Stmt(q["workflow_get_by_unique_key"], params)
+            found = [(found[0][0], True)] if found else []
+        if found:
+            holder, duplicate = found[0]
+            return WorkflowId(holder, duplicate=True) if duplicate else None
 
 
 def _insert_steps(q: Queries, wf: Workflow, order: list[str], *, settled: set[str]) -> Op[None]:
