@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 import baton
 from baton import periodic
@@ -145,6 +146,27 @@ async def test_only_the_latest_missed_tick_is_enqueued(app: baton.Baton, dsn: st
         metas = ticks(dsn, "tests.hourly")
         assert len(metas) == 2 and "missed_since" not in metas[1]
         assert datetime.fromisoformat(metas[1]["tick"]) == first + timedelta(hours=4)
+
+
+async def test_a_tick_that_fails_does_not_hold_up_the_others(dsn: str) -> None:
+    app = baton.Baton(dsn)
+    for name in ("broken", "sound"):
+        app.schedule(baton.JobSpec(step="elsewhere.step"), cron="0 * * * *", name=name)
+    worker = baton.Worker(app)
+    try:
+        await worker.scheduler.define()
+        sql_rows(dsn, "UPDATE baton.schedules SET queue = '' WHERE name = 'broken'")
+        [(first,)] = sql_rows(dsn, "SELECT min(next_tick) FROM baton.schedules")
+        with capture_logs() as logs:
+            await worker.scheduler.tick(now=first)
+        assert [len(ticks(dsn, name)) for name in ("broken", "sound")] == [0, 1]
+        [failed] = [e for e in logs if e["event"] == "schedule.tick_failed"]
+        assert failed["schedule"] == "broken" and "jobs_queue_length" in failed["error"]
+        [(next_tick,)] = sql_rows(dsn, "SELECT next_tick FROM baton.schedules "
+                                       "WHERE name = 'broken'")
+        assert next_tick == first  # tried again at the next pass
+    finally:
+        await app.close()
 
 
 async def test_definitions_keep_or_restart_the_next_tick(dsn: str) -> None:

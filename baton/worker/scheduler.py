@@ -39,6 +39,8 @@ class Scheduler:
         self.schedules = list(worker.app.schedules.values())
         self.passes = 0
         """Leader passes done (each enqueues whatever ticks were due)."""
+        self._invalid: set[tuple[str, str, str]] = set()
+        """Stored schedules found invalid (each is reported once)."""
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -46,13 +48,15 @@ class Scheduler:
         settings = self.worker.settings
         await self.define()
         task_status.started()
-        renew_at = anyio.current_time() + settings.heartbeat_interval
+        # Three renewals in a heartbeat's lifetime: a schedule stays live through a missed one.
+        renew_every = max(settings.heartbeat_interval, settings.heartbeat_ttl / 3)
+        renew_at = anyio.current_time() + renew_every
         while True:
             wait = settings.maintenance_interval
             try:
                 if self.schedules and anyio.current_time() >= renew_at:
                     await self.renew()
-                    renew_at = anyio.current_time() + settings.heartbeat_interval
+                    renew_at = anyio.current_time() + renew_every
                 if self.worker.maintenance.is_leader:
                     until = await self.tick()
                     if until is not None:
@@ -101,11 +105,18 @@ class Scheduler:
                 tick = periodic.due(row["name"], row["cron"], row["timezone"],
                                     row["next_tick"], row["now"])
             except ScheduleError as exc:  # a row written by hand or by a newer version
-                log.error("schedule.invalid", schedule=row["name"], error=str(exc))
+                if (row["name"], row["cron"], row["timezone"]) not in self._invalid:
+                    self._invalid.add((row["name"], row["cron"], row["timezone"]))
+                    log.error("schedule.invalid", schedule=row["name"], error=str(exc))
                 continue
             following = row["next_tick"] if tick is None else tick.following
             if tick is not None:
-                await self._enqueue(tick, row)
+                try:
+                    await self._enqueue(tick, row)
+                except (psycopg.Error, DatabaseError) as exc:  # the others are still enqueued
+                    log.warning("schedule.tick_failed", schedule=tick.name,
+                                tick=tick.tick.isoformat(), error=describe(exc))
+                    following = None  # tried again after maintenance_interval
             if following is not None:
                 until = (following - row["now"]).total_seconds()
                 soonest = until if soonest is None else min(soonest, until)
