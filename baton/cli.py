@@ -19,7 +19,15 @@ import structlog
 
 from baton import render
 from baton.app import Baton
-from baton.errors import BatonError, ConfigurationError, DatabaseError, OptionsError
+from baton.errors import (
+    BatonError,
+    ConfigurationError,
+    DatabaseError,
+    OptionsError,
+    ResultNotKeptError,
+    ResultNotReadyError,
+)
+from baton.job import Job, JobState
 from baton.logs import configure_logging
 from baton.migrations import migrate_down, migrate_up
 from baton.periodic import ScheduleInfo, local_time
@@ -147,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
                        ("cancel", "cancel a job (a running one is told to stop)")):
         p = job_sub.add_parser(name, help=text)
         p.add_argument("id", type=int)
+        _common(p)
+        _inspect(p)
+    job_show = job_sub.add_parser(
+        "show", help="one job: args, state, attempts, every error, its kept result")
+    job_show.add_argument("id", type=int)
+    job_list = job_sub.add_parser("list", help="recent jobs, newest first")
+    job_list.add_argument("--queue")
+    job_list.add_argument("--state", choices=[s.value for s in JobState])
+    job_list.add_argument("--step", help="the step's registered name")
+    job_list.add_argument("--tag", action="append", dest="tags", metavar="TAG",
+                          help="only jobs with this tag (repeat: jobs with every one)")
+    job_list.add_argument("--limit", type=int, default=20)
+    for p in (job_show, job_list):
         _common(p)
         _inspect(p)
 
@@ -330,6 +351,14 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 
 def cmd_job(args: argparse.Namespace) -> int:
     app = _app_for(args)
+    if args.action == "show":
+        job, result = anyio.run(_using(app, lambda: _job_and_result(app, args.id)))
+        return _out(args, {**job.model_dump(mode="json"), **result}, render.job(job, result))
+    if args.action == "list":
+        jobs = anyio.run(_using(app, lambda: app.query.jobs(
+            queue=args.queue, state=args.state, step=args.step, tags=args.tags,
+            limit=args.limit)))
+        return _out(args, [j.model_dump(mode="json") for j in jobs], render.job_list(jobs))
     action = app.retry if args.action == "retry" else app.cancel
     changed = anyio.run(_using(app, lambda: action(args.id)))
     verb = "retried" if args.action == "retry" else "cancelled"
@@ -395,6 +424,16 @@ def _concurrency(text: str) -> int | None:
     except ValueError:
         raise OptionsError("concurrency", f"expected a whole number from 1, or 'default', "
                            f"got {text!r:.80}") from None
+
+
+async def _job_and_result(app: Baton, job_id: int) -> tuple[Job, dict[str, Any]]:
+    """A job and what ``job show`` says of its result: ``result`` when there is one, and
+    ``result_kept`` (false, with ``result_missing`` saying why, when there is none)."""
+    job = await app.get_job(job_id)
+    try:
+        return job, {"result_kept": True, "result": await app.result_of(job_id)}
+    except (ResultNotReadyError, ResultNotKeptError) as exc:
+        return job, {"result_kept": False, "result_missing": str(exc)}
 
 
 def _using(app: Baton, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:

@@ -204,10 +204,9 @@ class ResultNotReadyError(ResultError):
     def __init__(self, job_id: int, state: str) -> None:
         self.job_id = job_id
         self.state = state
-        super().__init__(
-            f"job {job_id} is {state}, not completed, so it has no result; wait for it to "
-            "complete (baton.testing.wait_for_job in tests)"
-        )
+        hint = ("retry it to run it again" if state in ("discarded", "cancelled")
+                else "wait for it to complete (baton.testing.wait_for_job in tests)")
+        super().__init__(f"job {job_id} is {state}, not completed, so it has no result; {hint}")
 
 
 class ResultNotKeptError(ResultError):

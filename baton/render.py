@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from baton.dag import topological_order
-from baton.query import CostReport, WorkflowView
+from baton.job import Job
+from baton.query import CostReport, JobSummary, WorkflowView
 
 MARKS = {"completed": "✓", "discarded": "✗", "cancelled": "⊘", "executing": "▶",
          "available": "·", "pending": "…", "scheduled": "◷", "retryable": "↻"}
@@ -53,8 +55,52 @@ def workflow_dag(view: WorkflowView, cost: CostReport | None = None) -> str:
         took = f"{s.duration:.3f}s" if s.duration is not None else ""
         rows.append([label, s.state, s.attempt, took, money(costs.get(name)), deps])
     total = f"\ntotal cost: {money(cost.total_cost)}" if cost and cost.lines else ""
+    failed = [(name, s) for name, s in steps.items()
+              if s.state in ("discarded", "cancelled", "retryable") and s.last_error]
+    errors = "".join(f"\n  {name} ({s.state}, attempt {s.attempt}): {s.last_error}"
+                     for name, s in sorted(failed, key=lambda item: item[1].job_id))
     return head + "\n\n" + table(["step", "state", "attempt", "duration", "cost", "deps"],
-                                 rows) + total
+                                 rows) + total + ("\n\nlast errors:" + errors if errors else "")
+
+
+def job(job: Job, result: Mapping[str, Any]) -> str:
+    """Describe one job for ``baton job show``: its row, every error with its traceback,
+    and its result (``result_kept``/``result``, or ``result_missing`` saying why not)."""
+    lines = [f"job {job.id}  {job.state.value}  {MARKS.get(job.state.value, '?')}"]
+    fields: list[tuple[str, Any]] = [
+        ("step", job.step), ("queue", job.queue),
+        ("attempt", f"{job.attempt} of {job.max_attempts}"
+                    + (f" (snoozed {job.snoozes}x)" if job.snoozes else "")),
+        ("priority", job.priority), ("tags", ", ".join(job.tags) or "-"),
+    ]
+    if job.workflow_id is not None:
+        fields.append(("workflow", f"{job.workflow_id} step {job.workflow_step}"))
+    fields += [("inserted", job.inserted_at), ("scheduled", job.scheduled_at),
+               ("attempted", f"{job.attempted_at} by {job.attempted_by}"
+                if job.attempted_at else "-"), ("finalized", job.finalized_at or "-"),
+               ("args", json.dumps(job.args))]
+    if job.meta:
+        fields.append(("meta", json.dumps(job.meta)))
+    fields.append(("result", json.dumps(result["result"], default=str)
+                   if result.get("result_kept") else f"- ({result.get('result_missing')})"))
+    width = max(len(name) for name, _ in fields)
+    lines += [f"{name.ljust(width)}  {value}" for name, value in fields]
+    if job.errors:
+        lines.append(f"\nerrors ({len(job.errors)}):")
+    for entry in job.errors:
+        lines.append(f"- attempt {entry.get('attempt')} at {entry.get('at')} "
+                     f"({entry.get('kind')}): {entry.get('error')}")
+        trace = entry.get("traceback")
+        if trace:
+            lines += ["    " + line for line in str(trace).rstrip().splitlines()]
+    return "\n".join(lines)
+
+
+def job_list(jobs: Sequence[JobSummary]) -> str:
+    """Jobs as a table for ``baton job list``."""
+    return table(["id", "state", "queue", "step", "attempt", "tags", "workflow", "inserted"],
+                 [[j.id, j.state, j.queue, j.step, f"{j.attempt}/{j.max_attempts}",
+                   ",".join(j.tags), j.workflow_step or "", j.inserted_at] for j in jobs])
 
 
 def _expand(deps: Sequence[str], view: WorkflowView) -> list[str]:
