@@ -6,6 +6,7 @@ from baton.dag import Workflow
 from baton.errors import (
     ArgsError,
     BatonError,
+    BudgetExceededError,
     ConfigurationError,
     CycleError,
     DatabaseError,
@@ -40,11 +41,14 @@ from baton.signals import Cancel, Discard, Signal, Snooze
 from baton.step import JobBatch, Step
 from baton.unique import JobId, JobIds, Unique, WorkflowId
 from baton.worker import Worker, WorkerSettings
+from baton.workflows.budgets import Budget
 
 __all__ = [
     "ArgsError",
     "Baton",
     "BatonError",
+    "Budget",
+    "BudgetExceededError",
     "Cancel",
     "ConfigurationError",
     "Context",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
 from typing import Any, Literal, TypeVar, overload
 
 import psycopg
@@ -26,6 +27,9 @@ from baton.query import Query
 from baton.queues import QueueControl, QueueInfo, list_queues, set_control
 from baton.step import DEFAULT_MAX_ARGS_BYTES, JobBatch, Step, StepOptions
 from baton.unique import JobId, JobIds, Unique, WorkflowId, coerce_unique
+from baton.workflows import budgets
+from baton.workflows.budgets import Budget
+from baton.workflows.resume import workflow_uuid
 
 log = structlog.get_logger("baton.app")
 
@@ -651,6 +655,40 @@ class Baton:
         resumed, events = self._run_sync(op, "resume workflow", None)
         self._announce(events)
         return resumed
+
+    async def set_budget(self, workflow_id: uuid.UUID | str, usd: float | Decimal, *,
+                         group: str | None = None) -> Budget:
+        """Set what the steps of a workflow (or of its fan-out group or sub-workflow
+        ``group``) may spend, in US dollars; return the budget as it now stands.
+
+        Raising a spent budget lets its steps be resumed; one set at or below what they
+        spent already stops their steps that have not started, now.
+
+        :raises WorkflowNotFound: if there is no such workflow.
+        :raises WorkflowError: if it has no such group, or ``usd`` is not a positive number.
+        """
+        op = budgets.set_budget(self.sql, workflow_uuid(workflow_id), usd, group)
+        budget, events = await self._run(op, "set budget", None)
+        self._announce(events)
+        return budget
+
+    def set_budget_sync(self, workflow_id: uuid.UUID | str, usd: float | Decimal, *,
+                        group: str | None = None) -> Budget:
+        """Set a budget from synchronous code (see :meth:`set_budget`)."""
+        op = budgets.set_budget(self.sql, workflow_uuid(workflow_id), usd, group)
+        budget, events = self._run_sync(op, "set budget", None)
+        self._announce(events)
+        return budget
+
+    async def budgets(self, workflow_id: uuid.UUID | str) -> list[Budget]:
+        """Return the budgets of a workflow (its own first), with what each scope spent."""
+        return await self._run(budgets.budgets(self.sql, workflow_uuid(workflow_id)),
+                               "read budgets", None, single=True, write=False)
+
+    def budgets_sync(self, workflow_id: uuid.UUID | str) -> list[Budget]:
+        """Return the budgets of a workflow from synchronous code (see :meth:`budgets`)."""
+        return self._run_sync(budgets.budgets(self.sql, workflow_uuid(workflow_id)),
+                              "read budgets", None, single=True, write=False)
 
     # -- queues --------------------------------------------------------------------------
 

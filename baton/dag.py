@@ -8,11 +8,13 @@ that reports its result (:data:`SUBWORKFLOW_STEP`).
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from baton.context import Context
@@ -31,6 +33,33 @@ def check_name(name: str) -> str:
             f"invalid step name {name!r}: use 1-200 letters, digits, '_', '.', ':' or '-'"
         )
     return name
+
+
+BUDGET_MAX = Decimal("9999999999")
+"""The largest budget, in US dollars (budgets are kept to the cent's millionth)."""
+
+
+def check_budget(value: Any, what: str) -> Decimal:
+    """Return ``value`` as a budget in US dollars: a positive number of at most
+    :data:`BUDGET_MAX`, kept to 8 decimal places.
+
+    :raises WorkflowError: naming ``what`` the budget is for, if it is not one.
+    """
+    problem = f"budget of {what} must be a positive number of US dollars, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise WorkflowError(problem)
+    try:
+        usd = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+    except (InvalidOperation, ValueError):
+        raise WorkflowError(problem) from None
+    if not usd.is_finite() or (isinstance(value, float) and not math.isfinite(value)):
+        raise WorkflowError(problem)
+    if usd > BUDGET_MAX:
+        raise WorkflowError(f"{problem} (the largest is {BUDGET_MAX})")
+    usd = usd.quantize(Decimal("0.00000001"))
+    if usd <= 0:
+        raise WorkflowError(f"{problem} (the smallest is 0.00000001)")
+    return usd
 
 
 def model_slug(model: str) -> str:
@@ -77,6 +106,9 @@ class Workflow:
     :param ignore_discarded: run steps whose dependency was discarded (workflow default).
     :param debug: capture the context of every step.
     :param models: a per-step model map: ``ctx.model`` for the named steps.
+    :param budget_usd: what the recorded usage of all its steps may cost, in US dollars;
+        once reached, its steps that have not started are cancelled (``budget_exceeded``).
+        Budgets of groups: :meth:`budget`, or ``add_fan_out(..., budget_usd=...)``.
     """
 
     label: str = "workflow"
@@ -88,6 +120,9 @@ class Workflow:
     models: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    budget_usd: Decimal | float | None = None
+    budgets: dict[str, Decimal] = field(default_factory=dict)
+    """Budgets of fan-out groups and sub-workflows, by name (see :meth:`budget`)."""
     added_as: str | None = field(default=None, init=False, repr=False, compare=False)
     """The step name this workflow was added under as a sub-workflow (it is closed then)."""
 
@@ -98,6 +133,28 @@ class Workflow:
                 self.unique.workflow_states()  # refuses a job's options
         if isinstance(self.id, str):
             self.id = uuid.UUID(self.id)
+        if self.budget_usd is not None:
+            self.budget_usd = check_budget(self.budget_usd, f"workflow {self.label!r}")
+
+    def budget(self, name: str, usd: Decimal | float) -> Workflow:
+        """Limit what the recorded usage of the steps of the fan-out group or sub-workflow
+        ``name`` may cost, in US dollars; return the workflow.
+
+        Once their usage reaches ``usd``, those of its steps that have not started are
+        cancelled (``budget_exceeded``); the running ones finish. Steps outside it go on
+        as their dependencies allow.
+
+        :raises WorkflowError: if there is no such group or sub-workflow (add it first), or
+            ``usd`` is not a positive number.
+        """
+        self._check_open()
+        node = self.nodes.get(name)
+        if name not in self.groups and (node is None or node.job.step != SUBWORKFLOW_STEP):
+            raise WorkflowError(
+                f"no fan-out group or sub-workflow named {name!r} to budget: add it first "
+                "(a single step's budget is its workflow's, or put it in a group)")
+        self.budgets[name] = check_budget(usd, f"{name!r}")
+        return self
 
     def add(
         self,
@@ -222,6 +279,8 @@ class Workflow:
             self.nodes[copy.name] = copy
         for group, members in child.groups.items():
             self.groups[prefix + group] = [prefix + m for m in members]
+        for scope, usd in child.budgets.items():
+            self.budgets[prefix + scope] = usd
         last = child.nodes[leaves[0]].job
         collector = JobSpec(SUBWORKFLOW_STEP, {"leaves": ends}, queue=last.queue,
                             priority=last.priority)
@@ -229,6 +288,8 @@ class Workflow:
         self.nodes[name] = Node(name, collector, [prefix + end for end in ends],
                                 ignore_cancelled=False, ignore_discarded=False)
         self.debug = self.debug or child.debug
+        if child.budget_usd is not None:
+            self.budgets[name] = Decimal(child.budget_usd)
         child.added_as = name
 
     def add_fan_out(
@@ -244,6 +305,7 @@ class Workflow:
         ignore_cancelled: bool | None = None,
         ignore_discarded: bool | None = None,
         strict: bool = False,
+        budget_usd: Decimal | float | None = None,
     ) -> list[str]:
         """Run ``job`` once per model as a group called ``name``; return the copies' names.
 
@@ -252,6 +314,7 @@ class Workflow:
         whole group and reads every copy's result keyed by model in ``ctx.results[name]``;
         it runs once ``min_success`` copies completed (default: all of them). When it
         completes, copies that failed do not fail the workflow, unless ``strict``.
+        ``budget_usd`` limits what the copies' recorded usage may cost (see :meth:`budget`).
         """
         check_name(name)
         self._check_open()
@@ -263,6 +326,7 @@ class Workflow:
             raise DuplicateStepError(name)
         if min_success is not None and not 0 <= min_success <= len(models):
             raise WorkflowError(f"fan-out {name!r}: min_success must be within 0..{len(models)}")
+        usd = None if budget_usd is None else check_budget(budget_usd, f"fan-out {name!r}")
         members: list[str] = []
         taken: set[str] = set()
         for model in models:
@@ -276,6 +340,8 @@ class Workflow:
             self.nodes[member].group = name
             members.append(member)
         self.groups[name] = members
+        if usd is not None:
+            self.budgets[name] = usd
         if synthesize_with is not None:
             # Failed copies must not cancel the synthesis: it decides by min_success.
             self.add(f"{name}_synthesis", synthesize_with, deps=[name],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from decimal import Decimal
 
 
 class BatonError(Exception):
@@ -154,6 +155,22 @@ class DuplicateStepError(WorkflowError):
     def __init__(self, step: str) -> None:
         self.step = step
         super().__init__(f"workflow already has a step named {step!r}")
+
+
+class BudgetExceededError(WorkflowError):
+    """The workflow's budget is spent: raise it (``app.set_budget``) first."""
+
+    def __init__(self, workflow_id: str, scope: str, spent: Decimal, budget: Decimal) -> None:
+        self.workflow_id = workflow_id
+        self.scope = scope
+        """``""`` for the workflow's own budget, else the group or sub-workflow's name."""
+        self.spent = spent
+        self.budget = budget
+        what = "its budget" if not scope else f"the budget of {scope!r}"
+        super().__init__(
+            f"workflow {workflow_id} spent ${spent.normalize():f} of {what} of "
+            f"${budget.normalize():f}: raise it with app.set_budget(workflow_id, usd"
+            f"{'' if not scope else f', group={scope!r}'}) before running its steps again")
 
 
 class WorkflowNotFound(BatonError):

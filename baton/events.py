@@ -88,6 +88,10 @@ class WorkflowFinished(_Event):
     failed_steps: list[str]
     run: int = 1
     """The run that finished: 1, then one more for each resume of the finished workflow."""
+    reason: str | None = None
+    """Why steps of it were stopped before they started: ``budget_exceeded``, or ``None``."""
+    spent_usd: float | None = None
+    """For a workflow with a budget: what the priced usage of its steps cost, in US dollars."""
 
 
 class WorkflowResumed(_Event):
@@ -118,9 +122,12 @@ def finished_event(row: dict[str, Any]) -> WorkflowFinished:
     """Return the ``workflow_finished`` event of a finished ``workflows`` row (``id``,
     ``label``, ``state``, ``failed_steps``, ``finished_at``, ``run``): the event its
     settlement sent (``steps_settle``), field for field, for a subscriber that missed it."""
+    spent = row.get("spent_usd")
     return WorkflowFinished(workflow_id=row["id"], workflow_label=row["label"],
                             outcome=row["state"], failed_steps=list(row["failed_steps"]),
-                            timestamp=row["finished_at"], run=row["run"])
+                            timestamp=row["finished_at"], run=row["run"],
+                            reason=row.get("stop_reason"),
+                            spent_usd=None if spent is None else float(spent))
 
 
 FINAL_STEP_STATES = frozenset({"completed", "discarded", "cancelled"})

@@ -96,7 +96,7 @@ WITH input AS (
     FROM counts
     WHERE w.id = counts.workflow_id AND w.finished_at IS NULL
     RETURNING w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run, w.total_steps,
-        w.settled_steps
+        w.settled_steps, w.stop_reason, w.spent_usd
 ), hits AS (
     SELECT e.workflow_id, e.node, count(*)::integer AS n
     FROM {schema}.edges AS e
@@ -122,7 +122,7 @@ WITH input AS (
 -- One row at least (the notifications go out only if woken is read), then one per
 -- finished workflow.
 SELECT t.id, t.label, t.state, t.failed_steps, t.finished_at, t.run, t.total_steps,
-    t.settled_steps, woken.n AS woken
+    t.settled_steps, t.stop_reason, t.spent_usd, woken.n AS woken
 FROM woken
 LEFT JOIN tally AS t ON t.state <> 'running'
 
@@ -227,10 +227,11 @@ SELECT payload FROM {schema}.event_payloads WHERE id = %(id)s
 -- A subscriber catching up: the server's clock, then every workflow that finished at or
 -- after %(since)s (default: %(margin)s seconds ago), oldest first; one row with only the
 -- clock when none did. workflows_finished_idx serves it.
-SELECT now() AS read_at, w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run
+SELECT now() AS read_at, w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run,
+    w.stop_reason, w.spent_usd
 FROM (SELECT 1) AS clock
 LEFT JOIN LATERAL (
-    SELECT id, label, state, failed_steps, finished_at, run
+    SELECT id, label, state, failed_steps, finished_at, run, stop_reason, spent_usd
     FROM {schema}.workflows
     WHERE finished_at >= COALESCE(%(since)s::timestamptz,
                                   now() - make_interval(secs => %(margin)s))
@@ -239,7 +240,7 @@ ORDER BY w.finished_at, w.id
 
 -- name: workflow_finished_get
 -- A subscriber of one workflow catching up: the workflow, if it finished (its latest run).
-SELECT id, label, state, failed_steps, finished_at, run
+SELECT id, label, state, failed_steps, finished_at, run, stop_reason, spent_usd
 FROM {schema}.workflows
 WHERE id = %(id)s AND finished_at IS NOT NULL
 

@@ -14,6 +14,7 @@ import structlog
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from baton import ops
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
@@ -176,7 +177,8 @@ class Completer:
                     cur = await conn.execute(q["jobs_finish"], params)
                     last = await _send(conn, write.after)
                     if write.conclude is not None and last is not None:
-                        await _send(conn, write.conclude(await last.fetchall()))
+                        await ops.run_async(conn, write.conclude(await last.fetchall()),
+                                            "write outcomes")
                     if not write.empty:
                         await conn.execute(_COMMIT)
                     # Read last: the COMMIT travels with the rest unless conclude waited.

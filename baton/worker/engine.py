@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from baton.ops import Rows, Stmt
+from baton.ops import Op, Rows, Stmt
 from baton.worker.executor import FetchedJob, Outcome
 
 Payload = dict[str, Any]
@@ -36,14 +36,15 @@ class Write:
     statement (with ``finish_params``) and ``after`` in one transaction. ``after``
     statements go out before the finish's rows are read, so each checks the job states the
     finish left rather than being told what it applied. The rows of the last of them go
-    to ``conclude``, whose statements are sent before the COMMIT.
+    to ``conclude``, an operation whose statements are sent before the COMMIT (one that
+    reads rows of its own waits for them: a write that needs it pays a round trip more).
     """
 
     ahead: list[Stmt] = field(default_factory=list)
     before: list[Stmt] = field(default_factory=list)
     finish_params: dict[str, Any] = field(default_factory=lambda: NO_FINISH_EVENTS)
     after: list[Stmt] = field(default_factory=list)
-    conclude: Callable[[Rows], list[Stmt]] | None = None
+    conclude: Callable[[Rows], Op[Any]] | None = None
     events: Callable[[set[int]], list[Payload]] | None = None
     """The event payloads sent, given the ids of the jobs whose outcome was applied."""
 

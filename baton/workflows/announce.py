@@ -51,12 +51,22 @@ class StepEvent(NamedTuple):
 
 def finished_payload(row: Mapping[str, Any]) -> Payload:
     """The ``workflow_finished`` event of a workflow row that just finished (``id``,
-    ``label``, ``state``, ``failed_steps``, ``finished_at``, ``run``, and the counts)."""
-    return {"type": WORKFLOW_FINISHED, "workflow_id": str(row["id"]),
-            "workflow_label": row["label"], "outcome": row["state"],
-            "failed_steps": list(row["failed_steps"]), "run": row["run"],
-            "total_steps": row["total_steps"], "settled_steps": row["settled_steps"],
-            "timestamp": _timestamp(row["finished_at"])}
+    ``label``, ``state``, ``failed_steps``, ``finished_at``, ``run``, and the counts).
+
+    A workflow with a budget adds what its steps spent (``spent_usd``, from the row's
+    ``spent_usd``) and, if a budget stopped steps of it, ``reason`` (``budget_exceeded``,
+    from ``stop_reason``); other workflows' events have neither key."""
+    payload: Payload = {"type": WORKFLOW_FINISHED, "workflow_id": str(row["id"]),
+                        "workflow_label": row["label"], "outcome": row["state"],
+                        "failed_steps": list(row["failed_steps"]), "run": row["run"],
+                        "total_steps": row["total_steps"],
+                        "settled_steps": row["settled_steps"],
+                        "timestamp": _timestamp(row["finished_at"])}
+    if row.get("spent_usd") is not None:
+        payload["spent_usd"] = float(row["spent_usd"])
+    if row.get("stop_reason") is not None:
+        payload["reason"] = row["stop_reason"]
+    return payload
 
 
 def resumed_payload(workflow_id: uuid.UUID, label: str, run: int, steps: Sequence[str]

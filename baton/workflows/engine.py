@@ -24,10 +24,10 @@ from pydantic_core import from_json
 
 from baton import ops, results
 from baton.job import JobState, json_text
-from baton.ops import Rows, Stmt
+from baton.ops import Op, Rows, Stmt
 from baton.worker.engine import PLAIN, Payload, Write
 from baton.worker.executor import FetchedJob, Outcome
-from baton.workflows import announce, settle
+from baton.workflows import announce, budgets, settle
 from baton.workflows.gate import Dep, decide, gather_results
 from baton.workflows.store import dump_result
 
@@ -171,7 +171,8 @@ class WorkflowEngine:
 
     def written(self, outcomes: Sequence[Outcome]) -> Write:
         """Results, usage records, step events and settlement of a batch of outcomes."""
-        records = self._records(outcomes)
+        charges: list[dict[str, Any]] = []
+        records = self._records(outcomes, charges)
         flow = [o for o in outcomes if o.job.gate is not None]
         if not flow:
             return Write(after=records) if records else PLAIN
@@ -185,15 +186,25 @@ class WorkflowEngine:
         after = [*records, *ops.statements(steps.send_large(q))]
         done: list[Payload] = []
 
-        def conclude(rows: Rows) -> list[Stmt]:
+        # Budgets are checked only by a write that charges priced usage to a workflow step
+        # or sends one back to wait (a reached budget stops it): never on a plain path.
+        watched = {o.job.gate.workflow_id for o in flow if o.state not in settle.SETTLED_STATES}
+        watched.update(uuid.UUID(c["workflow_id"]) for c in charges)
+
+        def conclude(rows: Rows) -> Op[None]:
+            if watched:  # the rows of the charge: the steps it stopped, settled with the rest
+                done.extend((yield from budgets.stop(q, rows, settled)))
+                return
             done.extend(settle.finished(rows))
-            return ops.statements(announce.send(q, done))
+            yield from announce.send(q, done)
 
         def events(applied: set[int]) -> list[Payload]:
             return [p for p, o in zip(steps.payloads, flow, strict=True)
                     if o.job.id in applied] + done
 
-        if settled:
+        if watched:
+            after.append(budgets.charge(q, charges, watched))
+        elif settled:
             after.append(settle.statement(q, settled))
         return Write(
             ahead=[Stmt(q["nodes_keep_results"], {"rows": json_text(kept)}, rows=False)]
@@ -202,12 +213,14 @@ class WorkflowEngine:
             finish_params={"event_jobs": [flow[i].job.id for i in steps.small],
                            "event_chunks": steps.chunks, "event_bodies": steps.bodies},
             after=after,
-            conclude=conclude if settled else None,
+            conclude=conclude if settled or watched else None,
             events=events,
         )
 
-    def _records(self, outcomes: Sequence[Outcome]) -> list[Stmt]:
-        """The statements keeping the outcomes' token usage and captured calls."""
+    def _records(self, outcomes: Sequence[Outcome],
+                 charges: list[dict[str, Any]] | None = None) -> list[Stmt]:
+        """The statements keeping the outcomes' token usage and captured calls; the priced
+        usage of workflow steps is added to ``charges`` (for their budgets)."""
         stats: list[dict[str, Any]] = []
         captures: list[dict[str, Any]] = []
         for o in outcomes:
@@ -220,6 +233,9 @@ class WorkflowEngine:
                 cost = self.app.pricing.cost(usage)
                 stats.append({**where, **usage.model_dump(),
                               "cost": str(cost) if cost is not None else None})
+                if cost is not None and charges is not None and o.job.gate is not None:
+                    charges.append({"workflow_id": str(o.job.gate.workflow_id),
+                                    "step_name": o.job.gate.name, "cost": str(cost)})
             captures.extend({**where, **c} for c in o.captures)
         q = self.app.sql
         stmts = []

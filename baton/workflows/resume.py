@@ -17,7 +17,7 @@ from baton.db import Queries
 from baton.errors import NoSuchStepError, WorkflowNotFound
 from baton.job import JobState
 from baton.ops import Op, Stmt
-from baton.workflows import announce
+from baton.workflows import announce, budgets
 from baton.workflows.announce import Payload
 
 RESUMABLE_STATES = frozenset({JobState.DISCARDED, JobState.CANCELLED})
@@ -48,6 +48,8 @@ def resume_workflow(
 
     :raises WorkflowNotFound: if there is no such workflow.
     :raises NoSuchStepError: if it has no step of one of the names.
+    :raises BudgetExceededError: if a budget whose scope holds a step to resume is spent
+        (raise it with ``app.set_budget`` first); nothing is changed.
     """
     workflow_id = workflow_uuid(workflow_id)
     names = None if steps is None else list(dict.fromkeys(
@@ -63,6 +65,10 @@ def resume_workflow(
                        row_factory=dict_row)
     if not found:
         return [], []
+    # A spent budget keeps its steps from running again until it is raised.
+    yield from budgets.check_resume(q, workflow_id, [row["name"] for row in found])
+    if workflow["finished"]:
+        yield from budgets.new_run(q, workflow_id)
     done = yield Stmt(q["workflow_resume"], {
         "id": workflow_id, "names": [row["name"] for row in found],
         "channel": q.channel("insert"),

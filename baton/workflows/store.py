@@ -18,6 +18,7 @@ from baton.errors import NoResultError, NoSuchStepError, WorkflowError, Workflow
 from baton.job import JobState, json_text
 from baton.ops import Op, Stmt, insert_jobs
 from baton.unique import WorkflowId, workflow_key
+from baton.workflows import budgets
 
 
 class WorkflowInfo(BaseModel):
@@ -53,6 +54,7 @@ def insert(q: Queries, wf: Workflow) -> Op[WorkflowId]:
     elif (holder := (yield from insert_unique(q, wf, row))) is not None:
         return holder
     yield from _insert_steps(q, wf, order, settled=set())
+    yield from budgets.insert(q, wf.id, wf)
     return WorkflowId(wf.id)
 
 
@@ -117,6 +119,10 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     row = rows[0]
     if row["finished"]:
         raise WorkflowError(f"workflow {workflow_id} has finished; it cannot grow")
+    if wf.budget_usd is not None:
+        raise WorkflowError(
+            f"steps appended to workflow {workflow_id} take its budget; budget the groups "
+            "they add with budget(), or the workflow with app.set_budget()")
     wanted_groups = sorted({d for n in wf.nodes.values() for d in n.deps} & set(row["groups"]))
     if wanted_groups:
         found = yield Stmt(q["workflow_group_members"],
@@ -127,6 +133,7 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     wf.id = workflow_id
     yield Stmt(q["workflow_grow"], {"id": workflow_id, "count": len(order)})
     yield from _insert_steps(q, wf, order, settled=set(row["settled"]))
+    yield from budgets.insert(q, workflow_id, wf)
     return order
 
 
