@@ -11,7 +11,8 @@ Two measures, on one server, in the schema ``bench_limits`` (dropped first):
   each handed back before the next.
 - ``drain_jobs_per_s``: one worker drains ``--n`` no-op jobs at ``--concurrency``: with no
   limit, under a global concurrency limit that never binds (the limited claim's own cost)
-  and under one at half the worker's slots. Rounds alternate between the cases.
+  and under one at half the worker's slots, with the worker's CPU per 1,000 jobs. Rounds
+  alternate between the cases.
 
 Compare the no-limit figures with a tree before queue limits (``git worktree add``; run
 this file from here with ``PYTHONPATH`` set to that tree and ``--plain-only``).
@@ -60,8 +61,12 @@ def make_app(dsn: str) -> tuple[baton.Baton, Any]:
     return app, noop
 
 
-async def drain(dsn: str, n: int, concurrency: int, limit: int | None) -> float:
-    """Jobs per second of one worker draining ``n`` no-op jobs."""
+async def drain(dsn: str, n: int, concurrency: int, limit: int | None
+                ) -> tuple[float, float]:
+    """Jobs per second of one worker draining ``n`` no-op jobs, and the worker's CPU
+    milliseconds per 1,000 jobs (the server's SQL of a queue without limits is unchanged,
+    so a change there shows in the worker's CPU, which other load on the machine leaves
+    alone)."""
     reset(dsn)
     app, noop = make_app(dsn)
     if limit is not None:
@@ -73,11 +78,11 @@ async def drain(dsn: str, n: int, concurrency: int, limit: int | None) -> float:
     done.update(n=0, target=n, event=anyio.Event())
     settings = WorkerSettings(queues={QUEUE: concurrency})
     async with Worker(app, settings):
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         await done["event"].wait()
-        seconds = time.perf_counter() - began
+        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     await app.close()
-    return n / seconds
+    return n / seconds, cpu * 1e6 / n
 
 
 async def claim_times(dsn: str, claims: int, limited: bool) -> dict[str, float]:
@@ -115,16 +120,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cases["limit_not_binding"] = 1_000_000
         cases["limit_half"] = max(1, args.concurrency // 2)
     result: dict[str, Any] = {"n": args.n, "concurrency": args.concurrency,
-                              "claim_us": {}, "drain_jobs_per_s": {c: [] for c in cases}}
+                              "claim_us": {}, "drain_jobs_per_s": {c: [] for c in cases},
+                              "drain_cpu_ms_per_1000": {c: [] for c in cases}}
     result["claim_us"]["no_limit"] = await claim_times(args.dsn, args.claims, limited=False)
     if not args.plain_only:
         result["claim_us"]["limited"] = await claim_times(args.dsn, args.claims, limited=True)
     for _ in range(args.rounds):
         for case, limit in cases.items():
-            rate = await drain(args.dsn, args.n, args.concurrency, limit)
+            rate, cpu = await drain(args.dsn, args.n, args.concurrency, limit)
             result["drain_jobs_per_s"][case].append(round(rate))
-    result["drain_median"] = {c: statistics.median(v)
-                              for c, v in result["drain_jobs_per_s"].items()}
+            result["drain_cpu_ms_per_1000"][case].append(round(cpu, 1))
+    for key in ("drain_jobs_per_s", "drain_cpu_ms_per_1000"):
+        result[key + "_median"] = {c: statistics.median(v) for c, v in result[key].items()}
     return result
 
 
