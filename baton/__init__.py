@@ -36,6 +36,7 @@ from baton.errors import (
     WorkflowNotFound,
 )
 from baton.job import Job, JobSpec, JobState
+from baton.limits import QueueLimit, Window
 from baton.periodic import Schedule
 from baton.signals import Cancel, Discard, Signal, Snooze
 from baton.step import JobBatch, Step
@@ -73,6 +74,7 @@ __all__ = [
     "OutcomeUnknownError",
     "PayloadTooLargeError",
     "ProcessDiedError",
+    "QueueLimit",
     "QueueNotFound",
     "RemoteStepError",
     "ResultError",
@@ -88,6 +90,7 @@ __all__ = [
     "Unique",
     "UnknownDependencyError",
     "UnknownStepError",
+    "Window",
     "Worker",
     "WorkerSettings",
     "Workflow",
