@@ -108,12 +108,15 @@ async def test_scale_changes_how_many_run_at_once(app: baton.Baton, dsn: str) ->
         [basic.counted.new(key="scale", gate=f"g{i}") for i in range(8)])
     async with running_worker(app, queues={"limited": 2}) as worker:
         producer = worker.producers["limited"]
-        await until(lambda: counts(dsn, "limited").get("executing") == 2)
-        assert basic.RUNNING["scale"] == 2
+        # Claimed (the table) and started (the step's own count): a claim starts a moment
+        # after it commits.
+        await until(lambda: counts(dsn, "limited").get("executing") == 2
+                    and basic.RUNNING["scale"] == 2)
 
         await app.scale_queue("limited", 5)  # up: three more slots at once
-        await until(lambda: counts(dsn, "limited").get("executing") == 5)
-        assert basic.RUNNING["scale"] == 5 and counts(dsn, "limited")["available"] == 3
+        await until(lambda: counts(dsn, "limited").get("executing") == 5
+                    and basic.RUNNING["scale"] == 5)
+        assert counts(dsn, "limited")["available"] == 3
         assert worker.limiter.total_tokens == 5
 
         # Down: nothing is interrupted; slots end as their jobs finish. One job still runs.
@@ -125,15 +128,12 @@ async def test_scale_changes_how_many_run_at_once(app: baton.Baton, dsn: str) ->
         for gate in started[:4]:
             basic.GATES[gate].set()
         await until(lambda: counts(dsn, "limited") == {
-            "completed": 4, "executing": 2, "available": 2})
-        assert basic.RUNNING["scale"] == 2
+            "completed": 4, "executing": 2, "available": 2} and basic.RUNNING["scale"] == 2)
 
         await app.scale_queue("limited", None)  # back to the worker's own setting (2)
-        for gate in started[4:]:
-            basic.GATES[gate].set()
-        while len(basic.CALLS["scale"]) < 8:
-            for gate in list(basic.GATES.values()):
-                gate.set()
+        while len(basic.CALLS["scale"]) < 8:  # open each gate as its job starts
+            for event in list(basic.GATES.values()):
+                event.set()
             await anyio.sleep(0.02)
         await wait_for_jobs(app, ids, ["completed"])
     assert basic.PEAK["scale"] == 5
