@@ -272,6 +272,7 @@ class Baton:
         """Whether the async connection pool is open."""
         return self._pool is not None
 
+    @loop_only
     async def open(self) -> None:
         """Open the async connection pool and its first connection (done on first use;
         call it to fail early). Cancellable throughout.
@@ -309,6 +310,7 @@ class Baton:
                 pool.close()
         return self._sync_pool
 
+    @loop_only
     async def close(self) -> None:
         """Close the app's connection pools."""
         if self._pool is not None:
@@ -400,6 +402,7 @@ class Baton:
         """Apply pending migrations; return the versions applied."""
         return migrations.migrate_up(self.dsn, self.schema, connect_timeout=self.connect_timeout)
 
+    @loop_only
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied."""
         import anyio.to_thread
@@ -408,6 +411,7 @@ class Baton:
 
     # -- jobs ----------------------------------------------------------------------------
 
+    @loop_only
     async def enqueue(self, job: JobSpec, *, conn: psycopg.AsyncConnection[Any] | None = None,
                       idempotency_key: str | None = None) -> JobId:
         """Insert one job and return its id.
@@ -427,6 +431,7 @@ class Baton:
         op = ops.enqueue_one(self.sql, job, idempotency_key=idempotency_key)
         return await self._run(op, "enqueue", conn, single=True)
 
+    @loop_only
     async def enqueue_many(
         self, jobs: Sequence[JobSpec], *, conn: psycopg.AsyncConnection[Any] | None = None
     ) -> JobIds:
@@ -500,6 +505,7 @@ class Baton:
 
     # -- workflows -----------------------------------------------------------------------
 
+    @loop_only
     async def insert(
         self, workflow: Workflow, *, conn: psycopg.AsyncConnection[Any] | None = None
     ) -> WorkflowId:

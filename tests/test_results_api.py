@@ -230,6 +230,10 @@ def test_a_coroutine_called_without_an_event_loop_names_its_twin(dsn: str) -> No
     with pytest.raises(baton.NoEventLoopError, match=r"app\.query\.status_sync\(\)"):
         app.query.status()
     assert isinstance(calling.value, RuntimeError)
+    with pytest.raises(baton.NoEventLoopError, match=r"app\.enqueue_sync\(\)"):
+        app.enqueue(kept.forgetful.new(x=1))  # a web view that meant enqueue_sync
+    assert app.get_job_sync(app.enqueue_sync(kept.forgetful.new(x=1))).state == "available"
+    app.close_sync()
 
 
 # -- tags --------------------------------------------------------------------------------
