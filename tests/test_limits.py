@@ -259,3 +259,42 @@ def test_cli_sets_lists_and_removes_limits(dsn: str,
     assert cli.main(["queue", "unlimit", Q, "--dsn", dsn]) == 0
     assert "has no limits now" in capsys.readouterr().out
     assert sql_rows(dsn, "SELECT count(*) FROM baton.queue_limits") == [(0,)]
+
+
+async def test_a_busy_partition_beyond_the_scan_hides_no_one(app: baton.Baton) -> None:
+    """A claim considers a bounded number of jobs: when one customer fills them all, it
+    claims that customer's share and asks for another claim at once, which skips it."""
+    await app.limit_queue(Q, concurrency=1, partition_by="customer")
+    await app.enqueue_many([limited.nap.new(seconds=0, customer="big") for _ in range(150)])
+    await app.enqueue(limited.nap.new(seconds=0, customer="small"))
+    worker = baton.Worker(app, baton.WorkerSettings(queues={Q: 10}))
+    await worker.limits.load()
+    producer = worker.producers[Q]
+    params = {"queue": Q, "demand": 10, "worker_id": worker.id, "steps": worker.step_names}
+    async with app.connection(autocommit=True) as conn:
+        producer._wake = anyio.Event()
+        first = await worker.limits.claim(conn, params)
+        assert [row[2]["customer"] for row in first] == ["big"]
+        assert producer._wake.is_set()  # the scan was cut short: claim again now
+        second = await worker.limits.claim(conn, params)
+        assert [row[2]["customer"] for row in second] == ["small"]
+        assert await worker.limits.claim(conn, params) == []
+
+
+async def test_limited_claim_reads_the_fetch_index(app: baton.Baton) -> None:
+    """The limited claim walks the queue's available jobs in the fetch index's order, as
+    the plain fetch does, instead of sorting the queue."""
+    await app.limit_queue(Q, concurrency=5, rate="100/1s", partition_by="customer")
+    await app.enqueue_many([limited.nap.new(seconds=0, customer=str(i % 7))
+                            for i in range(2000)])
+    async with app.connection() as conn:
+        await conn.execute("ANALYZE baton.jobs")
+        await conn.execute(app.sql["queue_limit_lock"], {"queue": Q})
+        cur = await conn.execute(
+            b"EXPLAIN (COSTS OFF) " + app.sql["jobs_fetch_limited"].as_bytes(conn),
+            {"queue": Q, "demand": 10, "scan": 100, "steps": ["tests.apps.limited.nap"],
+             "worker_id": "w"})
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+        await conn.rollback()
+    candidates = plan[plan.index("CTE candidates"):plan.index("CTE picked")]
+    assert "jobs_fetch_idx" in candidates and "Sort" not in candidates, plan
