@@ -757,6 +757,7 @@ class Baton:
 
     # -- queue limits --------------------------------------------------------------------
 
+    @loop_only
     async def limit_queue(
         self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
         tokens: WindowSpec | None = None, partition_by: str | None = None,
@@ -785,6 +786,7 @@ class Baton:
                                              tokens=tokens, partition_by=partition_by))
         return self._run_sync(op, "limit queue", None, single=True)
 
+    @loop_only
     async def unlimit_queue(self, name: str) -> bool:
         """Remove every limit of a queue; ``False`` if it had none."""
         return await self._run(remove_limit(self.sql, name), "unlimit queue", None,
@@ -794,6 +796,7 @@ class Baton:
         """Remove a queue's limits from synchronous code (see :meth:`unlimit_queue`)."""
         return self._run_sync(remove_limit(self.sql, name), "unlimit queue", None, single=True)
 
+    @loop_only
     async def queue_limits(self, names: Sequence[str] | None = None) -> list[QueueLimit]:
         """Return the limits of the queues ``names`` (of every limited queue by default)."""
         return await self._run(list_limits(self.sql, names), "read queue limits", None,
