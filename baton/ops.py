@@ -23,7 +23,7 @@ from psycopg.rows import BaseRowFactory, class_row, dict_row, tuple_row
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound, OptionsError
-from baton.job import NULL, Job, JobSpec, JobState, encode_json, rows_text
+from baton.job import NULL, Job, JobSpec, JobState, rows_text
 from baton.step import JobBatch
 from baton.unique import JobId, JobIds, job_id, job_key
 
@@ -357,10 +357,8 @@ def _unique_row(job: JobSpec) -> str:
     row = job.row_json()
     if job.unique is None:
         return row
-    unique = job.unique
-    key = job_key(unique, job.step, job.queue, job.args)
-    return (f'{row[:-1]},"unique_key":"{key}","unique_period":{encode_json(unique.period)},'
-            f'"unique_states":{encode_json(unique.job_states(job.step))}}}')
+    key = job_key(job.unique, job.step, job.queue, job.args)
+    return f'{row[:-1]},"unique_key":"{key}",{job.unique.row_fields}}}'
 
 
 def _insert_unique_rows(q: Queries, jobs: Sequence[JobSpec], now: datetime | None

@@ -260,7 +260,7 @@ async def test_large_unique_batch(app: baton.Baton) -> None:
     assert again == ids[:10] and again.duplicates == tuple(range(10))
 
 
-async def test_a_failed_batch_inserts_nothing(app: baton.Baton) -> None:
+async def test_a_rolled_back_batch_leaves_nothing(app: baton.Baton) -> None:
     jobs = [uniq.refresh.new(account=1), uniq.plain.new(n=1)] * 20
     jobs.append(baton.JobSpec("x", {"a": 1}, max_attempts=1).options(unique=True))
     async with await psycopg.AsyncConnection.connect(app.dsn) as conn:
@@ -309,6 +309,21 @@ async def test_a_finished_workflow_no_longer_blocks(app: baton.Baton) -> None:
     async with running_worker(app):
         await wait_for_workflow(app, third)
     assert (await app.insert(ingest("kept", 1, unique=kept))) == third
+
+
+async def test_resuming_a_workflow_whose_key_is_taken_is_refused(app: baton.Baton) -> None:
+    unique = baton.Unique(by_label=True)
+    failing = baton.Workflow("nightly", unique=unique)
+    failing.add("only", uniq.fail.new(n=1))
+    first = await app.insert(failing)
+    async with running_worker(app):
+        assert (await wait_for_workflow(app, first)).state == "failed"
+    second = await app.insert(ingest("nightly", 1, unique=unique))  # holds the key now
+    assert not second.duplicate
+    with pytest.raises(baton.DatabaseError) as caught:
+        await app.resume(first)
+    assert caught.value.sqlstate == "23505"
+    assert (await app.get_workflow(first)).state == "failed"
 
 
 async def test_workflow_period(app: baton.Baton) -> None:

@@ -33,6 +33,11 @@ async def plain(n: int) -> int:
     return n
 
 
+@app.step(max_attempts=1)
+async def fail(n: int) -> None:
+    raise RuntimeError(f"step {n} fails")
+
+
 def race(dsn: str, barrier: Any, results: Any, many: bool) -> None:
     """One racing process: wait for the others, then insert the same unique job 50 times at
     once (50 concurrent enqueues, or one enqueue_many of 50); report (id, duplicate)s."""
