@@ -93,12 +93,18 @@ def set_control(
     :raises OptionsError: if the name or the concurrency is invalid.
     :raises QueueNotFound: if no job, live worker or registered step uses the queue.
     """
+    # Checked here, before a connection is taken: the operation itself runs later.
     if (problem := check_queue(name)) is not None:
         raise OptionsError("queue", problem)
     if scale:
         concurrency = check_concurrency(concurrency)
+    return _set_control(q, name, sorted(set(registered)), paused, scale, concurrency)
+
+
+def _set_control(q: Queries, name: str, registered: list[str], paused: bool | None,
+                 scale: bool, concurrency: int | None) -> Op[QueueControl]:
     rows = yield Stmt(q["queue_control_set"], {
-        "name": name, "registered": sorted(set(registered)), "paused": paused,
+        "name": name, "registered": registered, "paused": paused,
         "set_concurrency": scale, "concurrency": concurrency,
         "channel": q.channel("control"),
     }, row_factory=_CONTROL_ROW)  # its extra column (announced) is ignored

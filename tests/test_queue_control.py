@@ -232,3 +232,11 @@ async def test_a_worker_started_later_obeys_the_scale(app: baton.Baton) -> None:
         assert worker.producers["limited"].limit == 7
         assert worker.producers["default"].limit == 3
         assert worker.limiter.total_tokens == 10
+
+
+def test_bad_input_is_refused_before_connecting() -> None:
+    app = baton.Baton("postgresql://baton@127.0.0.1:1/nowhere", connect_timeout=0.1)
+    with pytest.raises(baton.OptionsError, match="concurrency"):
+        app.scale_queue_sync("default", 0)
+    with pytest.raises(baton.OptionsError, match="queue"):
+        app.pause_queue_sync("")
