@@ -761,6 +761,7 @@ class Baton:
     async def limit_queue(
         self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
         tokens: WindowSpec | None = None, partition_by: str | None = None,
+        total_concurrency: int | None = None,
     ) -> QueueLimit:
         """Set the limits of a queue across all workers, replacing any it had; running
         workers obey at once. A limit not given is no limit.
@@ -771,19 +772,24 @@ class Baton:
             (input + output) within the window: ``(100_000, 60.0)`` or ``"100000/1m"``.
         :param partition_by: a key of the jobs' args: every limit applies to each of its
             values on its own (per customer, per provider).
+        :param total_concurrency: with ``partition_by``, the most jobs of the whole queue
+            executing at once, whatever their partition.
         :raises ConfigurationError: for a bad name or limit, or none at all.
         """
         op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
-                                             tokens=tokens, partition_by=partition_by))
+                                             tokens=tokens, partition_by=partition_by,
+                                             total_concurrency=total_concurrency))
         return await self._run(op, "limit queue", None, single=True)
 
     def limit_queue_sync(
         self, name: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
         tokens: WindowSpec | None = None, partition_by: str | None = None,
+        total_concurrency: int | None = None,
     ) -> QueueLimit:
         """Set the limits of a queue from synchronous code (see :meth:`limit_queue`)."""
         op = set_limit(self.sql, queue_limit(name, concurrency=concurrency, rate=rate,
-                                             tokens=tokens, partition_by=partition_by))
+                                             tokens=tokens, partition_by=partition_by,
+                                             total_concurrency=total_concurrency))
         return self._run_sync(op, "limit queue", None, single=True)
 
     @loop_only

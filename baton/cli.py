@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "many tokens within the window, e.g. 100000/1m")
     limit.add_argument("--partition-by", metavar="KEY",
                        help="apply every limit to each value of this key of the jobs' args")
+    limit.add_argument("--total-concurrency", type=int,
+                       help="with --partition-by: the most jobs of the whole queue at once")
     unlimit = queue_sub.add_parser("unlimit", help="remove every limit of a queue")
     for p in (limit, unlimit):
         p.add_argument("name", help="the queue")
@@ -411,7 +413,7 @@ def _queue_limits(app: Baton, args: argparse.Namespace) -> int:
         return _out(args, {"queue": args.name, "changed": removed}, human)
     set_to = anyio.run(_using(app, lambda: app.limit_queue(
         args.name, concurrency=args.concurrency, rate=args.rate, tokens=args.tokens,
-        partition_by=args.partition_by)))
+        partition_by=args.partition_by, total_concurrency=args.total_concurrency)))
     return _out(args, set_to.model_dump(mode="json"),
                 f"queue {set_to.queue} limited: {set_to.describe()}")
 

@@ -174,6 +174,9 @@ async def test_each_sync_twin_answers_as_its_coroutine_does(app: baton.Baton) ->
         "status": (app.query, (), {}),
         "jobs": (app.query, (), {"tags": ["reports"]}),
         "list_queues": (app, (), {}),
+        "queue_limits": (app, (), {}),
+        "budgets": (app, (wf.id,), {}),
+        "schedules": (app.query, (), {}),
     }
     for name, (target, args, kwargs) in calls.items():
         if not hasattr(target, name):
