@@ -1,6 +1,6 @@
 """Periodic jobs: schedules (a cron expression read in a time zone, and the job it
-enqueues) and their ticks. Pure logic, no I/O: the leader's scheduler
-(:mod:`baton.worker.scheduler`) writes and ticks the rows.
+enqueues), their ticks, and the read of the ``schedules`` table. No I/O here: the
+scheduler service (:mod:`baton.worker.scheduler`) writes and ticks the rows.
 
 The rule for ticks: the leader enqueues a schedule's job once per tick, in the statement
 that moves the schedule's ``next_tick`` on (a compare-and-set on the value it read), so a
@@ -33,7 +33,15 @@ listings (the leader uses its workers' ``heartbeat_ttl``)."""
 _NAME = re.compile(r"[^\x00]{1,200}")
 
 CRON_HELP = ("five fields (minute hour day-of-month month day-of-week), or six with seconds "
-             "first, such as '*/5 * * * *' or '*/10 * * * * *'")
+             "first, such as '*/5 * * * *' or '*/10 * * * * *', or @hourly, @daily, @weekly, "
+             "@monthly or @yearly")
+
+ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+"""The shorthands of Vixie cron, and the expressions they stand for."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ class Cron:
     timezone: str
     schedule: str = field(default="", compare=False)
     zone: ZoneInfo = field(init=False, repr=False, compare=False)
+    fields: str = field(init=False, repr=False, compare=False)
+    """The expression as cronsim reads it (a shorthand spelled out)."""
 
     def __post_init__(self) -> None:
         name = self.schedule or self.expression
@@ -55,9 +65,11 @@ class Cron:
             raise ScheduleError(name, f"a cron expression is {CRON_HELP}, not "
                                       f"{self.expression!r}")
         object.__setattr__(self, "zone", _zone(self.timezone, name))
+        fields = ALIASES.get(self.expression.strip().lower(), self.expression)
+        object.__setattr__(self, "fields", fields)
         now = datetime.now(UTC)
         try:
-            first = next(CronSim(self.expression, now.astimezone(self.zone)), None)
+            first = next(CronSim(fields, now.astimezone(self.zone)), None)
         except CronSimError as exc:
             raise ScheduleError(name, f"invalid cron expression {self.expression!r} ({exc}); "
                                       f"use {CRON_HELP}") from None
@@ -67,14 +79,16 @@ class Cron:
 
     def latest(self, now: datetime) -> datetime | None:
         """Return the latest tick at or before ``now`` (timezone-aware) in UTC, or None."""
-        # Backwards from the second after now (cronsim's reverse iteration excludes its start).
-        start = now.astimezone(self.zone).replace(microsecond=0) + timedelta(seconds=1)
-        return _utc(next(CronSim(self.expression, start, reverse=True), None))
+        # Backwards from the second after now (cronsim's reverse iteration excludes its
+        # start), counted in UTC: adding to a wall time may land in an hour the clocks skip.
+        start = now.astimezone(UTC).replace(microsecond=0) + timedelta(seconds=1)
+        return _utc(next(CronSim(self.fields, start.astimezone(self.zone), reverse=True),
+                         None))
 
     def following(self, now: datetime) -> datetime | None:
         """Return the first tick after ``now`` (timezone-aware) in UTC, or None if there is
         none in the next fifty years."""
-        return _utc(next(CronSim(self.expression, now.astimezone(self.zone)), None))
+        return _utc(next(CronSim(self.fields, now.astimezone(self.zone)), None))
 
 
 def _utc(moment: datetime | None) -> datetime | None:

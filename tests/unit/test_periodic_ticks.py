@@ -73,3 +73,11 @@ def test_hourly_follows_the_clock_across_daylight_saving_changes(day: str, hours
     moments = [t.tick.astimezone(UTC) for t in ticks]
     assert len(moments) == len(set(moments)) == hours, ticks
     assert all(t.missed_since is None for t in ticks)
+
+
+def test_shorthands_are_spelled_out() -> None:
+    at = datetime(2026, 12, 3, 10, 30, tzinfo=UTC)
+    assert periodic.cron("@daily", "UTC").following(at) == datetime(2026, 12, 4, tzinfo=UTC)
+    assert periodic.cron("@HOURLY", "UTC").latest(at) == datetime(2026, 12, 3, 10, tzinfo=UTC)
+    assert periodic.cron("@weekly", "Europe/Paris").following(at) == datetime(
+        2026, 12, 5, 23, tzinfo=UTC)  # Sunday midnight in Paris
