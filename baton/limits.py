@@ -80,6 +80,8 @@ class QueueLimit(BaseModel):
     queue: str
     concurrency: int | None = None
     """The most jobs executing at once, across all workers."""
+    total_concurrency: int | None = None
+    """With ``partition_by``: the most jobs of the whole queue executing at once."""
     rate: Window | None = None
     """The most jobs started in any window of ``rate.seconds``."""
     tokens: Window | None = None
@@ -95,7 +97,8 @@ class QueueLimit(BaseModel):
             rate = Window(limit=row["rate_limit"], seconds=row["rate_period"])
         if row["token_limit"] is not None:
             tokens = Window(limit=row["token_limit"], seconds=row["token_period"])
-        return cls(queue=row["queue"], concurrency=row["concurrency"], rate=rate,
+        return cls(queue=row["queue"], concurrency=row["concurrency"],
+                   total_concurrency=row["total_concurrency"], rate=rate,
                    tokens=tokens, partition_by=row["partition_by"],
                    updated_at=row.get("updated_at"))
 
@@ -109,12 +112,17 @@ class QueueLimit(BaseModel):
         if self.tokens is not None:
             parts.append(f"tokens {self.tokens}")
         text = ", ".join(parts)
-        return f"{text} per {self.partition_by}" if self.partition_by else text
+        if self.partition_by:
+            text = f"{text} per {self.partition_by}" if text else f"per {self.partition_by}"
+        if self.total_concurrency is not None:
+            text += f"; concurrency {self.total_concurrency} in all"
+        return text
 
 
 def queue_limit(
     queue: str, *, concurrency: int | None = None, rate: WindowSpec | None = None,
     tokens: WindowSpec | None = None, partition_by: str | None = None,
+    total_concurrency: int | None = None,
 ) -> QueueLimit:
     """Validate limits for ``queue`` (see :meth:`baton.Baton.limit_queue`).
 
@@ -122,19 +130,23 @@ def queue_limit(
     """
     if (problem := check_queue(queue)) is not None:
         raise ConfigurationError(problem)
-    if concurrency is not None and (isinstance(concurrency, bool)
-                                    or not isinstance(concurrency, int) or concurrency < 1):
-        raise ConfigurationError(f"invalid concurrency {concurrency!r}: expected an integer "
-                                 "of at least 1")
+    for name, value in (("concurrency", concurrency), ("total_concurrency", total_concurrency)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigurationError(f"invalid {name} {value!r}: expected an integer of at "
+                                     "least 1")
+    if total_concurrency is not None and partition_by is None:
+        raise ConfigurationError("total_concurrency caps a partitioned queue as a whole: "
+                                 "without partition_by, use concurrency")
     if partition_by is not None and (not isinstance(partition_by, str)
                                      or not 0 < len(partition_by) <= 128):
         raise ConfigurationError(f"invalid partition_by {partition_by!r}: expected the name "
                                  "of a key of the jobs' args (1 to 128 characters)")
-    if concurrency is None and rate is None and tokens is None:
+    if concurrency is None and total_concurrency is None and rate is None and tokens is None:
         raise ConfigurationError(f"no limit given for queue {queue!r}: pass concurrency, rate "
                                  "or tokens (remove limits with unlimit_queue)")
     return QueueLimit(
-        queue=queue, concurrency=concurrency,
+        queue=queue, concurrency=concurrency, total_concurrency=total_concurrency,
         rate=parse_window(rate) if rate is not None else None,
         tokens=parse_window(tokens, what="tokens") if tokens is not None else None,
         partition_by=partition_by)
@@ -144,6 +156,7 @@ def set_limit(q: Queries, limit: QueueLimit) -> Op[QueueLimit]:
     """Store ``limit`` (replacing the queue's limits) and tell the workers."""
     rows = yield Stmt(q["queue_limit_set"], {
         "queue": limit.queue, "concurrency": limit.concurrency,
+        "total_concurrency": limit.total_concurrency,
         "rate_limit": limit.rate.limit if limit.rate else None,
         "rate_period": limit.rate.seconds if limit.rate else None,
         "token_limit": limit.tokens.limit if limit.tokens else None,

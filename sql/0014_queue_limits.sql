@@ -7,6 +7,7 @@
 CREATE TABLE IF NOT EXISTS {schema}.queue_limits (
     queue         text             PRIMARY KEY,
     concurrency   integer          CHECK (concurrency >= 1),
+    total_concurrency integer      CHECK (total_concurrency >= 1),
     rate_limit    integer          CHECK (rate_limit >= 1),
     rate_period   double precision CHECK (rate_period > 0),
     token_limit   bigint           CHECK (token_limit >= 1),
@@ -16,7 +17,10 @@ CREATE TABLE IF NOT EXISTS {schema}.queue_limits (
     CONSTRAINT queue_limits_rate_pair CHECK ((rate_limit IS NULL) = (rate_period IS NULL)),
     CONSTRAINT queue_limits_token_pair CHECK ((token_limit IS NULL) = (token_period IS NULL)),
     CONSTRAINT queue_limits_some CHECK (
-        concurrency IS NOT NULL OR rate_limit IS NOT NULL OR token_limit IS NOT NULL)
+        concurrency IS NOT NULL OR total_concurrency IS NOT NULL OR rate_limit IS NOT NULL
+        OR token_limit IS NOT NULL),
+    CONSTRAINT queue_limits_total_partitioned CHECK (
+        total_concurrency IS NULL OR partition_by IS NOT NULL)
 );
 
 COMMENT ON TABLE {schema}.queue_limits IS
@@ -24,6 +28,9 @@ COMMENT ON TABLE {schema}.queue_limits IS
     'app.limit_queue or `baton queue limit` so that running workers are told at once.';
 COMMENT ON COLUMN {schema}.queue_limits.concurrency IS
     'The most jobs of the queue (of each partition) executing at once; NULL: no such limit.';
+COMMENT ON COLUMN {schema}.queue_limits.total_concurrency IS
+    'With partition_by: the most jobs of the whole queue executing at once, whatever their '
+    'partition; NULL: no such limit.';
 COMMENT ON COLUMN {schema}.queue_limits.rate_limit IS
     'The most jobs of the queue (of each partition) started in any rate_period seconds.';
 COMMENT ON COLUMN {schema}.queue_limits.token_limit IS

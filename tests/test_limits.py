@@ -83,6 +83,11 @@ async def test_limits_are_set_listed_replaced_and_removed(app: baton.Baton) -> N
     assert (first.concurrency, first.rate, first.tokens, first.partition_by) == (
         3, Window(limit=20, seconds=1.0), Window(limit=100_000, seconds=60.0), "customer")
     assert first.describe() == "concurrency 3, rate 20/1s, tokens 100000/60s per customer"
+    with pytest.raises(ConfigurationError, match="without partition_by"):
+        await app.limit_queue(Q, total_concurrency=5)
+    capped = await app.limit_queue(Q, concurrency=2, partition_by="customer",
+                                   total_concurrency=10)
+    assert capped.describe() == "concurrency 2 per customer; concurrency 10 in all"
     again = app.limit_queue_sync(Q, rate="5/1s")  # replaces every limit
     assert (again.concurrency, again.rate, again.partition_by) == (None, parse_window("5/s"),
                                                                     None)
@@ -197,6 +202,20 @@ async def test_partitions_each_get_their_share(app: baton.Baton) -> None:
     small_done = max(s for s, _, args in times if args["customer"] != "big")
     # The small customers' three jobs each ran beside big's first few, not after its 30.
     assert small_done < big_starts[5]
+
+
+async def test_total_concurrency_caps_a_partitioned_queue(app: baton.Baton) -> None:
+    """One at a time per customer and two in all: three customers never run three."""
+    await app.limit_queue(Q, concurrency=1, partition_by="customer", total_concurrency=2)
+    ids = await app.enqueue_many([limited.nap.new(seconds=0.03, customer=name)
+                                  for _ in range(4) for name in ("a", "b", "c")])
+    async with running_worker(app, queues={Q: 10}):
+        await wait_for_jobs(app, ids, ["completed"], timeout=60)
+    times = job_times(app.dsn, ids)
+    assert most_at_once([(s, e) for s, e, _ in times]) == 2
+    for customer in ("a", "b", "c"):
+        assert most_at_once([(s, e) for s, e, args in times
+                             if args["customer"] == customer]) == 1
 
 
 async def test_partitioned_rate_counts_each_partition(app: baton.Baton) -> None:

@@ -6,23 +6,25 @@
 -- queue's recorded starts are kept: a new rate counts the starts already in its window.
 WITH saved AS (
     INSERT INTO {schema}.queue_limits AS l (
-        queue, concurrency, rate_limit, rate_period, token_limit, token_period, partition_by)
-    VALUES (%(queue)s, %(concurrency)s, %(rate_limit)s, %(rate_period)s, %(token_limit)s,
-            %(token_period)s, %(partition_by)s)
+        queue, concurrency, total_concurrency, rate_limit, rate_period, token_limit,
+        token_period, partition_by)
+    VALUES (%(queue)s, %(concurrency)s, %(total_concurrency)s, %(rate_limit)s,
+            %(rate_period)s, %(token_limit)s, %(token_period)s, %(partition_by)s)
     ON CONFLICT (queue) DO UPDATE
-    SET concurrency = EXCLUDED.concurrency, rate_limit = EXCLUDED.rate_limit,
+    SET concurrency = EXCLUDED.concurrency, total_concurrency = EXCLUDED.total_concurrency,
+        rate_limit = EXCLUDED.rate_limit,
         rate_period = EXCLUDED.rate_period, token_limit = EXCLUDED.token_limit,
         token_period = EXCLUDED.token_period, partition_by = EXCLUDED.partition_by,
         updated_at = now()
-    RETURNING queue, concurrency, rate_limit, rate_period, token_limit, token_period,
-        partition_by, updated_at
+    RETURNING queue, concurrency, total_concurrency, rate_limit, rate_period, token_limit,
+        token_period, partition_by, updated_at
 ), told AS (
     SELECT pg_notify(%(control)s, json_build_object('action', 'limits', 'queue', queue)::text),
         pg_notify(%(insert)s, queue)
     FROM saved
 )
-SELECT queue, concurrency, rate_limit, rate_period, token_limit, token_period, partition_by,
-    updated_at, (SELECT count(*) FROM told) AS told
+SELECT queue, concurrency, total_concurrency, rate_limit, rate_period, token_limit,
+    token_period, partition_by, updated_at, (SELECT count(*) FROM told) AS told
 FROM saved
 
 -- name: queue_limit_remove
@@ -41,8 +43,8 @@ SELECT queue, (SELECT count(*) FROM told) AS told FROM removed
 
 -- name: queue_limits_list
 -- The limits of the queues named in %(queues)s, or of every limited queue when it is NULL.
-SELECT queue, concurrency, rate_limit, rate_period, token_limit, token_period, partition_by,
-    updated_at
+SELECT queue, concurrency, total_concurrency, rate_limit, rate_period, token_limit,
+    token_period, partition_by, updated_at
 FROM {schema}.queue_limits
 WHERE %(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[])
 ORDER BY queue
@@ -59,7 +61,8 @@ SELECT queue FROM {schema}.queue_limits WHERE queue = %(queue)s FOR UPDATE
 -- transaction). Each partition (the whole queue when unpartitioned) may start as many jobs
 -- as its concurrency, rate and token limits leave room for; partitions with no room are
 -- skipped in the scan, so a busy one never hides the others' jobs, and the jobs picked take
--- turns between partitions (the first of each, then the second, ...). %(scan)s bounds the
+-- turns between partitions (the first of each, then the second, ...), up to the room
+-- total_concurrency leaves in the whole queue. %(scan)s bounds the
 -- jobs considered. Times are the statement's: it starts after the lock was granted, so
 -- every claim's starts are later than the ones before it. The last column of every row is
 -- the seconds until a partition at its rate or token limit gains room (0 when the scan of a
@@ -68,8 +71,8 @@ SELECT queue FROM {schema}.queue_limits WHERE queue = %(queue)s FOR UPDATE
 -- with every other column NULL. (The writes in counted and forgotten run whether or not the
 -- final SELECT reads them.)
 WITH lim AS (
-    SELECT concurrency, rate_limit, rate_period, token_limit, token_period, partition_by,
-        statement_timestamp() AS now
+    SELECT concurrency, total_concurrency, rate_limit, rate_period, token_limit, token_period,
+        partition_by, statement_timestamp() AS now
     FROM {schema}.queue_limits
     WHERE queue = %(queue)s
 ), running AS (
@@ -77,7 +80,8 @@ WITH lim AS (
                 ELSE COALESCE(j.args ->> lim.partition_by, '') END AS part,
         count(*) AS jobs
     FROM lim, {schema}.jobs AS j
-    WHERE lim.concurrency IS NOT NULL AND j.state = 'executing' AND j.queue = %(queue)s
+    WHERE (lim.concurrency IS NOT NULL OR lim.total_concurrency IS NOT NULL)
+      AND j.state = 'executing' AND j.queue = %(queue)s
     GROUP BY 1
 ), started AS (
     SELECT s.partition_key AS part, sum(s.jobs) AS jobs, min(s.started_at) AS oldest
@@ -126,7 +130,11 @@ WITH lim AS (
     LEFT JOIN room AS r ON r.part = c.part
     WHERE c.turn <= COALESCE(r.jobs, LEAST(lim.concurrency, lim.rate_limit), %(demand)s)
     ORDER BY c.turn, c.priority, c.scheduled_at, c.id
-    LIMIT %(demand)s
+    -- The whole queue's room, when it has a total_concurrency.
+    LIMIT (SELECT CASE WHEN lim.total_concurrency IS NULL THEN %(demand)s
+                       ELSE LEAST(%(demand)s, GREATEST(0, lim.total_concurrency - (
+                           SELECT COALESCE(sum(jobs), 0) FROM running))) END
+           FROM lim)
 ), claimed AS (
     -- No row lock in the scan: limited claims of the queue take turns, and a job another
     -- transaction changed meanwhile (a cancel) fails the state check here and is skipped.

@@ -151,7 +151,7 @@ class Limits:
             return
         for queue in {o.job.queue for o in outcomes} & self._short:
             limit = self.limited.get(queue)
-            if limit is not None and limit.concurrency is not None:
+            if limit is not None and (limit.concurrency or limit.total_concurrency):
                 self._wake(queue)
 
     def _wake(self, queue: str) -> None:
