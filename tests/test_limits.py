@@ -168,10 +168,13 @@ async def test_limits_change_while_workers_run(app: baton.Baton) -> None:
 
 async def test_rate_limit_holds_over_ten_seconds(app: baton.Baton) -> None:
     """20 a second, with two workers of ten slots each: no second-long window holds more
-    than 20 starts, and the first ten seconds hold 200 within 10 %."""
+    than 20 starts, and the first ten seconds hold 200 within 10 %. The workers poll
+    seldom: each claim that finds the window full says when it frees up, and the
+    producer fetches again then."""
     await app.limit_queue(Q, rate=(20, 1.0))
     ids = await app.enqueue_many([limited.nap.new(seconds=0.01) for _ in range(230)])
-    async with running_worker(app, queues={Q: 10}), running_worker(app, queues={Q: 10}):
+    slow_poll = {"queues": {Q: 10}, "poll_interval": 30.0}
+    async with running_worker(app, **slow_poll), running_worker(app, **slow_poll):
         await wait_for_jobs(app, ids, ["completed"], timeout=60)
     starts = [start for start, _, _ in job_times(app.dsn, ids)]
     assert busiest_window(starts, 1.0) <= 20
@@ -317,3 +320,19 @@ async def test_limited_claim_reads_the_fetch_index(app: baton.Baton) -> None:
         await conn.rollback()
     candidates = plan[plan.index("CTE candidates"):plan.index("CTE picked")]
     assert "jobs_fetch_idx" in candidates and "Sort" not in candidates, plan
+
+
+async def test_limits_removed_behind_a_workers_back(app: baton.Baton) -> None:
+    """A claim that finds the queue's limits gone claims nothing, and the queue takes the
+    plain fetch from then on."""
+    await app.limit_queue(Q, concurrency=1)
+    worker = baton.Worker(app, baton.WorkerSettings(queues={Q: 10}))
+    await worker.limits.load()
+    assert worker.limits.applies(Q)
+    await app.enqueue(limited.nap.new(seconds=0))
+    async with app.connection(autocommit=True) as conn:
+        await conn.execute("DELETE FROM baton.queue_limits")  # no announcement
+        params = {"queue": Q, "demand": 10, "worker_id": worker.id,
+                  "steps": worker.step_names}
+        assert await worker.limits.claim(conn, params) == []
+    assert not worker.limits.applies(Q)
