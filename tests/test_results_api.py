@@ -204,6 +204,41 @@ async def test_writes_through_sync_twins(app: baton.Baton) -> None:
     assert info.total_steps == 3 and info.state == "completed"
     assert await _in_thread(app.results_sync, wf.id) == {"first": 2, "held": 10, "second": 4}
 
+    # The other writes, each through its twin: what it wrote is read back asynchronously.
+    assert await _in_thread(app.migrate_sync) == []
+    one = await _in_thread(app.enqueue_sync, kept.forgetful.new(x=7))
+    many = await _in_thread(app.enqueue_many_sync, [kept.forgetful.new(x=8)] * 40)
+    failing = baton.Workflow("fails")
+    failing.add("bad", kept.fails.new(message="no"))
+    failing_id = await _in_thread(app.insert_sync, failing)
+    assert (await app.get_job(one)).state == "available" and len(many) == 40
+    async with running_worker(app):
+        assert (await wait_for_workflow(app, failing_id)).state == "failed"
+        assert await _in_thread(app.resume_sync, failing_id) == ["bad"]
+        await wait_for_workflow(app, failing_id)
+    assert (await app.get_workflow(failing_id)).state == "failed"
+    exercised = {"append", "open", "cancel", "retry", "results", "migrate", "enqueue",
+                 "enqueue_many", "insert", "resume", "close"}
+    if hasattr(app, "pause_queue"):
+        assert (await _in_thread(app.pause_queue_sync, "default")).paused
+        assert not (await _in_thread(app.resume_queue_sync, "default")).paused
+        assert (await _in_thread(app.scale_queue_sync, "default", 3)).concurrency == 3
+        exercised |= {"pause_queue", "resume_queue", "scale_queue"}
+    if hasattr(app, "limit_queue"):
+        await _in_thread(app.limit_queue_sync, "default", concurrency=2)
+        assert [limit.queue for limit in await app.queue_limits()] == ["default"]
+        assert await _in_thread(app.unlimit_queue_sync, "default")
+        exercised |= {"limit_queue", "unlimit_queue"}
+    if hasattr(app, "set_budget"):
+        await _in_thread(app.set_budget_sync, wf.id, 5)
+        assert [b.budget_usd for b in await app.budgets(wf.id)] == [5]
+        exercised |= {"set_budget"}
+    await _in_thread(app.close_sync)
+    reads = {"result", "results", "get_workflow", "result_of", "get_job", "list_queues",
+             "queue_limits", "budgets"}  # test_each_sync_twin_answers_as_its_coroutine_does
+    missing = set(coroutine_methods(baton.Baton)) - exercised - reads
+    assert not missing, f"sync twins no test exercises: {sorted(missing)} (add them here)"
+
 
 async def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import functools
