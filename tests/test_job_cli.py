@@ -101,7 +101,7 @@ def test_workflow_show_prints_the_last_error_of_each_failed_step(
         dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     kept.app.dsn = dsn
 
-    async def go() -> str:
+    async def go() -> tuple[str, int]:
         try:
             wf = baton.Workflow("cli-errors")
             wf.add("ok", kept.forgetful.new(x=1))
@@ -110,14 +110,20 @@ def test_workflow_show_prints_the_last_error_of_each_failed_step(
             await kept.app.insert(wf)
             async with running_worker(kept.app):
                 await wait_for_workflow(kept.app, wf.id)
-            return str(wf.id)
+            view = await kept.app.query.workflow(wf.id)
+            return str(wf.id), next(s.job_id for s in view.steps if s.step_name == "broken")
         finally:
             await kept.app.close()
 
-    workflow_id = anyio.run(go)
+    workflow_id, broken = anyio.run(go)
     capsys.readouterr()
     assert main(["workflow", "show", workflow_id, "--dsn", dsn]) == 0
     out = capsys.readouterr().out
     errors = out.split("last errors:\n")[1].splitlines()
     assert errors == ["  broken (discarded, attempt 2): RuntimeError: the disk is full",
                       "  after (cancelled, attempt 1): dependency 'broken' was discarded"]
+
+    assert main(["job", "show", str(broken), "--dsn", dsn]) == 0
+    out = capsys.readouterr().out
+    assert f"workflow   {workflow_id} step broken" in out
+    assert "RuntimeError: the disk is full" in out
