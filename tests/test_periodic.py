@@ -99,8 +99,10 @@ async def test_killed_leader_neither_double_ticks_nor_skips_silently(
                 await anyio.sleep(0.05)
         await wait_for_ticks(dsn, 1)
         async with running_worker(app):
+            [(leading,)] = sql_rows(dsn, "SELECT leader_id FROM baton.leader")
             leader.send_signal(signal.SIGKILL)
             leader.wait()
+            assert f":{leader.pid}:" in leading  # it led when it was killed
             [(killed_at,)] = sql_rows(dsn, "SELECT to_char(now() AT TIME ZONE 'UTC', "
                                            "'YYYY-MM-DD\"T\"HH24:MI:SS\"+00:00\"')")
             metas = await wait_for_ticks(dsn, 3, after=killed_at)
