@@ -145,6 +145,8 @@ async def test_running_steps_finish_after_the_budget_is_reached(
                         if isinstance(event, StepUpdated) and event.state == "cancelled":
                             break  # the budget is reached: the rest were stopped
                 assert not isinstance(event, WorkflowFinished)
+                with pytest.raises(baton.BudgetExceededError):  # a spent budget does not grow
+                    await budget_app.append(wf.id, baton.Workflow().add("late", free.new()))
                 release.set()
                 with anyio.fail_after(30):
                     async for event in events:

@@ -78,9 +78,9 @@ WITH charge AS (
     UPDATE {schema}.workflows AS w
     SET spent_usd = w.spent_usd + COALESCE(
             (SELECT sum(c.cost) FROM charge AS c WHERE c.workflow_id = w.id), 0),
-        stop_reason = CASE WHEN EXISTS (SELECT 1 FROM reached AS r WHERE r.workflow_id = w.id)
+        stop_reason = CASE WHEN EXISTS (SELECT 1 FROM stopped AS s WHERE s.workflow_id = w.id)
                            THEN 'budget_exceeded' ELSE w.stop_reason END
-    WHERE w.id IN (SELECT workflow_id FROM charge UNION SELECT workflow_id FROM reached)
+    WHERE w.id IN (SELECT workflow_id FROM charge UNION SELECT workflow_id FROM stopped)
       AND w.spent_usd IS NOT NULL
     RETURNING w.id, w.label
 )

@@ -135,8 +135,9 @@ def new_run(q: Queries, workflow_id: uuid.UUID) -> Op[None]:
     yield Stmt(q["workflow_stop_reason_clear"], {"id": workflow_id}, rows=False)
 
 
-def check_resume(q: Queries, workflow_id: uuid.UUID, names: Sequence[str]) -> Op[None]:
-    """Refuse to run ``names`` again while a budget whose scope holds one is spent.
+def check_room(q: Queries, workflow_id: uuid.UUID, names: Sequence[str]) -> Op[None]:
+    """Refuse to run the steps ``names`` (again, or appended) while a budget whose scope
+    holds one of them is spent.
 
     :raises BudgetExceededError: naming the budget (the widest, if several).
     """

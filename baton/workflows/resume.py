@@ -66,7 +66,7 @@ def resume_workflow(
     if not found:
         return [], []
     # A spent budget keeps its steps from running again until it is raised.
-    yield from budgets.check_resume(q, workflow_id, [row["name"] for row in found])
+    yield from budgets.check_room(q, workflow_id, [row["name"] for row in found])
     if workflow["finished"]:
         yield from budgets.new_run(q, workflow_id)
     done = yield Stmt(q["workflow_resume"], {

@@ -112,6 +112,7 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
 
     :raises WorkflowNotFound: if there is no such workflow.
     :raises WorkflowError: if it already finished, or ``wf`` is invalid.
+    :raises BudgetExceededError: if a spent budget of the workflow would hold a new step.
     """
     rows = yield Stmt(q["workflow_lock_for_append"], {"id": workflow_id}, row_factory=dict_row)
     if not rows:
@@ -134,6 +135,7 @@ def append(q: Queries, workflow_id: uuid.UUID, wf: Workflow) -> Op[list[str]]:
     yield Stmt(q["workflow_grow"], {"id": workflow_id, "count": len(order)})
     yield from _insert_steps(q, wf, order, settled=set(row["settled"]))
     yield from budgets.insert(q, workflow_id, wf)
+    yield from budgets.check_room(q, workflow_id, order)  # a spent budget does not grow
     return order
 
 
