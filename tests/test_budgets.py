@@ -39,6 +39,13 @@ async def slow_paid(ctx: baton.Context) -> str:
     return "finished"
 
 
+@app.step(queue="slow", max_attempts=3)
+async def slow_paid_fails(ctx: baton.Context) -> None:
+    await release.wait()
+    ctx.record_usage(model="m", input_tokens=100_000)
+    raise RuntimeError("provider error")
+
+
 @app.step(max_attempts=1)
 async def free() -> str:
     return "free"
@@ -340,3 +347,45 @@ async def test_appended_steps_take_group_budgets(budget_app: baton.Baton) -> Non
     with pytest.raises(baton.WorkflowError, match="take its budget"):
         await budget_app.append(wf.id, baton.Workflow(budget_usd=1).add("z", free.new(),
                                                                          deps=["a"]))
+
+
+async def test_a_step_failing_after_the_budget_is_reached_is_not_retried(
+        budget_app: baton.Baton) -> None:
+    wf = baton.Workflow("flaky", budget_usd=0.1)
+    wf.add("flaky", slow_paid_fails.new())
+    wf.add("a", paid.new())
+    wf.add("b", paid.new(), deps=["a"])
+    async with budget_app.events.subscribe(wf.id) as events:
+        await budget_app.insert(wf)
+        async with running_worker(budget_app, queues={"slow": 1}):
+            with anyio.fail_after(30):
+                async for event in events:
+                    if isinstance(event, StepUpdated) and event.step_name == "flaky":
+                        break  # running, and waiting
+            async with running_worker(budget_app, **ONE_AT_A_TIME):
+                with anyio.fail_after(30):
+                    async for event in events:
+                        if isinstance(event, StepUpdated) and event.step_name == "b":
+                            assert event.state == "cancelled"
+                            break
+                release.set()
+                with anyio.fail_after(30):
+                    flaky = [e async for e in _until_finished(events)]
+    # Its attempt failed after the budget was reached: the retry is stopped, not run.
+    assert [(e.state, e.attempt) for e in flaky if isinstance(e, StepUpdated)] == [
+        ("retryable", 1), ("cancelled", 1)]
+    finished = flaky[-1]
+    assert isinstance(finished, WorkflowFinished) and finished.outcome == "failed"
+    assert finished.spent_usd == float(STEP_USD * 2)  # the failed attempt was paid
+    found = states(budget_app.dsn, wf.id)
+    assert found["flaky"][0] == "cancelled" and (found["flaky"][1] or "").startswith(
+        "budget_exceeded")
+    assert sql_rows(budget_app.dsn, "SELECT attempt FROM baton.jobs WHERE workflow_step = "
+                                    "'flaky'") == [(1,)]
+
+
+async def _until_finished(events: Any) -> AsyncIterator[Any]:
+    async for event in events:
+        yield event
+        if isinstance(event, WorkflowFinished):
+            return

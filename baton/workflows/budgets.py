@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import structlog
 from psycopg.rows import class_row, dict_row
 from pydantic import BaseModel
 
@@ -30,8 +31,7 @@ from baton.ops import Op, Rows, Stmt
 from baton.workflows import announce, settle
 from baton.workflows.announce import Payload, StepEvent
 
-REASON = "budget_exceeded"
-"""The reason a stopped step's error entry and its workflow's ``workflow_finished`` give."""
+log = structlog.get_logger("baton.workflow")
 
 
 class Budget(BaseModel):
@@ -78,6 +78,11 @@ def stop(q: Queries, stopped: Rows, settled: Sequence[settle.Settled]
     write finished); return the events sent. Their workflows are locked already."""
     events: list[Payload] = []
     if stopped:
+        for workflow_id in sorted({r["workflow_id"] for r in stopped}):
+            mine = [r for r in stopped if r["workflow_id"] == workflow_id]
+            log.warning("workflow.budget_exceeded", workflow_id=str(workflow_id),
+                        workflow_label=mine[0]["label"], reason=mine[0]["reason"],
+                        stopped=len(mine), steps=[r["workflow_step"] for r in mine][:20])
         events = yield from announce.send_steps(q, [StepEvent(
             r["workflow_id"], r["label"], r["workflow_step"], r["step"], "cancelled",
             r["job_id"], r["attempt"], error=r["reason"]) for r in stopped])
