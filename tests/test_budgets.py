@@ -15,6 +15,7 @@ import baton
 from baton.events import StepUpdated, WorkflowFinished
 from baton.pricing import ModelPrice, Pricing
 from baton.testing import running_worker
+from baton.workflows.budgets import rows as budget_rows
 from tests.conftest import bound
 from tests.helpers import sql_rows
 
@@ -303,6 +304,9 @@ def test_bad_budgets_raise_clear_errors() -> None:
     with pytest.raises(baton.WorkflowError, match="budget of 'draft'"):
         wf.budget("draft", 0)
     assert wf.budget("draft", 0.5).budgets == {"draft": Decimal("0.5")}
+    wf.budget_usd = -1  # set after construction: checked when it is inserted
+    with pytest.raises(baton.WorkflowError, match="budget of workflow 'x'"):
+        budget_rows(wf)
 
 
 def test_budgets_of_a_sub_workflow_move_into_its_parent() -> None:

@@ -48,9 +48,11 @@ class Budget(BaseModel):
 
 def rows(wf: Workflow) -> list[dict[str, str]]:
     """The ``budgets`` rows of a workflow being inserted (none for most workflows)."""
-    found = [{"scope": scope, "budget_usd": str(usd)} for scope, usd in wf.budgets.items()]
-    if wf.budget_usd is not None:
-        found.insert(0, {"scope": "", "budget_usd": str(wf.budget_usd)})
+    found = [{"scope": scope, "budget_usd": str(check_budget(usd, repr(scope)))}
+             for scope, usd in wf.budgets.items()]
+    if wf.budget_usd is not None:  # checked again: it may have been set after construction
+        usd = check_budget(wf.budget_usd, f"workflow {wf.label!r}")
+        found.insert(0, {"scope": "", "budget_usd": str(usd)})
     return found
 
 
