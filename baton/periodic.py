@@ -26,10 +26,6 @@ from baton.errors import ScheduleError
 from baton.job import JobSpec, encode_json
 from baton.ops import Op, Stmt
 
-LIVE_AFTER = 10.0
-"""Seconds a schedule stays live after a worker that defines it last renewed it, in
-listings (the leader uses its workers' ``heartbeat_ttl``)."""
-
 _NAME = re.compile(r"[^\x00]{1,200}")
 
 CRON_HELP = ("five fields (minute hour day-of-month month day-of-week), or six with seconds "
@@ -236,8 +232,8 @@ def local_time(moment: datetime | None, timezone: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def list_schedules(q: Queries, live_after: float = LIVE_AFTER) -> Op[list[ScheduleInfo]]:
+def list_schedules(q: Queries) -> Op[list[ScheduleInfo]]:
     """Return every schedule, by name."""
-    rows: list[ScheduleInfo] = yield Stmt(q["schedules_list"], {"ttl": live_after},
+    rows: list[ScheduleInfo] = yield Stmt(q["schedules_list"], {},
                                           row_factory=class_row(ScheduleInfo))
     return rows

@@ -1,7 +1,7 @@
 -- Periodic jobs: one row per schedule (a cron expression in a time zone and the job it
 -- enqueues). Workers that define a schedule write its row when they start and renew
--- seen_at while they live; the elected leader enqueues each tick once, moving next_tick on
--- in the same statement that inserts the job.
+-- live_until while they live; the elected leader enqueues each tick once, moving next_tick
+-- on in the same statement that inserts the job.
 
 -- migrate:up
 CREATE TABLE IF NOT EXISTS {schema}.schedules (
@@ -20,13 +20,14 @@ CREATE TABLE IF NOT EXISTS {schema}.schedules (
     last_job_id   bigint,
     ticked_at     timestamptz,
     defined_at    timestamptz NOT NULL DEFAULT now(),
-    seen_at       timestamptz NOT NULL DEFAULT now()
+    seen_at       timestamptz NOT NULL DEFAULT now(),
+    live_until    timestamptz NOT NULL DEFAULT now()
 );
 
 COMMENT ON TABLE {schema}.schedules IS
     'Periodic jobs. The leader enqueues a job when next_tick has passed; when several ticks '
     'passed without a leader, only the latest is enqueued, once, late (its job''s meta says '
-    'missed_since). A schedule ticks while a live worker defines it (seen_at).';
+    'missed_since). A schedule ticks while a live worker defines it (live_until).';
 COMMENT ON COLUMN {schema}.schedules.cron IS
     'Five fields (minute hour day-of-month month day-of-week), or six with seconds first.';
 COMMENT ON COLUMN {schema}.schedules.timezone IS
@@ -38,8 +39,10 @@ COMMENT ON COLUMN {schema}.schedules.last_tick IS 'The latest tick enqueued.';
 COMMENT ON COLUMN {schema}.schedules.last_job_id IS 'The job enqueued for last_tick.';
 COMMENT ON COLUMN {schema}.schedules.ticked_at IS 'When last_tick was enqueued.';
 COMMENT ON COLUMN {schema}.schedules.seen_at IS
-    'Renewed by every live worker that defines the schedule; the leader skips a schedule no '
-    'live worker has renewed (one removed from the code stops ticking).';
+    'When a worker that defines the schedule last renewed it.';
+COMMENT ON COLUMN {schema}.schedules.live_until IS
+    'Pushed on by every live worker that defines the schedule (its heartbeat_ttl ahead); the '
+    'leader skips a schedule past it (one removed from the code stops ticking).';
 
 -- migrate:down
 DROP TABLE IF EXISTS {schema}.schedules;

@@ -199,7 +199,7 @@ async def test_definitions_keep_or_restart_the_next_tick(dsn: str) -> None:
             await app.close()
     worker = baton.Worker(changed)
     try:
-        sql_rows(dsn, "UPDATE baton.schedules SET seen_at = now() - interval '1 hour'")
+        sql_rows(dsn, "UPDATE baton.schedules SET live_until = now() - interval '1 second'")
         await worker.scheduler.tick(now=next_tick + timedelta(days=3))
         assert ticks(dsn, "nightly") == []
     finally:

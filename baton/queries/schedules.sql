@@ -5,9 +5,10 @@
 -- zone changed starts again from its next tick after now; otherwise its next_tick stays, so
 -- a tick missed while no worker ran is still enqueued (late, once).
 INSERT INTO {schema}.schedules AS s (
-    name, cron, timezone, step, queue, args, meta, max_attempts, priority, timeout, next_tick)
+    name, cron, timezone, step, queue, args, meta, max_attempts, priority, timeout, next_tick,
+    live_until)
 SELECT name, cron, timezone, step, queue, args, meta, max_attempts, priority, timeout,
-       next_tick
+       next_tick, now() + make_interval(secs => %(ttl)s)
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
     name text, cron text, timezone text, step text, queue text, args jsonb, meta jsonb,
     max_attempts integer, priority smallint, timeout double precision,
@@ -27,17 +28,21 @@ SET next_tick = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezo
     max_attempts = EXCLUDED.max_attempts,
     priority = EXCLUDED.priority,
     timeout = EXCLUDED.timeout,
-    seen_at = now()
+    seen_at = now(),
+    live_until = GREATEST(s.live_until, EXCLUDED.live_until)
 
 -- name: schedules_seen
 -- A live worker renews the schedules it defines.
-UPDATE {schema}.schedules SET seen_at = now() WHERE name = ANY(%(names)s::text[])
+UPDATE {schema}.schedules
+SET seen_at = now(),
+    live_until = GREATEST(live_until, now() + make_interval(secs => %(ttl)s))
+WHERE name = ANY(%(names)s::text[])
 
 -- name: schedules_live
 -- The leader's read: schedules a live worker defines, and the time (now, unless given).
 SELECT name, cron, timezone, next_tick, COALESCE(%(now)s::timestamptz, now()) AS now
 FROM {schema}.schedules
-WHERE seen_at > now() - make_interval(secs => %(ttl)s)
+WHERE live_until > now()
 ORDER BY name
 
 -- name: schedule_tick
@@ -69,7 +74,6 @@ SELECT id, queue, pg_notify(%(channel)s, queue) FROM inserted
 -- name: schedules_list
 -- Every schedule, for `baton status` and app.query.schedules().
 SELECT name, cron, timezone, step, queue, next_tick, last_tick, last_job_id, ticked_at,
-       defined_at, seen_at,
-       seen_at > now() - make_interval(secs => %(ttl)s) AS live
+       defined_at, seen_at, live_until > now() AS live
 FROM {schema}.schedules
 ORDER BY name

@@ -73,7 +73,8 @@ class Scheduler:
         rows = periodic.rows_json(self.schedules, datetime.now(UTC))
         with translate_errors("define schedules"):
             async with app.connection() as conn:
-                await conn.execute(app.sql["schedules_define"], {"rows": rows})
+                await conn.execute(app.sql["schedules_define"], {
+                    "rows": rows, "ttl": self.worker.settings.heartbeat_ttl})
         log.info("schedules.defined", worker_id=self.worker.id,
                  schedules=sorted(s.name for s in self.schedules))
 
@@ -81,8 +82,9 @@ class Scheduler:
         """Mark the app's schedules as defined by a live worker."""
         app = self.worker.app
         async with app.connection(autocommit=True) as conn:
-            await conn.execute(app.sql["schedules_seen"],
-                               {"names": [s.name for s in self.schedules]})
+            await conn.execute(app.sql["schedules_seen"], {
+                "names": [s.name for s in self.schedules],
+                "ttl": self.worker.settings.heartbeat_ttl})
 
     async def tick(self, now: datetime | None = None) -> float | None:
         """Enqueue the due tick of every live schedule; return the seconds until the
@@ -93,8 +95,7 @@ class Scheduler:
         app = self.worker.app
         async with app.connection(autocommit=True) as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(app.sql["schedules_live"], {
-                "now": now, "ttl": self.worker.settings.heartbeat_ttl})
+            await cur.execute(app.sql["schedules_live"], {"now": now})
             rows = await cur.fetchall()
         self.passes += 1
         soonest: float | None = None
