@@ -104,6 +104,17 @@ def recorded_sync(ctx: baton.Context, body: Callable[[], T]) -> T:
         _record_sync(ctx, run_id, "end")
 
 
+def _sleep_until_cancelled(job_id: int, most: float) -> None:
+    query = f'SELECT state FROM "{app.schema}".jobs WHERE id = %s'
+    deadline = time.monotonic() + most
+    with psycopg.connect(_record_dsn(), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(query, (job_id,)).fetchone()
+            if row is None or row[0] == "cancelled":
+                return
+            time.sleep(0.05)
+
+
 def soon(attempt: int) -> float:
     """Retry a fifth of a second after a failure: the scenarios' rescue windows are short."""
     return 0.2
@@ -187,13 +198,17 @@ def hog_thread(ctx: baton.Context, seconds: float) -> int:
 
 
 @app.step(queue="threads", max_attempts=5, backoff=soon)
-def long_thread(ctx: baton.Context, seconds: float) -> int:
+def long_thread(ctx: baton.Context, seconds: float, until_cancelled: bool = False) -> int:
     """A plain ``def`` that sleeps (cancelled, or caught by a shutdown) on the first
-    attempt and returns at once on later ones."""
+    attempt and returns at once on later ones. With ``until_cancelled`` it sleeps until its
+    job is cancelled (at most ``seconds``), however long the cancel takes to come."""
 
     def body() -> int:
         if ctx.attempt == 1:
-            time.sleep(seconds)
+            if until_cancelled:
+                _sleep_until_cancelled(ctx.job_id, seconds)
+            else:
+                time.sleep(seconds)
         return ctx.attempt
 
     return recorded_sync(ctx, body)

@@ -69,7 +69,8 @@ async def test_plain_def_steps_past_timeout_cancel_and_shutdown(
         for n in range(6):
             await s.enqueue(faults_app.quick_thread.new(n=n))
         # Cancelled from the command line while its thread sleeps.
-        job = await s.enqueue(faults_app.long_thread.new(seconds=3.0), expected="cancelled")
+        job = await s.enqueue(faults_app.long_thread.new(seconds=60.0, until_cancelled=True),
+                              expected="cancelled")
         await s.wait_run(job)
         s.notes["cancel_output"] = await anyio.to_thread.run_sync(cancel_cli, s.dsn, job)
         s.faults["cancel_running"] += 1
