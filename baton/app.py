@@ -662,6 +662,7 @@ class Baton:
         self._announce(events)
         return resumed
 
+    @loop_only
     async def set_budget(self, workflow_id: uuid.UUID | str, usd: float | Decimal, *,
                          group: str | None = None) -> Budget:
         """Set what the steps of a workflow (or of its fan-out group or sub-workflow
@@ -686,6 +687,7 @@ class Baton:
         self._announce(events)
         return budget
 
+    @loop_only
     async def budgets(self, workflow_id: uuid.UUID | str) -> list[Budget]:
         """Return the budgets of a workflow (its own first), with what each scope spent."""
         return await self._run(budgets.budgets(self.sql, workflow_uuid(workflow_id)),
@@ -702,6 +704,7 @@ class Baton:
         registered = {step.options.queue for step in self.steps.values()}
         return set_control(self.sql, name, registered=registered, **change)
 
+    @loop_only
     async def pause_queue(self, name: str) -> QueueControl:
         """Pause a queue in every worker: none fetches its jobs (running ones finish; new
         ones are still accepted, and wait), now and after a restart, until resumed.
@@ -716,6 +719,7 @@ class Baton:
         return self._run_sync(self._queue_op(name, paused=True), "pause queue", None,
                               single=True)
 
+    @loop_only
     async def resume_queue(self, name: str) -> QueueControl:
         """Resume a paused queue: its workers fetch its jobs again at once.
 
@@ -729,6 +733,7 @@ class Baton:
         return self._run_sync(self._queue_op(name, paused=False), "resume queue", None,
                               single=True)
 
+    @loop_only
     async def scale_queue(self, name: str, concurrency: int | None) -> QueueControl:
         """Set how many jobs of a queue each worker serving it runs at once, overriding
         the worker's own setting; ``None`` goes back to it. Scaling down interrupts no job:
@@ -745,6 +750,7 @@ class Baton:
         op = self._queue_op(name, scale=True, concurrency=concurrency)
         return self._run_sync(op, "scale queue", None, single=True)
 
+    @loop_only
     async def list_queues(self) -> list[QueueInfo]:
         """Return every queue with its settings, jobs by state and live workers."""
         return await self._run(list_queues(self.sql), "list queues", None, single=True,

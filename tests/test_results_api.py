@@ -147,6 +147,9 @@ def test_every_public_coroutine_has_a_sync_twin_with_its_parameters() -> None:
             twin = getattr(cls, f"{name}_sync", None)
             assert twin is not None, f"{cls.__name__}.{name} has no {name}_sync"
             assert not is_coroutine_method(twin), f"{cls.__name__}.{name}_sync is async"
+            assert getattr(getattr(cls, name), "__baton_coroutine__", False), (
+                f"{cls.__name__}.{name} is not @loop_only: called outside an event loop, it "
+                "would return a coroutine that never runs")
             ours = inspect.signature(getattr(cls, name)).parameters
             theirs = inspect.signature(twin).parameters
             assert list(ours) == list(theirs), f"{cls.__name__}.{name}_sync parameters"
