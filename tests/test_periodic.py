@@ -182,9 +182,12 @@ async def test_definitions_keep_or_restart_the_next_tick(dsn: str) -> None:
         return app
 
     first, same, changed = define("0 3 * * *"), define("0 3 * * *"), define("0 4 * * *")
+    logged = []
     for app in (first, same, changed):
         try:
-            await baton.Worker(app).scheduler.define()
+            with capture_logs() as logs:
+                await baton.Worker(app).scheduler.define()
+            logged.append([e["event"] for e in logs if e["event"].startswith("schedule.")])
             [(next_tick, cron)] = sql_rows(
                 dsn, "SELECT next_tick, cron FROM baton.schedules WHERE name = 'nightly'")
             if app is first:
@@ -197,6 +200,7 @@ async def test_definitions_keep_or_restart_the_next_tick(dsn: str) -> None:
                 assert (next_tick.hour, cron) == (4, "0 4 * * *")
         finally:
             await app.close()
+    assert logged == [["schedule.created"], [], ["schedule.changed"]]
     worker = baton.Worker(changed)
     try:
         sql_rows(dsn, "UPDATE baton.schedules SET live_until = now() - interval '1 second'")

@@ -30,6 +30,7 @@ SET next_tick = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezo
     timeout = EXCLUDED.timeout,
     seen_at = now(),
     live_until = GREATEST(s.live_until, EXCLUDED.live_until)
+RETURNING name, cron, timezone, next_tick, xmax = 0 AS created, defined_at = now() AS changed
 
 -- name: schedules_seen
 -- A live worker renews the schedules it defines.

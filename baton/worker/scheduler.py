@@ -73,8 +73,15 @@ class Scheduler:
         rows = periodic.rows_json(self.schedules, datetime.now(UTC))
         with translate_errors("define schedules"):
             async with app.connection() as conn:
-                await conn.execute(app.sql["schedules_define"], {
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(app.sql["schedules_define"], {
                     "rows": rows, "ttl": self.worker.settings.heartbeat_ttl})
+                defined = await cur.fetchall()
+        for row in defined:
+            if row["created"] or row["changed"]:
+                log.info("schedule.created" if row["created"] else "schedule.changed",
+                         schedule=row["name"], cron=row["cron"], timezone=row["timezone"],
+                         next_tick=row["next_tick"] and row["next_tick"].isoformat())
         log.info("schedules.defined", worker_id=self.worker.id,
                  schedules=sorted(s.name for s in self.schedules))
 
