@@ -314,7 +314,9 @@ def has_unique(jobs: Sequence[JobSpec]) -> bool:
     """Whether any of ``jobs`` is unique (for a :class:`JobBatch`: its options)."""
     if isinstance(jobs, JobBatch):
         return jobs.spec.unique is not None
-    return any(map(_UNIQUE, jobs))  # C-speed: about 15 ns a job for a plain batch
+    # A scan at C speed: about 0.1 µs a job of a plain list on the loaded 2-core machine,
+    # under 1 % of its enqueue; a JobBatch (the benchmarks' enqueue_batch) pays nothing.
+    return any(map(_UNIQUE, jobs))
 
 
 def one_statement(jobs: Sequence[JobSpec]) -> bool:
