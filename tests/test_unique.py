@@ -225,6 +225,33 @@ async def test_enqueue_many_with_duplicates_in_the_batch_and_the_table(app: bato
     assert again == ids[2:5] and again.duplicates == (0, 1, 2)
 
 
+async def test_batches_take_keys_in_one_order(app: baton.Baton) -> None:
+    """Two batches wanting the same keys in opposite orders would deadlock if each held one
+    the other waits for: keys are taken in one order, whatever the batch's."""
+    errors: list[BaseException] = []
+
+    async def insert(jobs: list[baton.JobSpec]) -> None:
+        try:
+            await app.enqueue_many(jobs)
+        except baton.DatabaseError as exc:
+            errors.append(exc)
+
+    for round_ in range(4):
+        a, b = (uniq.refresh.new(account=2 * round_ + n) for n in range(2))
+        async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
+            await app.enqueue(b, conn=holder)  # holds b, uncommitted
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(insert, [a, b])
+                tg.start_soon(insert, [b, a])
+                # Both wait on the holder's b (or on each other); when it rolls back they
+                # race for b, and the loser must not be holding a.
+                while len(sql_rows(app.dsn, "SELECT 1 FROM pg_locks WHERE NOT granted")) < 2:
+                    await anyio.sleep(0.01)
+                await holder.rollback()
+        assert errors == []
+    assert len(jobs_of(app.dsn, uniq.refresh.name)) == 8
+
+
 async def test_large_mixed_batch_copies_the_plain_jobs(app: baton.Baton) -> None:
     held = await app.enqueue(uniq.refresh.new(account=0))
     jobs: list[baton.JobSpec] = []

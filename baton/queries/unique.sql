@@ -33,7 +33,9 @@ WITH input AS (
         queue, step, args, meta, max_attempts, priority, timeout,
         COALESCE(scheduled_at, now()), COALESCE(tags, '{}'), full_key, unique_states
     FROM input
-    ORDER BY ord
+    -- Keys in one order everywhere: two batches holding keys the other waits for would
+    -- deadlock. The ids were drawn in the batch's order.
+    ORDER BY full_key, ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state = ANY(unique_states)
     DO NOTHING
     RETURNING id, queue, state, unique_key
