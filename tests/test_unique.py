@@ -371,6 +371,23 @@ async def test_workflow_period(app: baton.Baton) -> None:
     assert not (await insert_at(start + timedelta(hours=1))).duplicate
 
 
+async def test_a_workflow_insert_waiting_on_an_uncommitted_holder_returns_it(
+        app: baton.Baton) -> None:
+    async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
+        first = await app.insert(ingest("ingest", 1, unique=True), conn=holder)
+        second: list[baton.WorkflowId] = []
+        async with anyio.create_task_group() as tg:
+            async def insert_again() -> None:
+                second.append(await app.insert(ingest("ingest", 1, unique=True)))
+
+            tg.start_soon(insert_again)
+            while not sql_rows(app.dsn, "SELECT 1 FROM pg_locks WHERE NOT granted"):
+                await anyio.sleep(0.01)
+            await holder.commit()
+    assert second == [first] and second[0].duplicate
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs") == [(2,)]
+
+
 async def test_racing_workflow_inserts_make_one(app: baton.Baton) -> None:
     got: list[baton.WorkflowId] = []
 
