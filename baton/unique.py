@@ -114,7 +114,7 @@ class Unique:
         """The key's period and a job's states as JSON object members, for the insert
         (made once per options object, not per job)."""
         return (f'"unique_period":{json.dumps(self.period)},'
-                f'"unique_states":{json.dumps(self.job_states())}')
+                f'"unique_states":{json.dumps(self.job_states(), separators=(",", ":"))}')
 
     def job_states(self, step: str | None = None) -> list[str]:
         """The job states in which a job holds its key.
