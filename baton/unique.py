@@ -222,6 +222,9 @@ class JobId(int):
     def __repr__(self) -> str:
         return f"JobId({int(self)}, duplicate=True)" if self.duplicate else int.__repr__(self)
 
+    def __str__(self) -> str:  # the number: an int's str() would fall back on __repr__
+        return int.__repr__(self)
+
 
 def job_id(value: int, duplicate: bool = False) -> JobId:
     """Return ``value`` as a :class:`JobId`."""

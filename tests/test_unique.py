@@ -90,6 +90,8 @@ async def test_second_enqueue_returns_the_first_job(app: baton.Baton) -> None:
     assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
     assert again == first and other != first
     assert repr(again) == f"JobId({first}, duplicate=True)"
+    assert (await app.get_job(again)).id == first  # a duplicate's id is the holder's id
+    assert sql_rows(app.dsn, "SELECT id FROM baton.jobs WHERE id = %s", (again,)) == [(first,)]
     assert app.enqueue_sync(uniq.refresh.new(account=1)) == first
     assert len(jobs_of(app.dsn, uniq.refresh.name)) == 2
 

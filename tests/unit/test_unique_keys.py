@@ -66,6 +66,7 @@ def test_ids_report_duplicates_and_stay_ints_and_uuids() -> None:
     assert isinstance(dup, int) and dup == new == 5 and dup + 1 == 6
     assert (new.duplicate, dup.duplicate) == (False, True)
     assert repr(new) == "5" and repr(dup) == "JobId(5, duplicate=True)"
+    assert str(dup) == f"{dup}" == "%s" % dup == "5"  # noqa: UP031 (every way to print it)
     assert isinstance(new, JobId)
     ids = JobIds([1, 2, 2])
     ids.duplicates = (2,)
