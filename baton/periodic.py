@@ -10,6 +10,7 @@ latest is enqueued, once, late; its job's meta says since when ticks were missed
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,13 +19,14 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 from pydantic import BaseModel
 
 from baton.db import Queries
 from baton.errors import ScheduleError
 from baton.job import JobSpec, encode_json
 from baton.ops import Op, Stmt
+from baton.unique import job_key
 
 _NAME = re.compile(r"[^\x00]{1,200}")
 
@@ -125,6 +127,8 @@ class Schedule:
     cron: str
     timezone: str = "UTC"
     ticks: Cron = field(init=False, repr=False, compare=False)
+    unique: dict[str, Any] = field(init=False, repr=False, compare=False)
+    """The unique job's key (without its period), period and states, or Nones."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -135,6 +139,13 @@ class Schedule:
             raise ScheduleError(self.name, "its job has scheduled_at set: a periodic job runs "
                                            "at its ticks; leave scheduled_at out")
         object.__setattr__(self, "ticks", Cron(self.cron, self.timezone, self.name))
+        unique: dict[str, Any] = {"unique_key": None, "unique_period": None,
+                                  "unique_states": None}
+        if (options := self.job.unique) is not None:  # held as jobs_insert_unique holds it
+            unique = json.loads("{" + options.row_fields + "}")
+            unique["unique_key"] = job_key(options, self.job.step, self.job.queue,
+                                           self.job.args)
+        object.__setattr__(self, "unique", unique)
 
     def row(self, now: datetime) -> dict[str, Any]:
         """Return the schedule's row for ``schedules_define``, its first tick after ``now``."""
@@ -144,7 +155,7 @@ class Schedule:
             "name": self.name, "cron": self.cron, "timezone": self.timezone,
             "step": job.step, "queue": job.queue, "args": job.args, "meta": job.meta,
             "max_attempts": job.max_attempts, "priority": job.priority,
-            "timeout": job.timeout,
+            "timeout": job.timeout, "tags": list(job.tags), **self.unique,
             "next_tick": following.isoformat() if following is not None else None,
         }
 
@@ -181,6 +192,32 @@ class Tick:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What became of a tick this leader enqueued."""
+
+    job_id: int | None
+    """The job's id; None when the job is unique and its key was held (no job)."""
+    queue: str
+    unique_key: str | None
+
+
+def enqueue(q: Queries, tick: Tick, expression: str, timezone: str) -> Op[Enqueued | None]:
+    """Enqueue ``tick`` of a schedule read with ``expression`` and ``timezone``, in one
+    transaction with the move of its ``next_tick``; None if another leader did it first."""
+    rows = yield Stmt(q["schedule_tick"], {
+        "name": tick.name, "expected": tick.expected, "tick": tick.tick,
+        "following": tick.following, "cron": expression, "timezone": timezone,
+        "meta": tick.meta(), "channel": q.channel("insert"),
+    }, row_factory=dict_row)
+    if not rows:
+        return None
+    row = rows[0]
+    if row["id"] is not None:
+        yield Stmt(q["schedule_job_note"], {"name": tick.name, "job_id": row["id"]})
+    return Enqueued(row["id"], row["queue"], row["unique_key"])
 
 
 def due(name: str, expression: str, timezone: str, next_tick: datetime, now: datetime

@@ -15,6 +15,10 @@ CREATE TABLE IF NOT EXISTS {schema}.schedules (
     max_attempts  integer     NOT NULL,
     priority      smallint    NOT NULL,
     timeout       double precision,
+    tags          text[]      NOT NULL DEFAULT '{}',
+    unique_key    text,
+    unique_period double precision,
+    unique_states text[],
     next_tick     timestamptz,
     last_tick     timestamptz,
     last_job_id   bigint,
@@ -32,6 +36,9 @@ COMMENT ON COLUMN {schema}.schedules.cron IS
     'Five fields (minute hour day-of-month month day-of-week), or six with seconds first.';
 COMMENT ON COLUMN {schema}.schedules.timezone IS
     'The IANA time zone the cron expression is read in (its ticks follow daylight saving).';
+COMMENT ON COLUMN {schema}.schedules.unique_key IS
+    'A unique job''s key without its period (baton.Unique, migration 11): a tick whose job '
+    'finds the key held (the last run unfinished, say) enqueues nothing.';
 COMMENT ON COLUMN {schema}.schedules.next_tick IS
     'The earliest tick not yet enqueued; NULL when the expression never matches again. '
     'Reset to the next tick from now when the expression or time zone changes.';

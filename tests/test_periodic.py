@@ -171,6 +171,35 @@ async def test_a_tick_that_fails_does_not_hold_up_the_others(dsn: str) -> None:
         await app.close()
 
 
+async def test_a_unique_periodic_job_skips_ticks_while_its_last_run_is_unfinished(
+        dsn: str) -> None:
+    app = baton.Baton(dsn)
+    app.schedule(baton.JobSpec(step="elsewhere.sync", args={"n": 1}, tags=("nightly",),
+                               unique=True), cron="0 * * * *", name="sync")
+    scheduler = baton.Worker(app).scheduler
+    try:
+        await scheduler.define()
+        [(first,)] = sql_rows(dsn, "SELECT next_tick FROM baton.schedules")
+        await scheduler.tick(now=first)
+        with capture_logs() as logs:
+            await scheduler.tick(now=first + timedelta(hours=1))  # the first job waits
+        [(job_id, tags)] = sql_rows(dsn, "SELECT id, tags FROM baton.jobs")
+        assert tags == ["nightly"]
+        assert [e["event"] for e in logs if e["event"].startswith("schedule.")] == [
+            "schedule.skipped"]
+        [(last_tick, last_job)] = sql_rows(dsn, "SELECT last_tick, last_job_id "
+                                                "FROM baton.schedules")
+        assert (last_tick, last_job) == (first + timedelta(hours=1), job_id)
+
+        sql_rows(dsn, "UPDATE baton.jobs SET state = 'completed', finalized_at = now()")
+        await scheduler.tick(now=first + timedelta(hours=2))
+        metas = ticks(dsn, "sync")
+        assert [datetime.fromisoformat(m["tick"]) for m in metas] == [
+            first, first + timedelta(hours=2)]
+    finally:
+        await app.close()
+
+
 async def test_definitions_keep_or_restart_the_next_tick(dsn: str) -> None:
     """A worker that starts with the same expression keeps the next tick (a tick missed
     while no worker ran is still enqueued); a changed expression starts from now; a schedule

@@ -12,7 +12,7 @@ import psycopg
 import structlog
 from psycopg.rows import dict_row
 
-from baton import periodic
+from baton import ops, periodic
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError, ScheduleError
 
@@ -133,22 +133,24 @@ class Scheduler:
     async def _enqueue(self, tick: periodic.Tick, row: dict[str, Any]) -> int | None:
         """Enqueue ``tick`` unless another leader did; return the job's id if this one did."""
         app = self.worker.app
-        async with app.connection(autocommit=True) as conn:
-            cur = await conn.execute(app.sql["schedule_tick"], {
-                "name": tick.name, "expected": tick.expected, "tick": tick.tick,
-                "following": tick.following, "cron": row["cron"], "timezone": row["timezone"],
-                "meta": tick.meta(), "channel": app.sql.channel("insert"),
-            })
-            inserted = await cur.fetchone()
-        if inserted is None:
+        async with app.connection() as conn:
+            done = await ops.run_async(
+                conn, periodic.enqueue(app.sql, tick, row["cron"], row["timezone"]),
+                "enqueue a periodic job")
+        if done is None:
             log.info("schedule.tick_taken", schedule=tick.name, tick=tick.tick.isoformat())
             return None
-        job_id: int = inserted[0]
+        if done.job_id is None:
+            log.info("schedule.skipped", schedule=tick.name, tick=tick.tick.isoformat(),
+                     unique_key=done.unique_key,
+                     reason="a job holds the unique key (the last run has not finished)")
+            return None
+        job_id = done.job_id
         if tick.missed_since is not None:
             log.warning("schedule.missed", schedule=tick.name, job_id=job_id,
                         missed_since=tick.missed_since.isoformat(), tick=tick.tick.isoformat(),
                         reason="no leader ran at these ticks: the latest is enqueued, once")
         else:
-            log.info("schedule.ticked", schedule=tick.name, job_id=job_id, queue=inserted[1],
+            log.info("schedule.ticked", schedule=tick.name, job_id=job_id, queue=done.queue,
                      tick=tick.tick.isoformat())
         return job_id
