@@ -103,6 +103,35 @@ async def test_a_result_is_kept_only_by_the_write_that_completes_the_job(
     assert kept_rows(dsn) == {}
 
 
+async def test_the_completer_keeps_a_result_only_where_its_finish_completes_the_job(
+        app: baton.Baton, dsn: str) -> None:
+    # Through the real write: two jobs claimed by worker "w"; one is cancelled while it
+    # runs, then both outcomes arrive as completed with a result.
+    import anyio
+
+    from baton.worker.completer import Completer
+    from baton.worker.executor import Executor, FetchedJob, Outcome
+    from baton.workflows.engine import WorkflowEngine
+
+    ids = await app.enqueue_many([kept.total.new(numbers=[1]), kept.total.new(numbers=[2])])
+    async with app.connection() as conn:
+        cur = await conn.execute(app.sql["jobs_fetch"], {
+            "queue": "default", "demand": 2, "worker_id": "w", "steps": [kept.total.name]})
+        claimed = [FetchedJob(*row) for row in await cur.fetchall()]
+    assert sorted(j.id for j in claimed) == sorted(ids)
+    await app.cancel(ids[1])
+    engine = WorkflowEngine(app, Executor(app, anyio.CapacityLimiter(1)))
+    completer = Completer(app, "w", flush_interval=0, flush_max=10, max_pending=100,
+                          engine=engine)
+    for job in claimed:
+        completer.push(Outcome(job, baton.JobState.COMPLETED, result=job.args["numbers"][0]))
+    await completer.flush_once()
+    assert kept_rows(dsn) == {ids[0]: 1}
+    assert await app.result_of(ids[0]) == 1
+    with pytest.raises(baton.ResultNotReadyError):
+        await app.result_of(ids[1])  # cancelled: its late outcome changed nothing
+
+
 async def test_running_a_job_again_replaces_its_result_and_pruning_removes_it(
         app: baton.Baton, dsn: str) -> None:
     job_id = await app.enqueue(kept.total.new(numbers=[1]))
