@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("baton.worker")
 
+READ_TIMEOUT = 2.0
+"""The longest a periodic read of the settings may hold up the worker's shutdown."""
+
 
 class QueueControls:
     """Keeps each producer of a worker paused and scaled as its queue's settings say."""
@@ -100,7 +103,10 @@ class QueueControls:
             with anyio.move_on_after(interval):
                 await self._refresh.wait()
             self._refresh = anyio.Event()
-            try:
-                await self.load()
-            except (psycopg.Error, DatabaseError) as exc:
-                log.warning("worker.queue_controls_failed", error=describe(exc))
+            # A read is not cut off by the worker's shutdown: a query cancelled mid-way
+            # makes the pool throw its connection away and open another as the loop ends.
+            with anyio.move_on_after(READ_TIMEOUT, shield=True):
+                try:
+                    await self.load()
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("worker.queue_controls_failed", error=describe(exc))
