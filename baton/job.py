@@ -441,3 +441,5 @@ class Job(BaseModel):
     attempted_by: str | None
     finalized_at: datetime | None
     tags: list[str] = []
+    unique_key: str | None = None
+    """A unique job's key (``docs/unique.md``), None for an ordinary job."""

@@ -81,6 +81,8 @@ def job(job: Job, result: Mapping[str, Any]) -> str:
                ("args", json.dumps(job.args))]
     if job.meta:
         fields.append(("meta", json.dumps(job.meta)))
+    if job.unique_key is not None:
+        fields.append(("unique key", job.unique_key))
     fields.append(("result", json.dumps(result["result"], default=str)
                    if result.get("result_kept") else f"- ({result.get('result_missing')})"))
     width = max(len(name) for name, _ in fields)

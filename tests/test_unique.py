@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 import baton
-from baton import ops
+from baton import ops, render
 from baton.testing import drain_queue, running_worker, wait_for_workflow
+from baton.unique import job_key
 from baton.workflows import store
 from tests.apps import uniq
 from tests.conftest import bound
@@ -93,6 +94,9 @@ async def test_second_enqueue_returns_the_first_job(app: baton.Baton) -> None:
     assert (await app.get_job(again)).id == first  # a duplicate's id is the holder's id
     assert sql_rows(app.dsn, "SELECT id FROM baton.jobs WHERE id = %s", (again,)) == [(first,)]
     assert app.enqueue_sync(uniq.refresh.new(account=1)) == first
+    job = await app.get_job(first)
+    assert job.unique_key == job_key(baton.Unique(), uniq.refresh.name, "default", job.args)
+    assert f"unique key  {job.unique_key}" in render.job(job, {})
     assert len(jobs_of(app.dsn, uniq.refresh.name)) == 2
 
 
@@ -124,7 +128,7 @@ async def test_unique_on_one_job_and_off_again(app: baton.Baton) -> None:
 
 async def test_ordinary_jobs_carry_no_key(app: baton.Baton) -> None:
     await app.enqueue_many([uniq.plain.new(n=i) for i in range(40)])
-    await app.enqueue(uniq.plain.new(n=1))
+    assert (await app.get_job(await app.enqueue(uniq.plain.new(n=1)))).unique_key is None
     assert sql_rows(app.dsn, "SELECT count(*) FROM baton.jobs WHERE unique_key IS NOT NULL "
                              "OR unique_states IS NOT NULL") == [(0,)]
 

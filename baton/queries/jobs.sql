@@ -193,7 +193,7 @@ RETURNING id
 -- migration must not reach a process still on this code).
 SELECT id, state, queue, step, args, meta, errors, attempt, max_attempts, snoozes, priority,
     timeout, workflow_id, workflow_step, inserted_at, scheduled_at, attempted_at,
-    attempted_by, finalized_at, tags
+    attempted_by, finalized_at, tags, unique_key
 FROM {schema}.jobs
 WHERE id = %(id)s
 
