@@ -31,6 +31,13 @@ def worker_process(dsn: str, app: str, *args: str) -> subprocess.Popen[Any]:
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def live_workers(dsn: str) -> int:
+    """How many workers are alive in the registry now."""
+    [(count,)] = sql_rows(dsn, "SELECT count(*) FROM baton.worker_registry "
+                               "WHERE expires_at > now()")
+    return int(count)
+
+
 def reap(proc: subprocess.Popen[Any]) -> None:
     """End ``proc`` if it still runs, and wait for it (a test's ``finally``)."""
     if proc.poll() is None:

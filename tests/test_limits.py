@@ -19,7 +19,7 @@ from baton.limits import Window, parse_window
 from baton.testing import running_worker, wait_for_jobs
 from tests.apps import limited
 from tests.conftest import bound
-from tests.helpers import reap, sql_rows, worker_process
+from tests.helpers import live_workers, reap, sql_rows, worker_process
 
 Q = limited.QUEUE
 
@@ -102,14 +102,20 @@ async def test_limits_are_set_listed_replaced_and_removed(app: baton.Baton) -> N
 
 
 async def test_global_concurrency_holds_across_worker_processes(app: baton.Baton) -> None:
-    """Four workers with five slots each never run more than three jobs of the queue."""
+    """Four workers with two slots each never run more than three jobs of the queue.
+
+    Two slots, not more: a worker whose jobs end refills its own room at once, so one that
+    could take all three would leave the others nothing to show that they share it."""
     await app.limit_queue(Q, concurrency=3)
-    ids = await app.enqueue_many([limited.nap.new(seconds=0.05) for _ in range(60)])
-    procs = [worker_process(app.dsn, "tests.apps.limited:app", "--queues", f"{Q}=5",
+    procs = [worker_process(app.dsn, "tests.apps.limited:app", "--queues", f"{Q}=2",
                             "--poll-interval", "0.5") for _ in range(4)]
     samples: list[int] = []
     try:
         with anyio.fail_after(90):
+            # Every worker is up before the jobs come: the first one alone would drain them.
+            while live_workers(app.dsn) < len(procs):
+                await anyio.sleep(0.05)
+            ids = await app.enqueue_many([limited.nap.new(seconds=0.05) for _ in range(60)])
             while True:
                 rows = sql_rows(app.dsn, "SELECT count(*) FILTER (WHERE state = 'executing'), "
                                 "count(*) FILTER (WHERE state = 'completed') FROM baton.jobs")

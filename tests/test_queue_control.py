@@ -27,12 +27,6 @@ async def until(check: Callable[[], Any], *, timeout: float = 30.0) -> Any:
         return value
 
 
-def live_workers(dsn: str) -> int:
-    [(count,)] = sql_rows(dsn, "SELECT count(*) FROM baton.worker_registry "
-                               "WHERE expires_at > now()")
-    return int(count)
-
-
 def states(dsn: str, ids: list[int]) -> list[str]:
     return [state for (state,) in sql_rows(
         dsn, "SELECT state FROM baton.jobs WHERE id = ANY(%s) ORDER BY id", (ids,))]
