@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +36,8 @@ class StepTemplate(JobTemplate):
     models: list[str] | None = None
     synthesize_with: JobTemplate | None = None
     min_success: int | None = None
+    budget_usd: Decimal | None = None
+    """With ``models``: the group's budget (see :meth:`Workflow.budget`)."""
 
 
 class WorkflowTemplate(_Strict):
@@ -45,6 +48,7 @@ class WorkflowTemplate(_Strict):
     ignore_discarded: bool = False
     debug: bool = False
     models: dict[str, str] = Field(default_factory=dict)
+    budget_usd: Decimal | None = None
     steps: list[StepTemplate]
 
 
@@ -63,7 +67,7 @@ def compile_template(app: Baton, data: dict[str, Any] | str) -> Workflow:
         raise WorkflowError(f"invalid workflow template: {exc}") from exc
     wf = Workflow(template.label, ignore_cancelled=template.ignore_cancelled,
                   ignore_discarded=template.ignore_discarded, debug=template.debug,
-                  models=dict(template.models))
+                  models=dict(template.models), budget_usd=template.budget_usd)
     for spec in template.steps:
         job = app.get_step(spec.step).new(**spec.args)
         if spec.models is not None:
@@ -72,8 +76,13 @@ def compile_template(app: Baton, data: dict[str, Any] | str) -> Workflow:
             wf.add_fan_out(spec.name, job, models=spec.models, deps=spec.deps,
                            synthesize_with=synth, min_success=spec.min_success,
                            ignore_cancelled=spec.ignore_cancelled,
-                           ignore_discarded=spec.ignore_discarded)
+                           ignore_discarded=spec.ignore_discarded,
+                           budget_usd=spec.budget_usd)
         else:
+            if spec.budget_usd is not None:
+                raise WorkflowError(
+                    f"step {spec.name!r}: budget_usd is for a fan-out group (with models) or "
+                    "the whole workflow")
             wf.add(spec.name, job, deps=spec.deps, ignore_cancelled=spec.ignore_cancelled,
                    ignore_discarded=spec.ignore_discarded, model=spec.model,
                    min_success=spec.min_success)

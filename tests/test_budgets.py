@@ -393,3 +393,18 @@ async def _until_finished(events: Any) -> AsyncIterator[Any]:
         yield event
         if isinstance(event, WorkflowFinished):
             return
+
+
+def test_templates_carry_budgets() -> None:
+    wf = app.workflow_from_template({
+        "label": "from-data", "budget_usd": 2,
+        "steps": [{"name": "ask", "step": paid.name, "models": ["a", "b"], "budget_usd": 0.5},
+                  {"name": "end", "step": free.name, "deps": ["ask"]}],
+    })
+    assert wf.budget_usd == Decimal(2) and wf.budgets == {"ask": Decimal("0.5")}
+    with pytest.raises(baton.WorkflowError, match="budget_usd is for a fan-out group"):
+        app.workflow_from_template({"steps": [{"name": "x", "step": free.name,
+                                               "budget_usd": 1}]})
+    with pytest.raises(baton.WorkflowError, match="positive number"):
+        app.workflow_from_template({"budget_usd": -1, "steps": [{"name": "x",
+                                                                 "step": free.name}]})
