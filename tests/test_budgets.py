@@ -14,7 +14,8 @@ import pytest
 import baton
 from baton.events import StepUpdated, WorkflowFinished
 from baton.pricing import ModelPrice, Pricing
-from baton.testing import running_worker
+from baton.testing import running_worker, wait_for_workflow
+from baton.workflows.announce import finished_payload
 from baton.workflows.budgets import rows as budget_rows
 from tests.conftest import bound
 from tests.helpers import sql_rows
@@ -195,7 +196,7 @@ async def test_a_group_budget_stops_only_its_group(budget_app: baton.Baton) -> N
 
 
 async def test_a_workflow_without_a_budget_is_unaffected(budget_app: baton.Baton) -> None:
-    seen: list[dict[str, Any]] = []
+    seen: list[WorkflowFinished] = []
     budget_app.on("workflow_finished", seen.append)
     wf = baton.Workflow("plain")
     for i in range(6):
@@ -204,7 +205,14 @@ async def test_a_workflow_without_a_budget_is_unaffected(budget_app: baton.Baton
     _, finished = await run_collecting(budget_app, wf)
     assert finished.outcome == "completed"
     assert finished.reason is None and finished.spent_usd is None
-    assert "reason" not in seen[0] and "spent_usd" not in seen[0]
+    assert [(e.reason, e.spent_usd) for e in seen] == [(None, None)]
+    # Its payload is today's: neither key is there.
+    row = {"id": wf.id, "label": "plain", "state": "completed", "failed_steps": [], "run": 1,
+           "total_steps": 7, "settled_steps": 7, "finished_at": "2026-01-01T00:00:00+00:00",
+           "stop_reason": None, "spent_usd": None}
+    assert not {"reason", "spent_usd"} & set(finished_payload(row))
+    assert finished_payload({**row, "stop_reason": "budget_exceeded",
+                             "spent_usd": Decimal("0.25")})["spent_usd"] == 0.25
     assert sql_rows(budget_app.dsn, "SELECT spent_usd, stop_reason FROM baton.workflows") == [
         (None, None)]
     assert sql_rows(budget_app.dsn, "SELECT count(*) FROM baton.budgets") == [(0,)]
@@ -408,3 +416,31 @@ def test_templates_carry_budgets() -> None:
     with pytest.raises(baton.WorkflowError, match="positive number"):
         app.workflow_from_template({"budget_usd": -1, "steps": [{"name": "x",
                                                                  "step": free.name}]})
+
+
+async def test_two_busy_workers_stop_a_wide_fan_out_once(budget_app: baton.Baton) -> None:
+    finishes: list[WorkflowFinished] = []
+    budget_app.on("workflow_finished", finishes.append)
+    wf = baton.Workflow("wide", budget_usd=0.5)
+    names = [f"s{i}" for i in range(80)]
+    for name in names:
+        wf.add(name, paid.new())
+    wf.add("total", free.new(), deps=names)
+    await budget_app.insert(wf)
+    async with running_worker(budget_app, queues={"default": 8}), \
+            running_worker(budget_app, queues={"default": 8}):
+        info = await wait_for_workflow(budget_app, wf.id)
+    assert info.state == "failed"
+    found = states(budget_app.dsn, wf.id)
+    ran = [n for n, (state, _) in found.items() if state == "completed"]
+    stopped = [n for n, (state, _) in found.items() if state == "cancelled"]
+    assert len(ran) + len(stopped) == len(names) + 1 and len(ran) >= 5
+    assert all((found[n][1] or "").startswith("budget_exceeded") for n in stopped)
+    spent = STEP_USD * len(ran)
+    [budget] = await budget_app.budgets(wf.id)
+    assert budget.spent_usd == spent and budget.exceeded_at is not None
+    # Exactly one workflow_finished, whichever worker's write finished it.
+    assert [(f.workflow_id, f.reason, f.spent_usd) for f in finishes] == [
+        (wf.id, "budget_exceeded", float(spent))]
+    assert sql_rows(budget_app.dsn, "SELECT count(*) FROM baton.completions") == [
+        (len(names) + 1,)]
