@@ -30,6 +30,10 @@ JOB_STATES = ("pending", "scheduled", "available", "executing", "retryable", "co
 """Every job state (as :class:`baton.JobState` has them)."""
 
 UNFINISHED_JOB_STATES = ("pending", "scheduled", "available", "executing", "retryable")
+HELD_JOB_STATES = ("scheduled", "available", "executing", "retryable")
+"""The states a unique job's ``states`` must include. The index only refuses a key at
+insert; a job that left its states and entered them again (a snooze, a retry) while another
+held its key would fail the worker's write. Once out of these, a job only ever finishes."""
 """The states in which a unique job's key holds unless ``Unique(states=...)`` says otherwise:
 those of a job that may still run."""
 
@@ -130,6 +134,12 @@ class Unique:
         if wrong := [s for s in self.states if s not in JOB_STATES]:
             raise OptionsError("unique", f"{wrong[0]!r} is not a job state; a job's states "
                                f"are {', '.join(JOB_STATES)}", step=step)
+        if missing := [s for s in HELD_JOB_STATES if s not in self.states]:
+            raise OptionsError(
+                "unique", f"states must include {', '.join(HELD_JOB_STATES)} (missing "
+                f"{', '.join(missing)}): a job goes back and forth between them (a snooze, a "
+                "retry), and one that came back while another took its key could not be "
+                "written", step=step)
         return list(self.states)
 
     def workflow_states(self) -> list[str]:
@@ -145,6 +155,10 @@ class Unique:
         if wrong := [s for s in self.states if s not in WORKFLOW_STATES]:
             raise OptionsError("unique", f"{wrong[0]!r} is not a workflow state; a "
                                f"workflow's states are {', '.join(WORKFLOW_STATES)}")
+        if "running" not in self.states:
+            raise OptionsError("unique", "a workflow's states must include running: one that "
+                               "finished into its states while another took its key could "
+                               "not be written")
         return list(self.states)
 
 

@@ -160,7 +160,8 @@ async def test_chosen_states_keep_a_finished_job_blocking(app: baton.Baton) -> N
     again = await app.enqueue(uniq.once.new(name="a"))
     assert again == first and again.duplicate
     assert sql_rows(app.dsn, "SELECT unique_states FROM baton.jobs WHERE id = %s",
-                    (first,)) == [(["available", "scheduled", "completed"],)]
+                    (first,)) == [(["available", "scheduled", "executing", "retryable",
+                                    "completed"],)]
 
 
 async def test_retrying_a_finished_job_whose_key_is_taken_is_refused(app: baton.Baton) -> None:
@@ -445,6 +446,13 @@ def test_options_that_do_not_fit_where_they_are_given() -> None:
         baton.Workflow("w", unique=baton.Unique(keys=["a"]))
     with pytest.raises(baton.OptionsError, match="'available' is not a workflow state"):
         baton.Workflow("w", unique=baton.Unique(states=["available"]))
+    # A job that could leave its states and come back (a snooze, a retry) while another
+    # took its key would fail the worker's write: such states are refused.
+    with pytest.raises(baton.OptionsError, match="missing executing, retryable"):
+        uniq.plain.new(n=1).options(
+            unique=baton.Unique(states=["available", "scheduled", "completed"]))
+    with pytest.raises(baton.OptionsError, match="must include running"):
+        baton.Workflow("w", unique=baton.Unique(states=["completed"]))
 
 
 async def test_keys_missing_from_a_job_and_an_idempotency_key(app: baton.Baton) -> None:

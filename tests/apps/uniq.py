@@ -24,7 +24,8 @@ async def notify(user_id: int, text: str) -> None: ...
 async def rebuild() -> None: ...
 
 
-@app.step(unique=baton.Unique(states=["available", "scheduled", "completed"]))
+@app.step(unique=baton.Unique(states=["available", "scheduled", "executing", "retryable",
+                                      "completed"]))
 async def once(name: str) -> None: ...
 
 

@@ -50,14 +50,17 @@ def test_a_workflow_key_is_its_label_and_steps_or_its_label() -> None:
 
 
 def test_options_are_normalized() -> None:
+    held = ["scheduled", "executing", "retryable"]
     unique = Unique(keys=["a"], period=timedelta(minutes=1),
-                    states=[baton.JobState.AVAILABLE, "completed", "available"])
+                    states=[baton.JobState.AVAILABLE, *held, "completed", "available"])
     assert unique.keys == ("a",) and unique.period == 60.0
-    assert unique.states == ("available", "completed")
-    assert unique == Unique(keys=("a",), period=60, states=("available", "completed"))
+    assert unique.states == ("available", *held, "completed")
+    assert unique == Unique(keys=("a",), period=60,
+                            states=("available", *held, "completed"))
     assert Unique().job_states() == list(UNFINISHED_JOB_STATES)
     assert Unique().workflow_states() == ["running"]
-    assert unique.row_fields == '"unique_period":60.0,"unique_states":["available","completed"]'
+    assert unique.row_fields == ('"unique_period":60.0,"unique_states":["available",'
+                                 '"scheduled","executing","retryable","completed"]')
     assert pickle.loads(pickle.dumps(unique)) == unique
 
 
