@@ -21,6 +21,10 @@ COMMENT ON COLUMN {schema}.jobs.tags IS
 
 -- Only tagged jobs are indexed, so an untagged insert pays for the predicate alone; a query
 -- uses it when it says `tags <> '{}'` beside its `tags @> ...`.
+-- Lock: built inside the migration's transaction (CONCURRENTLY cannot be), it holds a SHARE
+-- lock (inserts and updates wait, reads go on) for one read of jobs; every row has just got
+-- the empty default, so none enters the index. A deployment with a very large jobs table
+-- can build the same index CONCURRENTLY by hand first; IF NOT EXISTS then finds it.
 CREATE INDEX IF NOT EXISTS jobs_tags_idx
     ON {schema}.jobs USING gin (tags)
     WHERE tags <> '{}';
