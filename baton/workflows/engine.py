@@ -187,7 +187,9 @@ class WorkflowEngine:
         done: list[Payload] = []
 
         # Budgets are checked only by a write that charges priced usage to a workflow step
-        # or sends one back to wait (a reached budget stops it): never on a plain path.
+        # or sends one back to wait (a reached budget stops it), whether or not the workflow
+        # has a budget: such a write takes one more round trip (its settlement waits for the
+        # charge's rows). Writes without usage or waiting steps run none of it.
         watched = {o.job.gate.workflow_id for o in flow if o.state not in settle.SETTLED_STATES}
         watched.update(uuid.UUID(c["workflow_id"]) for c in charges)
 
