@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import psycopg
 import pydantic_core
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -28,6 +28,11 @@ from baton.db import connect, connect_sync, connection_lost, describe, translate
 from baton.errors import DatabaseError, OutcomeUnknownError
 
 T = TypeVar("T")
+
+BEGIN = sql.SQL("BEGIN")
+COMMIT = sql.SQL("COMMIT")
+"""An explicit transaction on an autocommit connection, sent in a pipeline with the
+statements between them: one round trip for the whole write."""
 
 # A pooled connection that was used moments ago is alive; checking it would cost a round
 # trip per checkout. One idle for longer is checked before it is lent (the server may have
@@ -154,6 +159,19 @@ async def lend(pool: AsyncConnectionPool, *, autocommit: bool, write: bool
         # No shield needed: the connection is idle here, so returning it does no I/O and
         # cannot be cancelled half way (a shield would cost every enqueue ~5 us).
         await pool.putconn(conn)
+
+
+@asynccontextmanager
+async def rolled_back(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Roll back what an explicit :data:`BEGIN` left open on ``conn`` if the block fails
+    (shielded: a cancel must not leave the transaction open on a pooled connection)."""
+    try:
+        yield
+    except BaseException:
+        if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            with anyio.CancelScope(shield=True):
+                await conn.rollback()
+        raise
 
 
 @contextmanager

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import psycopg
 import structlog
-from psycopg import sql
-from psycopg.pq import TransactionStatus
 
 from baton import ops
+from baton.connections import BEGIN, COMMIT, rolled_back
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
@@ -40,8 +39,6 @@ _LOG_EVENTS = {
 }
 
 
-_BEGIN = sql.SQL("BEGIN")
-_COMMIT = sql.SQL("COMMIT")
 
 
 async def _send(conn: psycopg.AsyncConnection[Any], stmts: list[Stmt]
@@ -164,30 +161,24 @@ class Completer:
         # Pipelined: the whole write is one round trip, or two when a settlement's rows
         # decide what goes out before the COMMIT. A batch of plain jobs is the finish alone
         # (autocommit: no BEGIN and COMMIT).
-        async with self.app.connection(autocommit=True) as conn:
-            try:
-                async with conn.pipeline():
-                    if write.ahead:  # committed first, in a transaction of their own
-                        await conn.execute(_BEGIN)
-                        await _send(conn, write.ahead)
-                        await conn.execute(_COMMIT)
-                    if not write.empty:
-                        await conn.execute(_BEGIN)
-                    await _send(conn, write.before)
-                    cur = await conn.execute(q["jobs_finish"], params)
-                    last = await _send(conn, write.after)
-                    if write.conclude is not None and last is not None:
-                        await ops.run_async(conn, write.conclude(await last.fetchall()),
-                                            "write outcomes")
-                    if not write.empty:
-                        await conn.execute(_COMMIT)
-                    # Read last: the COMMIT travels with the rest unless conclude waited.
-                    finished = await cur.fetchall()
-            except BaseException:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    with anyio.CancelScope(shield=True):
-                        await conn.rollback()
-                raise
+        async with self.app.connection(autocommit=True) as conn, rolled_back(conn), \
+                conn.pipeline():
+            if write.ahead:  # committed first, in a transaction of their own
+                await conn.execute(BEGIN)
+                await _send(conn, write.ahead)
+                await conn.execute(COMMIT)
+            if not write.empty:
+                await conn.execute(BEGIN)
+            await _send(conn, write.before)
+            cur = await conn.execute(q["jobs_finish"], params)
+            last = await _send(conn, write.after)
+            if write.conclude is not None and last is not None:
+                await ops.run_async(conn, write.conclude(await last.fetchall()),
+                                    "write outcomes")
+            if not write.empty:
+                await conn.execute(COMMIT)
+            # Read last: the COMMIT travels with the rest unless conclude waited.
+            finished = await cur.fetchall()
         applied = {row[0] for row in finished}
         del self.pending[:taken]
         if self.on_written is not None:

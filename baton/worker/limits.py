@@ -26,10 +26,9 @@ import anyio
 import anyio.abc
 import psycopg
 import structlog
-from psycopg import sql
-from psycopg.pq import TransactionStatus
 
 from baton import ops
+from baton.connections import BEGIN, COMMIT, rolled_back
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.limits import QueueLimit, list_limits
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("baton.limits")
 
-_BEGIN = sql.SQL("BEGIN")
-_COMMIT = sql.SQL("COMMIT")
 
 SCAN_PER_SLOT = 10
 """A partitioned claim considers up to this many available jobs per job it may claim
@@ -115,20 +112,14 @@ class Limits:
         scan = demand if limit is None or limit.partition_by is None else max(
             MIN_SCAN, demand * SCAN_PER_SLOT)
         q = self.worker.app.sql
-        try:
-            async with conn.pipeline():
-                await conn.execute(_BEGIN)
-                lock = await conn.execute(q["queue_limit_lock"], {"queue": queue})
-                cur = await conn.execute(q["jobs_fetch_limited"], {**params, "scan": scan},
-                                         prepare=True)
-                await conn.execute(_COMMIT)
-                locked = await lock.fetchall()
-                rows = await cur.fetchall()
-        except BaseException:
-            if conn.info.transaction_status != TransactionStatus.IDLE:
-                with anyio.CancelScope(shield=True):
-                    await conn.rollback()
-            raise
+        async with rolled_back(conn), conn.pipeline():
+            await conn.execute(BEGIN)
+            lock = await conn.execute(q["queue_limit_lock"], {"queue": queue})
+            cur = await conn.execute(q["jobs_fetch_limited"], {**params, "scan": scan},
+                                     prepare=True)
+            await conn.execute(COMMIT)
+            locked = await lock.fetchall()
+            rows = await cur.fetchall()
         if not locked:  # the limits were removed: the plain fetch from now on
             self.limited.pop(queue, None)
             self._refresh.set()
