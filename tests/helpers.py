@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 
 
@@ -43,3 +46,25 @@ def reap(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+LOCK_WAITERS = ("SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()")
+
+
+async def both_waiting_on_the_lock(
+    dsn: str, workflow_id: uuid.UUID, first: Callable[[], Coroutine[Any, Any, None]],
+    second: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``first``, then ``second``, each until it waits for the workflow's lock, which
+    this holds; then let them go (in that order: row lock waiters queue)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as holder:
+        await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
+                             (workflow_id,))
+        async with anyio.create_task_group() as tg:
+            for n, go in enumerate((first, second), start=1):
+                tg.start_soon(go)
+                with anyio.fail_after(10):
+                    while sql_rows(dsn, LOCK_WAITERS) != [(n,)]:
+                        await anyio.sleep(0.01)
+            await holder.rollback()

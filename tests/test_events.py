@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import anyio
-import psycopg
 import pytest
 from structlog.testing import capture_logs
 
@@ -18,7 +17,7 @@ from baton.events import StepUpdated, WorkflowFinished, channel
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker
 from tests.apps import flows
-from tests.helpers import reap, sql_rows, worker_process
+from tests.helpers import both_waiting_on_the_lock, reap, sql_rows, worker_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,8 +235,6 @@ async def test_an_outcome_the_finish_drops_is_neither_announced_nor_settled(
 
 async def test_two_sweeps_at_once_settle_and_announce_a_step_once(app: baton.Baton) -> None:
     wf = _hand_cancelled("swept-twice")
-    waiting = ("SELECT count(*) FROM pg_stat_activity "
-               "WHERE wait_event_type = 'Lock' AND datname = current_database()")
     with capture_logs() as logs:
         async with running_worker(app, maintenance_interval=3600) as worker, \
                 app.events.subscribe(wf.id) as stream:
@@ -248,16 +245,7 @@ async def test_two_sweeps_at_once_settle_and_announce_a_step_once(app: baton.Bat
                 swept.append(await worker.maintenance.sweep())
 
             # Both sweeps find the unsettled step, then wait for the workflow's lock.
-            async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
-                await holder.execute(
-                    "SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE", (workflow_id,))
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(sweep)
-                    tg.start_soon(sweep)
-                    with anyio.fail_after(10):
-                        while sql_rows(app.dsn, waiting) != [(2,)]:
-                            await anyio.sleep(0.01)
-                    await holder.rollback()
+            await both_waiting_on_the_lock(app.dsn, workflow_id, sweep, sweep)
             assert sorted(swept) == [0, 1]
             events = await collect(stream)
     assert [(e.step_name, e.state) for e in events if isinstance(e, StepUpdated)] == [

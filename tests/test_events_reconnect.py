@@ -19,7 +19,7 @@ from baton.events import SUBSCRIBER_APPLICATION_NAME, StepUpdated, WorkflowFinis
 from baton.testing import running_worker, wait_for_workflow
 from tests.apps import flows
 from tests.conftest import Server
-from tests.helpers import sql_rows
+from tests.helpers import LOCK_WAITERS, sql_rows
 
 Event = StepUpdated | WorkflowFinished
 
@@ -148,8 +148,6 @@ async def test_a_finish_that_began_before_the_last_one_seen_is_still_read_back(
     lock commits with a finished_at older than finishes already delivered. If it commits
     while the subscriber is away, the catch-up's margin must still reach back to it."""
     slow = baton.Workflow("slow-settle").add("later", flows.noop.new().options(schedule_in=3600))
-    waiting = ("SELECT count(*) FROM pg_stat_activity "
-               "WHERE wait_event_type = 'Lock' AND datname = current_database()")
     async with app.events.subscribe() as stream, running_worker(app), \
             await psycopg.AsyncConnection.connect(app.dsn) as holder, \
             anyio.create_task_group() as tg:
@@ -159,7 +157,7 @@ async def test_a_finish_that_began_before_the_last_one_seen_is_still_read_back(
                              (slow.id,))
         tg.start_soon(app.cancel, job_id)  # begins, then waits for the workflow's lock
         with anyio.fail_after(10):
-            while sql_rows(app.dsn, waiting) != [(1,)]:
+            while sql_rows(app.dsn, LOCK_WAITERS) != [(1,)]:
                 await anyio.sleep(0.01)
         quick = await app.insert(one_step("quick"))
         [seen] = [e for e in await until_finished(stream, 1) if isinstance(e, WorkflowFinished)]

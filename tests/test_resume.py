@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-import psycopg
 import pytest
 
 import baton
@@ -17,10 +16,7 @@ from baton.events import StepUpdated, WorkflowFinished, WorkflowResumed
 from baton.testing import running_worker, wait_for_job, wait_for_workflow
 from tests.apps import resumable
 from tests.conftest import bound
-from tests.helpers import sql_rows
-
-LOCK_WAITERS = ("SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()")
+from tests.helpers import both_waiting_on_the_lock, sql_rows
 
 
 @pytest.fixture
@@ -241,24 +237,6 @@ async def test_a_failure_a_quorum_absorbed_is_resumed_only_by_name(app: baton.Ba
     assert resumable.CALLS == {"a": 2, "b": 1, "j": 1}
 
 
-async def both_waiting_on_the_lock(
-    app: baton.Baton, workflow_id: uuid.UUID, first: Callable[[], Coroutine[Any, Any, None]],
-    second: Callable[[], Coroutine[Any, Any, None]],
-) -> None:
-    """Run ``first``, then ``second``, each until it waits for the workflow's lock, which
-    this holds; then let them go (in that order: row lock waiters queue)."""
-    async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
-        await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
-                             (workflow_id,))
-        async with anyio.create_task_group() as tg:
-            for n, go in enumerate((first, second), start=1):
-                tg.start_soon(go)
-                with anyio.fail_after(10):
-                    while sql_rows(app.dsn, LOCK_WAITERS) != [(n,)]:
-                        await anyio.sleep(0.01)
-            await holder.rollback()
-
-
 async def test_two_resumes_at_once_resume_once(app: baton.Baton) -> None:
     workflow_id = await failed_chain(app)
     resumable.FIXED.add("gate")
@@ -269,7 +247,7 @@ async def test_two_resumes_at_once_resume_once(app: baton.Baton) -> None:
     async def resume() -> None:
         results.append(await app.resume(workflow_id))
 
-    await both_waiting_on_the_lock(app, workflow_id, resume, resume)
+    await both_waiting_on_the_lock(app.dsn, workflow_id, resume, resume)
     assert results == [["after", "gate", "last"], []]
     assert len(hooked) == 1 and run_of(app, workflow_id) == 2
     info = await run_to_end(app, workflow_id)
@@ -339,7 +317,7 @@ async def test_a_resume_during_a_sweep(app: baton.Baton, first: str) -> None:
         resumed.append(await app.resume(workflow_id))
 
     order = (sweep, resume) if first == "sweep" else (resume, sweep)
-    await both_waiting_on_the_lock(app, workflow_id, *order)
+    await both_waiting_on_the_lock(app.dsn, workflow_id, *order)
     assert resumed == [["x", "y"]]
     if first == "sweep":  # it settled both and finished the workflow: the resume reopens it
         assert swept == [2] and run_of(app, workflow_id) == 2

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import anyio
-import psycopg
 import pytest
 from structlog.testing import capture_logs
 
@@ -16,7 +15,7 @@ from baton.events import StepUpdated, WorkflowFinished
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker, WorkerSettings
 from tests.apps import flows
-from tests.helpers import sql_rows
+from tests.helpers import both_waiting_on_the_lock, sql_rows
 
 Logs = list[MutableMapping[str, Any]]
 
@@ -123,19 +122,8 @@ async def test_two_sweeps_at_once_cancel_and_announce_a_step_once(app: baton.Bat
     async def sweep() -> None:
         swept.append(await worker.maintenance.sweep())
 
-    waiting = ("SELECT count(*) FROM pg_stat_activity "
-               "WHERE wait_event_type = 'Lock' AND datname = current_database()")
     # Both sweeps find b, then wait for the workflow's lock.
-    async with await psycopg.AsyncConnection.connect(app.dsn) as holder:
-        await holder.execute("SELECT id FROM baton.workflows WHERE id = %s FOR UPDATE",
-                             (workflow_id,))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sweep)
-            tg.start_soon(sweep)
-            with anyio.fail_after(10):
-                while sql_rows(app.dsn, waiting) != [(2,)]:
-                    await anyio.sleep(0.01)
-            await holder.rollback()
+    await both_waiting_on_the_lock(app.dsn, workflow_id, sweep, sweep)
     assert sorted(swept) == [0, 1]
     assert [(type(e).__name__, getattr(e, "step_name", None)) for e in seen] == [
         ("StepUpdated", "b"), ("WorkflowFinished", None)]
