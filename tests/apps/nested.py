@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
 from typing import Any
 
 import baton
+from tests.apps.flows import CALLS as CALLS
+from tests.apps.flows import note
+from tests.apps.flows import reset as reset
 
 app = baton.Baton()
-CALLS: defaultdict[str, list[Any]] = defaultdict(list)
-_lock = threading.Lock()
-
-
-def reset() -> None:
-    CALLS.clear()
-
-
-def note(key: str, value: Any) -> None:
-    with _lock:
-        CALLS[key].append(value)
 
 
 @app.step
