@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import psycopg
 import structlog
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from baton import connections, migrations, ops, results, workflows
@@ -503,6 +504,47 @@ class Baton:
         self._announce(finished)
         return cancelled
 
+    @loop_only
+    async def cancel_workflow(self, workflow_id: uuid.UUID | str) -> list[str]:
+        """Cancel every step of a workflow that has not finished; return their names.
+
+        Each is cancelled as :meth:`cancel` does it (a running one is told to stop), so the
+        workflow finishes ``failed`` with one ``workflow_finished``. Steps that finish on
+        their own meanwhile keep their outcome; :meth:`resume` runs the cancelled ones again.
+
+        :raises WorkflowNotFound: if there is no such workflow.
+        """
+        wid = workflow_uuid(workflow_id)
+        await self.get_workflow(wid)
+        cancelled: list[str] = []
+        tried: set[int] = set()
+        while steps := [s for s in await self._run(_unfinished_steps(self.sql, wid),
+                                                    "read unfinished steps", None,
+                                                    single=True, write=False)
+                        if s["job_id"] not in tried]:
+            for step in steps:  # their dependents may settle meanwhile: read again after
+                tried.add(step["job_id"])
+                if await self.cancel(step["job_id"]):
+                    cancelled.append(step["name"])
+        return cancelled
+
+    def cancel_workflow_sync(self, workflow_id: uuid.UUID | str) -> list[str]:
+        """Cancel a workflow's unfinished steps from synchronous code (see
+        :meth:`cancel_workflow`)."""
+        wid = workflow_uuid(workflow_id)
+        self.get_workflow_sync(wid)
+        cancelled: list[str] = []
+        tried: set[int] = set()
+        while steps := [s for s in self._run_sync(_unfinished_steps(self.sql, wid),
+                                                   "read unfinished steps", None,
+                                                   single=True, write=False)
+                        if s["job_id"] not in tried]:
+            for step in steps:
+                tried.add(step["job_id"])
+                if self.cancel_sync(step["job_id"]):
+                    cancelled.append(step["name"])
+        return cancelled
+
     # -- workflows -----------------------------------------------------------------------
 
     @loop_only
@@ -818,3 +860,9 @@ class Baton:
         """Return queue limits from synchronous code (see :meth:`queue_limits`)."""
         return self._run_sync(list_limits(self.sql, names), "read queue limits", None,
                               single=True, write=False)
+
+
+def _unfinished_steps(q: Queries, workflow_id: uuid.UUID) -> ops.Op[list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = yield ops.Stmt(q["workflow_unfinished_steps"],
+                                                {"id": workflow_id}, row_factory=dict_row)
+    return rows
