@@ -9,7 +9,6 @@ from decimal import Decimal
 from typing import Any, Literal, TypeVar, overload
 
 import psycopg
-import structlog
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -22,6 +21,7 @@ from baton.errors import ScheduleError, StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options, check_sizes, check_tags
 from baton.limits import QueueLimit, WindowSpec, list_limits, queue_limit, remove_limit, set_limit
+from baton.logs import get_logger
 from baton.periodic import Schedule
 from baton.pricing import Pricing
 from baton.query import Query
@@ -32,7 +32,7 @@ from baton.workflows import budgets
 from baton.workflows.budgets import Budget
 from baton.workflows.resume import workflow_uuid
 
-log = structlog.get_logger("baton.app")
+log = get_logger("baton.app")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
-import structlog
 
 from baton import render
 from baton.app import Baton
@@ -28,13 +27,13 @@ from baton.errors import (
     ResultNotReadyError,
 )
 from baton.job import Job, JobState
-from baton.logs import configure_logging
+from baton.logs import configure_logging, get_logger
 from baton.migrations import migrate_down, migrate_up
 from baton.periodic import ScheduleInfo, local_time
 from baton.query import Status
 from baton.worker import Worker, WorkerSettings, parse_queues
 
-log = structlog.get_logger("baton.cli")
+log = get_logger("baton.cli")
 T = TypeVar("T")
 
 

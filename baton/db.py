@@ -18,13 +18,13 @@ from typing import Any
 
 import anyio
 import psycopg
-import structlog
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
 from baton.errors import ConfigurationError, DatabaseError, OutcomeUnknownError
+from baton.logs import get_logger
 
-log = structlog.get_logger("baton.db")
+log = get_logger("baton.db")
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

@@ -12,11 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from baton.errors import ConfigurationError
+from baton.logs import get_logger
 
-log = structlog.get_logger("baton.embedded")
+log = get_logger("baton.embedded")
 
 ENV_URL = "BATON_DATABASE_URL"
 ENV_DATA_DIR = "BATON_DATA_DIR"

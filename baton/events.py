@@ -28,19 +28,18 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, field_validator
 
 from baton.db import channel_name, connect, connect_heals, connection_lost, database_error, describe
-from baton.logs import enabled
+from baton.logs import enabled, get_logger
 
 if TYPE_CHECKING:
     from baton.app import Baton
 
-log = structlog.get_logger("baton.events")
+log = get_logger("baton.events")
 
 STEP_UPDATED = "workflow_step_updated"
 WORKFLOW_FINISHED = "workflow_finished"

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import structlog
 
 from baton.db import connect_sync, quote_schema, render, translate_errors
 from baton.errors import MigrationError
+from baton.logs import get_logger
 
-log = structlog.get_logger("baton.migrations")
+log = get_logger("baton.migrations")
 
 _FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _UP = "-- migrate:up"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-log = structlog.get_logger("baton.pricing")
+from baton.logs import get_logger
+
+log = get_logger("baton.pricing")
 
 USAGE_KEY = "__usage__"
 """A step may return ``{..., "__usage__": {...}}``: stripped from the stored result and

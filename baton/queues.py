@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-import structlog
 from psycopg.rows import class_row
 from pydantic import BaseModel, Field
 
 from baton.db import Queries
 from baton.errors import OptionsError, QueueNotFound
 from baton.job import check_queue
+from baton.logs import get_logger
 from baton.ops import Op, Stmt
 
-log = structlog.get_logger("baton.queues")
+log = get_logger("baton.queues")
 
 MAX_CONCURRENCY = 10_000
 """The most jobs of one queue a worker may be scaled to run at once."""

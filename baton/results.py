@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from psycopg.rows import dict_row
 
 from baton.db import Queries
 from baton.errors import JobNotFound, ResultNotKeptError, ResultNotReadyError
 from baton.job import JobState, find_unstorable, json_text
+from baton.logs import get_logger
 from baton.ops import Op, Stmt
 from baton.workflows.store import dump_result
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from baton.step import Step
     from baton.worker.executor import Outcome
 
-log = structlog.get_logger("baton.results")
+log = get_logger("baton.results")
 
 
 def keep_statement(q: Queries, steps: Mapping[str, Step], outcomes: Sequence[Outcome]

@@ -34,23 +34,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.anyio)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _uncached_cli_logging() -> Iterator[None]:
-    """Tests call the CLI in-process: its logging set-up must not pin baton's loggers
-    (cached on first use) to its renderer, or later tests could not capture their logs."""
-    import structlog
+@pytest.fixture(autouse=True)
+def _cli_logging_undone() -> Iterator[None]:
+    """Tests call the CLI in-process, and it configures the root logger as an application
+    does: undo that after each test, so the next one starts with logging unconfigured."""
+    import logging
 
-    from baton import cli
+    from baton import logs
 
-    configure = cli.configure_logging
-
-    def configure_uncached(level: str = "info", *, json: bool = False) -> None:
-        configure(level, json=json)
-        structlog.configure(cache_logger_on_first_use=False)
-
-    cli.configure_logging = configure_uncached
+    root = logging.getLogger()
+    level = root.level
     yield
-    cli.configure_logging = configure
+    for handler in [h for h in root.handlers if isinstance(h, logs._Handler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

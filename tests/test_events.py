@@ -10,10 +10,10 @@ from typing import Any
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 import baton
 from baton.events import StepUpdated, WorkflowFinished, channel
+from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker
 from tests.apps import flows

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg.conninfo import make_conninfo
-from structlog.testing import capture_logs
 
 import baton
 from baton.events import SUBSCRIBER_APPLICATION_NAME, StepUpdated, WorkflowFinished
+from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_workflow
 from tests.apps import flows
 from tests.conftest import Server

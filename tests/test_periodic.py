@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 import baton
 from baton import periodic
 from baton.cli import main
+from baton.logs import capture_logs
 from baton.testing import running_worker
 from tests.apps import periodic as periodic_app
 from tests.conftest import bound

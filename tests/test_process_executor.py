@@ -12,10 +12,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 import baton
 from baton.job import JobState
+from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_job, wait_for_jobs, wait_for_workflow
 from baton.worker import processes
 from baton.worker.executor import Executor

@@ -10,9 +10,9 @@ from typing import Any
 
 import anyio
 import psycopg
-from structlog.testing import capture_logs
 
 import baton
+from baton.logs import capture_logs
 from baton.testing import (
     FAST_SETTINGS,
     running_worker,

@@ -8,10 +8,10 @@ from typing import Any
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 import baton
 from baton.events import StepUpdated, WorkflowFinished
+from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_workflow
 from baton.worker import Worker, WorkerSettings
 from tests.apps import flows

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 import baton
 from baton.job import JobState
+from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_job, wait_for_jobs
 from baton.worker.completer import Completer
 from baton.worker.executor import FetchedJob, Outcome

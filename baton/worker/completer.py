@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
-import structlog
 
 from baton import ops
 from baton.connections import BEGIN, COMMIT, rolled_back
@@ -18,7 +17,7 @@ from baton.db import describe
 from baton.errors import DatabaseError
 from baton.events import channel as events_channel
 from baton.job import JobState
-from baton.logs import enabled
+from baton.logs import enabled, get_logger
 from baton.ops import Stmt
 from baton.worker.engine import PLAIN, Engine
 from baton.worker.executor import Outcome
@@ -26,7 +25,7 @@ from baton.worker.executor import Outcome
 if TYPE_CHECKING:
     from baton.app import Baton
 
-log = structlog.get_logger("baton.completer")
+log = get_logger("baton.completer")
 
 _LOG_EVENTS = {
     JobState.COMPLETED: "job.completed",
@@ -203,7 +202,7 @@ class Completer:
         job = outcome.job
         fields: dict[str, Any] = {
             "job_id": job.id, "queue": job.queue, "step": job.step, "attempt": job.attempt,
-            "duration": round(outcome.duration, 6),
+            "duration_ms": round(outcome.duration * 1000, 3),
         }
         if not applied:
             log.info("job.outcome_dropped", state=outcome.state.value, **fields,

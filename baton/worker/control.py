@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 from psycopg.rows import dict_row
 
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
+from baton.logs import get_logger
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
-log = structlog.get_logger("baton.worker")
+log = get_logger("baton.worker")
 
 READ_TIMEOUT = 2.0
 """The longest a periodic read of the settings may hold up the worker's shutdown."""

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-import structlog
 
 from baton.backoff import backoff_seconds
 from baton.context import Context
 from baton.errors import ArgsError, UnknownStepError
 from baton.job import JobState
+from baton.logs import get_logger
 from baton.pricing import Usage, split_usage
 from baton.signals import Cancel, Discard, Signal, Snooze
 from baton.worker import processes
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from baton.app import Baton
     from baton.step import Step
 
-log = structlog.get_logger("baton.job")
+log = get_logger("baton.job")
 
 
 @dataclass(slots=True)

@@ -20,11 +20,11 @@ from typing import Any
 
 import anyio
 import psycopg
-import structlog
 
 from baton.db import describe
+from baton.logs import get_logger
 
-log = structlog.get_logger("baton.worker")
+log = get_logger("baton.worker")
 
 TICK_SECONDS = 0.1
 """How often the event loop marks itself alive for the watchdog."""

@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 
 from baton import ops
 from baton.connections import BEGIN, COMMIT, rolled_back
 from baton.db import describe
 from baton.errors import DatabaseError
 from baton.limits import QueueLimit, list_limits
+from baton.logs import get_logger
 from baton.worker.executor import Outcome
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
-log = structlog.get_logger("baton.limits")
+log = get_logger("baton.limits")
 
 
 SCAN_PER_SLOT = 10

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 from psycopg.rows import dict_row
 
 from baton import ops, workflows
 from baton.db import Queries, describe
 from baton.errors import DatabaseError
 from baton.job import JobState
+from baton.logs import get_logger
 from baton.ops import Op, Stmt
 from baton.workflows import announce, settle
 from baton.workflows.announce import Payload, StepEvent
@@ -21,7 +21,7 @@ from baton.workflows.announce import Payload, StepEvent
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
-log = structlog.get_logger("baton.maintenance")
+log = get_logger("baton.maintenance")
 
 LEADER_NAME = "maintenance"
 
@@ -78,7 +78,7 @@ class Maintenance:
         await self.sweep()
         await self.prune()
         log.debug("maintenance.pass", worker_id=worker.id,
-                  duration=round(anyio.current_time() - started, 6))
+                  duration_ms=round((anyio.current_time() - started) * 1000, 3))
 
     async def _rows(
         self, name: str, params: dict[str, Any], *, queue_column: int | None = None

@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import anyio
 import psycopg
-import structlog
 from psycopg import sql
 
 from baton.db import describe
+from baton.logs import get_logger
 
-log = structlog.get_logger("baton.notifier")
+log = get_logger("baton.notifier")
 
 Handler = Callable[[str], None]
 

@@ -43,11 +43,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from baton.context import Context
 from baton.errors import ProcessDiedError, RemoteStepError, StepError
+from baton.logs import get_logger
 from baton.pricing import Usage
 from baton.signals import Cancel, Discard, Signal, Snooze
 
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from baton.step import Step
     from baton.worker.executor import Executor
 
-log = structlog.get_logger("baton.process")
+log = get_logger("baton.process")
 
 TERM_WAIT = 2.0
 """Seconds a child has to exit after SIGTERM before it is sent SIGKILL."""

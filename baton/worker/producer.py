@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 
 from baton import ops
 from baton.db import describe
 from baton.errors import DatabaseError
+from baton.logs import get_logger
 from baton.worker.executor import FetchedJob, Outcome
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
-log = structlog.get_logger("baton.producer")
+log = get_logger("baton.producer")
 
 
 class _Slot:

@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import psycopg
-import structlog
 from psycopg.rows import dict_row
 
 from baton import ops, periodic
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError, ScheduleError
+from baton.logs import get_logger
 
 if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
-log = structlog.get_logger("baton.scheduler")
+log = get_logger("baton.scheduler")
 
 WAKE_SLACK = 0.001
 """Seconds past a tick the leader wakes, so that the tick has passed on the server's clock

@@ -13,11 +13,11 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import psycopg
-import structlog
 
 from baton import migrations, ops
 from baton.db import describe, translate_errors
 from baton.errors import DatabaseError
+from baton.logs import get_logger
 from baton.worker import processes
 from baton.worker.completer import Completer
 from baton.worker.control import QueueControls
@@ -35,7 +35,7 @@ from baton.workflows.engine import WorkflowEngine
 if TYPE_CHECKING:
     from baton.app import Baton
 
-log = structlog.get_logger("baton.worker")
+log = get_logger("baton.worker")
 
 DEFER_SECONDS = 1.0
 EXIT_WITH_THREADS = 70

@@ -19,7 +19,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import structlog
 from psycopg.rows import class_row, dict_row
 from pydantic import BaseModel
 
@@ -27,11 +26,12 @@ from baton.dag import Workflow, check_budget
 from baton.db import Queries
 from baton.errors import BudgetExceededError, WorkflowError, WorkflowNotFound
 from baton.job import JobState, json_text
+from baton.logs import get_logger
 from baton.ops import Op, Rows, Stmt
 from baton.workflows import announce, settle
 from baton.workflows.announce import Payload, StepEvent
 
-log = structlog.get_logger("baton.workflow")
+log = get_logger("baton.workflow")
 
 
 class Budget(BaseModel):

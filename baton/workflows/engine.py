@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-import structlog
 from psycopg.rows import class_row
 from pydantic_core import from_json
 
 from baton import ops, results
 from baton.job import JobState, json_text
+from baton.logs import get_logger
 from baton.ops import Op, Rows, Stmt
 from baton.worker.engine import PLAIN, Payload, Write
 from baton.worker.executor import FetchedJob, Outcome
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from baton.context import Context
     from baton.worker.executor import Executor
 
-log = structlog.get_logger("baton.workflow")
+log = get_logger("baton.workflow")
 
 DEFER_SECONDS = 1.0
 """How long a step whose gate could not be read waits before it is tried again."""
