@@ -31,7 +31,7 @@ from baton.logs import configure_logging, get_logger
 from baton.migrations import migrate_down, migrate_up
 from baton.periodic import ScheduleInfo, local_time
 from baton.query import Status
-from baton.worker import Worker, WorkerSettings, parse_queues
+from baton.worker import Worker, WorkerSettings, parse_queues, supervisor
 
 log = get_logger("baton.cli")
 T = TypeVar("T")
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--leader-ttl", type=float, default=float(_env("LEADER_TTL", 10.0)),
                         help="seconds a leader's lease lasts unrenewed; after a leader dies, "
                              "another takes over within it [BATON_LEADER_TTL]")
+    worker.add_argument("--processes", default=_env("PROCESSES", "1"),
+                        help="worker processes to run under a supervisor that restarts "
+                             "them, or 'auto' for one per core; default 1 [BATON_PROCESSES]")
     worker.add_argument("--prune-after", type=float,
                         default=float(_env("PRUNE_AFTER")) if _env("PRUNE_AFTER") else None,
                         help="delete finished jobs older than this many seconds "
@@ -248,6 +251,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         prune_after=args.prune_after,
         exit_with_threads=True,  # past the grace, end threads that cannot be stopped
     )
+    processes = supervisor.parse_processes(args.processes)
+    if processes > 1:  # every flag was checked above, once; each child is one worker
+        env = {**os.environ, "BATON_DATABASE_URL": app.dsn}  # an embedded one started here
+        return supervisor.Supervisor(
+            processes, supervisor.worker_command(args.argv), env=env).run()
+    ready = supervisor.under_supervisor()
     worker = Worker(app, settings)
     failed: list[Exception] = []
 
@@ -264,6 +273,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             tg.cancel_scope.cancel()
 
                 tg.start_soon(watch)
+                if ready is not None:
+                    tg.start_soon(ready, worker.started)
                 try:
                     await worker.run()
                 except Exception as exc:  # raised below, not wrapped in the task group's
@@ -468,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervisor's children's
     try:
         configure_logging(args.log_level, json=args.log_json)
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,

@@ -57,6 +57,17 @@ class OutcomeUnknownError(DatabaseError):
         )
 
 
+class WorkerStartError(BatonError):
+    """Worker processes keep exiting before they are ready; see their errors."""
+
+    def __init__(self, message: str | None = None, *, failed_starts: int = 0,
+                 status: int = 0) -> None:
+        self.failed_starts = failed_starts
+        self.status = status
+        """The last child's exit code, or minus the number of the signal that ended it."""
+        super().__init__(message)
+
+
 class StepError(BatonError):
     """A step was defined or called incorrectly."""
 
