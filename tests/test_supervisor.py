@@ -293,3 +293,16 @@ async def test_auto_runs_one_process_per_usable_core(supervised_app: baton.Baton
         assert await wait_status(proc) == 0
     finally:
         reap(proc)
+
+
+async def test_sigterm_while_children_start_is_a_clean_stop(dsn: str) -> None:
+    proc, logs = start(dsn, "--processes", "2")
+    try:
+        await logs.wait_for("supervisor.child_started", 2)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_status(proc) == 0
+    finally:
+        reap(proc)
+    logs.text()
+    assert len(logs.named("supervisor.child_exited")) == 2
+    assert not logs.named("supervisor.child_restarted")

@@ -204,10 +204,14 @@ class Supervisor:
     def _status(self) -> int:
         if self.forced is not None:
             return 128 + self.forced
+        # A child still starting when the signal came may end by it (its handlers were not
+        # in place yet): it had no jobs, so that is a clean stop too.
+        stopped = {0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM,
+                   128 + signal.SIGINT}
         statuses = [status for slot in self.slots for status in slot.statuses]
-        if all(status == 0 for status in statuses):
+        if all(status in stopped for status in statuses):
             return 0
-        if all(status in (0, EXIT_WITH_THREADS) for status in statuses):
+        if all(status in stopped or status == EXIT_WITH_THREADS for status in statuses):
             return EXIT_WITH_THREADS
         return 1
 
