@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from baton import render
+from baton import embedded, render
 from baton.app import Baton
 from baton.errors import (
     BatonError,
@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (pause, resume_queue, scale, queues, limit, unlimit, limits):
         _common(p)
         _inspect(p)
+
+    db = sub.add_parser("db", help="print the database URL, starting the embedded "
+                                   "development server if none is set")
+    _common(db)
+    db.add_argument("--psql", action="store_true", help="open psql on it")
+    db.add_argument("psql_args", nargs="*", metavar="PSQL_ARG",
+                    help="more arguments for psql, after --, e.g. -- -c 'SELECT 1'")
     return parser
 
 
@@ -293,6 +300,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _out(args: argparse.Namespace, data: Any, human: str) -> int:
     sys.stdout.write((json.dumps(data, indent=2, default=str) if args.json else human) + "\n")
     return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Print the database URL (``--dsn``, ``BATON_DATABASE_URL``, else the embedded
+    development server's, started if needed and left running); with ``--psql``, become
+    psql on it."""
+    url = args.dsn or embedded.development_url()
+    if not args.psql:
+        sys.stdout.write(url + "\n")
+        return 0
+    psql = embedded.psql_command()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(psql, [psql, url, *args.psql_args])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -484,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, json=args.log_json)
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
                    "workflow": cmd_workflow, "job": cmd_job,
-                   "queue": cmd_queue}[args.command]
+                   "queue": cmd_queue, "db": cmd_db}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         return 130

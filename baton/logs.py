@@ -207,12 +207,13 @@ def formatter(*, json: bool = False, colors: bool | None = None) -> logging.Form
 
 
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
-    """Configure the process's logging as ``baton``'s command line does: every record
-    (baton's, psycopg's, the application's) at ``level`` and above, one line each on
-    stderr, human (coloured on a terminal) or JSON.
+    """Configure the process's logging as ``baton``'s command line does: one line per
+    record on stderr, human (coloured on a terminal) or JSON, for baton's events at
+    ``level`` and above and every other library's (psycopg's, the application's) at
+    warning and above (or ``level`` if higher).
 
-    This is an application's choice, made once at start: it sets the root logger. A
-    second call replaces the first one's handler.
+    This is an application's choice, made once at start: it sets the root logger and
+    the ``baton`` logger's level. A second call replaces the first one's handler.
 
     :raises ValueError: if ``level`` is not a level name.
     """
@@ -225,4 +226,5 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     handler = _Handler(_Stderr())
     handler.setFormatter(formatter(json=json))
     root.addHandler(handler)
-    root.setLevel(numeric)
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("baton").setLevel(numeric)

@@ -8,6 +8,7 @@ BATON_DATABASE_URL, or an embedded PostgreSQL when that is unset.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,6 @@ import anyio
 
 import baton
 from baton.events import StepUpdated, WorkflowFinished
-from baton.logs import configure_logging
 from baton.pricing import ModelPrice, Pricing
 from baton.testing import running_worker
 
@@ -73,8 +73,17 @@ def show(line: str) -> None:
     sys.stdout.flush()
 
 
+def baton_command() -> str:
+    """How to call the ``baton`` command from here (the venv's, when it is not on PATH)."""
+    exe = Path(sys.executable).with_name("baton")
+    if exe.exists():
+        relative = os.path.relpath(exe)
+        return relative if not relative.startswith("..") else str(exe)
+    return "baton"
+
+
 async def main() -> None:
-    configure_logging("warning")
+    # baton logs through the standard logging module; configuring nothing shows warnings.
     app.migrate_sync()
     wf = baton.Workflow("demo:summarize-document")
     wf.add("fetch", fetch.new(path="document.txt"))
@@ -97,9 +106,7 @@ async def main() -> None:
     show(f"\nsynthesis of {', '.join(result['models'])}:\n  {result['summary']}")
     show(f"stored in {await app.result(workflow_id, 'store')}")
     show(f"cost: {cost.total_cost:.8f} over {cost.total_tokens} tokens")
-    query = ("SELECT step_name, state, attempt, result FROM baton.workflow_steps\n"
-             f" WHERE workflow_id = '{workflow_id}' ORDER BY job_id;")
-    show(f"\nSee every step yourself:\n\n{query}\n")
+    show("\nEvery step, from baton.workflow_steps:")
     async with app.connection() as conn:
         cur = await conn.execute(
             "SELECT step_name, state, attempt FROM baton.workflow_steps"
@@ -107,6 +114,12 @@ async def main() -> None:
         for step_name, state, attempt in await cur.fetchall():
             show(f"  {step_name:<20} {state:<10} attempt {attempt}")
     await app.close()
+    query = ("SELECT step_name, state, attempt, result FROM baton.workflow_steps"
+             f" WHERE workflow_id = '{workflow_id}' ORDER BY job_id")
+    server = ("BATON_DATABASE_URL" if os.environ.get("BATON_DATABASE_URL") else
+              "the development server (it stopped with this script; this starts it again)")
+    show(f"\nSee every step yourself: `baton db --psql` opens psql on {server}.\n"
+         f"From this folder:\n\n  {baton_command()} db --psql -- -c \"{query}\"\n")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,13 @@ def _cli_logging_undone() -> Iterator[None]:
 
     from baton import logs
 
-    root = logging.getLogger()
-    level = root.level
+    root, own = logging.getLogger(), logging.getLogger("baton")
+    levels = root.level, own.level
     yield
     for handler in [h for h in root.handlers if isinstance(h, logs._Handler)]:
         root.removeHandler(handler)
-    root.setLevel(level)
+    root.setLevel(levels[0])
+    own.setLevel(levels[1])
 
 
 @pytest.fixture(scope="session")
