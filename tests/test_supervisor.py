@@ -27,7 +27,7 @@ from tests.helpers import ROOT, reap, sql_rows
 
 LIVE = "SELECT pid FROM baton.worker_registry WHERE expires_at > now() ORDER BY pid"
 FAST_RESCUE = ("--heartbeat-interval", "0.2", "--heartbeat-ttl", "1",
-               "--maintenance-interval", "0.1")
+               "--maintenance-interval", "0.1", "--leader-ttl", "1")
 
 
 @pytest.fixture
@@ -306,3 +306,26 @@ async def test_sigterm_while_children_start_is_a_clean_stop(dsn: str) -> None:
     logs.text()
     assert len(logs.named("supervisor.child_exited")) == 2
     assert not logs.named("supervisor.child_restarted")
+
+
+async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
+    supervised_app: baton.Baton, tmp_path: Path,
+) -> None:
+    app = supervised_app
+    gate = tmp_path / "go"
+    proc, logs = start(app.dsn, "--processes", "2")
+    try:
+        await logs.wait_for("supervisor.child_ready", 2)
+        job_id = await app.enqueue(supervised.until_file.new(path=str(gate)))
+        await wait_for_job(app, job_id, "executing", timeout=30)
+        proc.kill()
+        assert await wait_status(proc) == -signal.SIGKILL
+        await logs.wait_for("worker.stopping", 2)  # the kernel's SIGTERM, not a kill
+        gate.touch()
+        await logs.wait_for("worker.stopped", 2)
+    finally:
+        reap(proc)
+    logs.text()  # every worker has closed its end of the pipe: they have all exited
+    job = await app.get_job(job_id)
+    assert job.state is JobState.COMPLETED and job.attempt == 1
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
