@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from baton import embedded, render
+from baton import embedded, metrics, render
 from baton.app import Baton
 from baton.errors import (
     BatonError,
@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--psql", action="store_true", help="open psql on it")
     db.add_argument("psql_args", nargs="*", metavar="PSQL_ARG",
                     help="more arguments for psql, after --, e.g. -- -c 'SELECT 1'")
+
+    served = sub.add_parser("metrics", help="serve Prometheus metrics at /metrics")
+    _common(served)
+    served.add_argument("--app", default=_env("APP"), help="take dsn and schema from this app")
+    served.add_argument("--host", default=_env("METRICS_HOST", "127.0.0.1"),
+                        help="address to listen on [BATON_METRICS_HOST]")
+    served.add_argument("--port", type=int, default=int(_env("METRICS_PORT", 9464)),
+                        help="port to listen on [BATON_METRICS_PORT]")
     return parser
 
 
@@ -314,6 +322,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(psql, [psql, url, *args.psql_args])
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    anyio.run(_using(app, lambda: metrics.serve(app, args.host, args.port)))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -505,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, json=args.log_json)
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
                    "workflow": cmd_workflow, "job": cmd_job,
-                   "queue": cmd_queue, "db": cmd_db}[args.command]
+                   "queue": cmd_queue, "db": cmd_db, "metrics": cmd_metrics}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         return 130

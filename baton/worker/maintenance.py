@@ -9,7 +9,7 @@ import anyio.abc
 import psycopg
 from psycopg.rows import dict_row
 
-from baton import ops, workflows
+from baton import metrics, ops, workflows
 from baton.db import Queries, describe
 from baton.errors import DatabaseError
 from baton.job import JobState
@@ -36,6 +36,8 @@ class Maintenance:
         self._rescue_from = 0.0
         """No rescue before this time (monotonic): after this process lost the database,
         live workers need a heartbeat's lifetime to renew rows that expired meanwhile."""
+        self.metrics = metrics.Advancer(worker.app)
+        """Counts finished rows into the metrics counters before they are pruned."""
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -168,6 +170,7 @@ class Maintenance:
         running workflow is never touched.
         """
         settings = self.worker.settings
+        await self.metrics.before_prune(settings.prune_after)
         limit = settings.prune_limit
         counts: dict[str, int] = {}
         if settings.prune_after is not None:

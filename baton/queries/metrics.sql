@@ -1,0 +1,164 @@
+-- Metrics read at each scrape (baton/metrics.py, migration 0017). {schema} is the quoted
+-- schema name. Every read of jobs goes through one of its partial indexes: the live states
+-- through the fetch, stage and executing indexes (their rows only), the finished rows
+-- through jobs_finalized_idx from a watermark on (the rows finished since the last advance).
+
+-- name: metrics_read_committed
+-- The advance: each statement sees what committed before it (the horizon is read first).
+SET TRANSACTION ISOLATION LEVEL READ COMMITTED
+
+-- name: metrics_snapshot
+-- The scrape's reads: one snapshot, so the counters and the rows past their watermark agree.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: metrics_horizon
+-- How far the counters may be advanced: every row finished before the horizon has
+-- committed. A row's finish time is its transaction's now(), so a transaction still open
+-- holds the horizon at its start; then nothing later than a clock reading taken before the
+-- rows are read. Transactions open longer than %(max_lag)s seconds are not waited for (a
+-- finish they commit later, dated before the horizon, is not counted), nor rows older than
+-- %(through_age)s seconds (they are about to be pruned: count them first). Sessions of
+-- other roles show no xact_start without pg_read_all_stats, and are not waited for.
+SELECT GREATEST(
+    LEAST(clock_timestamp(), COALESCE(min(a.xact_start), 'infinity')),
+    clock_timestamp() - make_interval(secs => %(max_lag)s),
+    clock_timestamp() - make_interval(secs => %(through_age)s))
+FROM pg_stat_activity AS a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL
+
+-- name: metrics_sources_lock
+-- Take the watermarks to advance them; none when another session is advancing them now.
+SELECT source, counted_until
+FROM {schema}.metrics_sources
+ORDER BY source
+FOR UPDATE SKIP LOCKED
+
+-- name: metrics_sources
+SELECT source, counted_until FROM {schema}.metrics_sources
+
+-- name: metrics_counters
+SELECT name, labels, value FROM {schema}.metrics_counters
+
+-- name: metrics_counters_add
+-- Add what the rows in [counted_until, %(horizon)s) amount to, and move the watermarks.
+WITH added AS (
+    INSERT INTO {schema}.metrics_counters AS c (name, labels, value)
+    SELECT t.name, t.labels, t.value
+    FROM unnest(%(names)s::text[], %(labels)s::jsonb[], %(values)s::numeric[])
+        AS t(name, labels, value)
+    ON CONFLICT (name, labels) DO UPDATE SET value = c.value + EXCLUDED.value
+    RETURNING 1
+)
+UPDATE {schema}.metrics_sources
+SET counted_until = %(horizon)s, advanced_at = now()
+WHERE counted_until < %(horizon)s
+RETURNING source, (SELECT count(*) FROM added) AS rows
+
+-- name: metrics_jobs_delta
+-- What the jobs finished in [%(since)s, %(until)s) add to the counters: finished jobs by
+-- queue, step and state; retries (attempts after the first) and failed attempts by kind
+-- (%(failure_kinds)s, from the job's errors) by queue and step; and the run time of the
+-- completed ones (claim of the last attempt to the finish) by queue, into the buckets
+-- %(bounds)s (named %(les)s, one more: +Inf) with its sum.
+WITH finished AS MATERIALIZED (
+    SELECT queue, step, state, attempt, errors,
+        CASE WHEN state = 'completed' AND attempted_at IS NOT NULL
+             THEN GREATEST(EXTRACT(EPOCH FROM finalized_at - attempted_at)::float8, 0) END
+            AS seconds
+    FROM {schema}.jobs
+    WHERE finalized_at >= %(since)s AND finalized_at < %(until)s::timestamptz
+), timed AS (
+    SELECT queue, seconds, width_bucket(seconds, %(bounds)s::float8[]) + 1 AS bucket
+    FROM finished
+    WHERE seconds IS NOT NULL
+)
+SELECT 'jobs_finished' AS name,
+    jsonb_build_object('queue', queue, 'step', step, 'state', state) AS labels,
+    count(*)::numeric AS value
+FROM finished
+GROUP BY queue, step, state
+UNION ALL
+SELECT 'job_retries', jsonb_build_object('queue', queue, 'step', step), sum(attempt - 1)
+FROM finished
+WHERE attempt > 1
+GROUP BY queue, step
+UNION ALL
+SELECT 'job_failures', jsonb_build_object('queue', f.queue, 'step', f.step, 'kind', e.kind),
+    count(*)
+FROM finished AS f
+CROSS JOIN LATERAL (
+    SELECT COALESCE(entry ->> 'kind', 'error') AS kind
+    FROM jsonb_array_elements(f.errors) AS entry
+) AS e
+WHERE f.errors <> '[]'::jsonb AND e.kind = ANY(%(failure_kinds)s::text[])
+GROUP BY f.queue, f.step, e.kind
+UNION ALL
+SELECT 'job_duration_bucket',
+    jsonb_build_object('queue', queue, 'le', (%(les)s::text[])[bucket]), count(*)
+FROM timed
+GROUP BY queue, bucket
+UNION ALL
+SELECT 'job_duration_sum', jsonb_build_object('queue', queue), sum(seconds)::numeric
+FROM timed
+GROUP BY queue
+
+-- name: metrics_workflows_delta
+-- Workflow runs finished in [%(since)s, %(until)s), by outcome (a resumed workflow's next
+-- run counts again when it ends).
+SELECT 'workflows_finished' AS name, jsonb_build_object('outcome', state) AS labels,
+    count(*)::numeric AS value
+FROM {schema}.workflows
+WHERE finished_at >= %(since)s AND finished_at < %(until)s::timestamptz
+GROUP BY state
+
+-- name: metrics_usage_delta
+-- Usage recorded in [%(since)s, %(until)s), by model: calls, tokens by kind, and the cost of
+-- the priced calls (in US dollars).
+WITH used AS MATERIALIZED (
+    SELECT COALESCE(model, '') AS model, input_tokens, output_tokens, cached_tokens,
+        cache_write_tokens, cost
+    FROM {schema}.step_stats
+    WHERE inserted_at >= %(since)s AND inserted_at < %(until)s::timestamptz
+)
+SELECT 'llm_calls' AS name, jsonb_build_object('model', model) AS labels,
+    count(*)::numeric AS value
+FROM used
+GROUP BY model
+UNION ALL
+SELECT 'llm_tokens', jsonb_build_object('model', u.model, 'kind', t.kind), sum(t.tokens)
+FROM used AS u
+CROSS JOIN LATERAL (VALUES ('input', u.input_tokens), ('output', u.output_tokens),
+                           ('cached', u.cached_tokens), ('cache_write', u.cache_write_tokens))
+    AS t(kind, tokens)
+GROUP BY u.model, t.kind
+UNION ALL
+SELECT 'llm_cost_usd', jsonb_build_object('model', model), sum(cost)
+FROM used
+WHERE cost IS NOT NULL
+GROUP BY model
+
+-- name: metrics_jobs_live
+-- Jobs in the live states by queue, each state through its own partial index, and how long
+-- the oldest available job of each queue has waited.
+SELECT queue, 'available' AS state, count(*) AS jobs,
+    GREATEST(EXTRACT(EPOCH FROM now() - min(scheduled_at))::float8, 0) AS oldest_seconds
+FROM {schema}.jobs
+WHERE state = 'available'
+GROUP BY queue
+UNION ALL
+SELECT queue, state, count(*), NULL
+FROM {schema}.jobs
+WHERE state IN ('scheduled', 'retryable')
+GROUP BY queue, state
+UNION ALL
+SELECT queue, 'executing', count(*), NULL
+FROM {schema}.jobs
+WHERE state = 'executing'
+GROUP BY queue
+
+-- name: metrics_gauges
+-- Running workflows (through workflows_running_idx) and live workers.
+SELECT
+    (SELECT count(*) FROM {schema}.workflows WHERE finished_at IS NULL) AS workflows_running,
+    (SELECT count(*) FROM {schema}.worker_registry WHERE expires_at > now()) AS workers
