@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -15,9 +16,17 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from baton import connections, migrations, ops, results, workflows
 from baton.coroutines import loop_only
 from baton.dag import SUBWORKFLOW_STEP, Workflow, subworkflow_step
-from baton.db import Queries, validate_schema
+from baton.db import (
+    ENV_LISTEN_URL,
+    ENV_POOLER,
+    ENV_READ_URL,
+    Queries,
+    check_pooler,
+    pooled_options,
+    validate_schema,
+)
 from baton.embedded import resolve_dsn
-from baton.errors import ScheduleError, StepError, UnknownStepError
+from baton.errors import ConfigurationError, ScheduleError, StepError, UnknownStepError
 from baton.events import Events, Hook
 from baton.job import Job, JobSpec, check_options, check_sizes, check_tags
 from baton.limits import QueueLimit, WindowSpec, list_limits, queue_limit, remove_limit, set_limit
@@ -50,6 +59,14 @@ class Baton:
         before it gives up with :class:`DatabaseError`.
     :param pricing: per-model prices, to turn recorded token usage into cost.
     :param capture: keep full prompts and responses (``ctx.capture``) for every step.
+    :param listen_dsn: URL of the direct connections that need a session of their own:
+        each worker's LISTEN and heartbeat, and event subscriptions; default
+        ``BATON_LISTEN_URL``, else ``dsn``. Required with ``pooler="transaction"``.
+    :param read_dsn: URL read-only inspection (:attr:`query`, ``baton status``) reads from,
+        such as a replica; default ``BATON_READ_URL``, else ``dsn``.
+    :param pooler: ``"transaction"`` when ``dsn`` (and ``read_dsn``) go through a pooler in
+        transaction mode, such as PgBouncer: nothing is prepared on them; default
+        ``BATON_POOLER``, else ``None`` (direct). See ``docs/pgbouncer.md``.
     """
 
     def __init__(
@@ -62,6 +79,9 @@ class Baton:
         pricing: Pricing | None = None,
         capture: bool = False,
         connect_timeout: float = 30.0,
+        listen_dsn: str | None = None,
+        read_dsn: str | None = None,
+        pooler: Literal["transaction"] | None = None,
     ) -> None:
         self.schema = validate_schema(schema)
         self.sql = Queries(self.schema)
@@ -79,6 +99,12 @@ class Baton:
         self._dsn = dsn
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
+        self.pooler: str | None = check_pooler(pooler or os.environ.get(ENV_POOLER) or None)
+        """``"transaction"``: the database URL goes through a pooler in transaction mode."""
+        self._listen_dsn = listen_dsn
+        self._read_dsn = read_dsn
+        self._read_pool: AsyncConnectionPool | None = None
+        self._read_sync_pool: ConnectionPool | None = None
 
     # -- configuration -------------------------------------------------------------------
 
@@ -94,6 +120,39 @@ class Baton:
         if self._pool is not None or self._sync_pool is not None:
             raise RuntimeError("cannot change the dsn of an open app")
         self._dsn = value
+
+    @property
+    def listen_dsn(self) -> str:
+        """The URL of the connections that need a session: LISTEN (each worker's notifier
+        and event subscriptions) and each worker's heartbeat.
+
+        :raises ConfigurationError: with ``pooler="transaction"`` and no URL of its own
+            (a LISTEN behind such a pooler hears nothing).
+        """
+        url = self._listen_dsn or os.environ.get(ENV_LISTEN_URL)
+        if url:
+            return url
+        if self.pooler == "transaction":
+            raise ConfigurationError(
+                "pooler='transaction' needs a direct connection for LISTEN: set listen_dsn "
+                f"(or {ENV_LISTEN_URL}) to a URL of the server that bypasses the pooler")
+        return self.dsn
+
+    @listen_dsn.setter
+    def listen_dsn(self, value: str | None) -> None:
+        self._listen_dsn = value
+
+    @property
+    def read_dsn(self) -> str:
+        """The URL read-only inspection (:attr:`query`) reads from: ``read_dsn``, else
+        ``BATON_READ_URL``, else :attr:`dsn`."""
+        return self._read_dsn or os.environ.get(ENV_READ_URL) or self.dsn
+
+    @read_dsn.setter
+    def read_dsn(self, value: str | None) -> None:
+        if self._read_pool is not None or self._read_sync_pool is not None:
+            raise RuntimeError("cannot change the read_dsn of an open app")
+        self._read_dsn = value
 
     @overload
     def step(self, fn: F, /) -> Step: ...
@@ -286,7 +345,8 @@ class Baton:
         """
         if self._pool is None:
             pool = await connections.open_pool(self.dsn, name=f"baton-{self.schema}",
-                                               size=self.pool_size, timeout=self.connect_timeout)
+                                               size=self.pool_size, timeout=self.connect_timeout,
+                                               options=pooled_options(self.pooler))
             if self._pool is None:
                 self._pool = pool
             else:  # another task opened one meanwhile: keep that one
@@ -304,7 +364,8 @@ class Baton:
         """Open the sync connection pool, as :meth:`open` does the async one."""
         if self._sync_pool is None:
             pool = connections.open_pool_sync(self.dsn, name=f"baton-{self.schema}-sync",
-                                              size=self.pool_size, timeout=self.connect_timeout)
+                                              size=self.pool_size, timeout=self.connect_timeout,
+                                              options=pooled_options(self.pooler))
             if self._sync_pool is None:
                 self._sync_pool = pool
             else:  # another thread opened one meanwhile
@@ -317,15 +378,19 @@ class Baton:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
-        if self._sync_pool is not None:
-            self._sync_pool.close()
-            self._sync_pool = None
+        if self._read_pool is not None:
+            await self._read_pool.close()
+            self._read_pool = None
+        self.close_sync()
 
     def close_sync(self) -> None:
         """Close the sync connection pool (for programs that only use the ``_sync`` API)."""
         if self._sync_pool is not None:
             self._sync_pool.close()
             self._sync_pool = None
+        if self._read_sync_pool is not None:
+            self._read_sync_pool.close()
+            self._read_sync_pool = None
 
     async def __aenter__(self) -> Baton:
         await self.open()
@@ -396,6 +461,43 @@ class Baton:
                 return connections.execute_sync(conn, op, action, write=write, commits=False)
         return connections.execute_sync(conn, op, action, write=write,
                                         commits=single and conn.autocommit)
+
+    def _distinct_read_dsn(self) -> str | None:
+        url = self._read_dsn or os.environ.get(ENV_READ_URL)
+        return url if url and url != self._dsn else None
+
+    async def _inspect(self, op: ops.Op[T], action: str) -> T:
+        """Run the read-only ``op`` on the :attr:`read_dsn` pool (the app's own pool when
+        there is no read URL of its own), in autocommit."""
+        url = self._distinct_read_dsn()
+        if url is None:
+            return await self._run(op, action, None, single=True, write=False)
+        if self._read_pool is None:
+            pool = await connections.open_pool(
+                url, name=f"baton-{self.schema}-read", size=self.pool_size,
+                timeout=self.connect_timeout, options=pooled_options(self.pooler))
+            if self._read_pool is None:
+                self._read_pool = pool
+            else:  # another task opened one meanwhile
+                await pool.close()
+        async with connections.lend(self._read_pool, autocommit=True, write=False) as conn:
+            return await connections.execute(conn, op, action, write=False, commits=True)
+
+    def _inspect_sync(self, op: ops.Op[T], action: str) -> T:
+        """Run the read-only ``op`` from synchronous code, as :meth:`_inspect` does."""
+        url = self._distinct_read_dsn()
+        if url is None:
+            return self._run_sync(op, action, None, single=True, write=False)
+        if self._read_sync_pool is None:
+            pool = connections.open_pool_sync(
+                url, name=f"baton-{self.schema}-read-sync", size=self.pool_size,
+                timeout=self.connect_timeout, options=pooled_options(self.pooler))
+            if self._read_sync_pool is None:
+                self._read_sync_pool = pool
+            else:
+                pool.close()
+        with connections.lend_sync(self._read_sync_pool, autocommit=True, write=False) as conn:
+            return connections.execute_sync(conn, op, action, write=False, commits=True)
 
     # -- schema --------------------------------------------------------------------------
 

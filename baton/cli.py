@@ -18,6 +18,7 @@ import anyio
 
 from baton import embedded, metrics, render
 from baton.app import Baton
+from baton.db import check_pooler
 from baton.errors import (
     BatonError,
     ConfigurationError,
@@ -70,6 +71,15 @@ def load_app(spec: str) -> Baton:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", default=_env("DATABASE_URL"),
                         help="PostgreSQL URL [BATON_DATABASE_URL]")
+    parser.add_argument("--listen-url", default=_env("LISTEN_URL"),
+                        help="direct PostgreSQL URL for LISTEN and the heartbeat, past any "
+                             "pooler; default --dsn [BATON_LISTEN_URL]")
+    parser.add_argument("--read-url", default=_env("READ_URL"),
+                        help="PostgreSQL URL inspection reads from, e.g. a replica; default "
+                             "--dsn [BATON_READ_URL]")
+    parser.add_argument("--pooler", choices=["transaction"], default=_env("POOLER"),
+                        help="'transaction' when --dsn goes through a pooler in transaction "
+                             "mode, such as PgBouncer [BATON_POOLER]")
     parser.add_argument("--schema", default=_env("SCHEMA"),
                         help="schema of baton's tables, default 'baton' [BATON_SCHEMA]")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
@@ -235,6 +245,12 @@ def _app_for(args: argparse.Namespace) -> Baton:
         )
     if args.dsn:
         app.dsn = args.dsn
+    if args.listen_url:
+        app.listen_dsn = args.listen_url
+    if args.read_url:
+        app.read_dsn = args.read_url
+    if args.pooler:
+        app.pooler = check_pooler(args.pooler)
     if args.connect_timeout is not None:
         app.connect_timeout = args.connect_timeout
     return app

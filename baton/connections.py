@@ -87,21 +87,23 @@ def _pool_timeout(name: str, timeout: float) -> DatabaseError:
 # -- opening -----------------------------------------------------------------------------
 
 
-async def open_pool(dsn: str, *, name: str, size: int, timeout: float) -> AsyncConnectionPool:
+async def open_pool(dsn: str, *, name: str, size: int, timeout: float,
+                    options: dict[str, Any] | None = None) -> AsyncConnectionPool:
     """Open an async pool on ``dsn`` and its first connection; cancellable throughout.
 
     A first connection is made directly, to tell a failure that cannot heal (no such
     database or role, failed authentication, a malformed URL), raised at once, from one that
     can (the server is starting, or not reachable yet), retried for up to ``timeout``; the
-    pool itself would retry both until its timeout.
+    pool itself would retry both until its timeout. ``options`` go to every connect (see
+    :func:`baton.db.pooled_options`).
 
     :raises DatabaseError: if no connection opens.
     """
-    probe = await connect(dsn, timeout)
+    probe = await connect(dsn, timeout, **(options or {}))
     await probe.close()
     pool = AsyncConnectionPool(dsn, min_size=1, max_size=size, open=False,
                                check=_check_if_idle, configure=_configure, reset=_reset,
-                               name=name)
+                               name=name, kwargs=options)
     try:
         await pool.open(wait=True, timeout=timeout)
     except BaseException as exc:
@@ -113,12 +115,13 @@ async def open_pool(dsn: str, *, name: str, size: int, timeout: float) -> AsyncC
     return pool
 
 
-def open_pool_sync(dsn: str, *, name: str, size: int, timeout: float) -> ConnectionPool:
+def open_pool_sync(dsn: str, *, name: str, size: int, timeout: float,
+                   options: dict[str, Any] | None = None) -> ConnectionPool:
     """Open a sync pool, as :func:`open_pool` does an async one."""
-    connect_sync(dsn, timeout).close()
+    connect_sync(dsn, timeout, **(options or {})).close()
     pool = ConnectionPool(dsn, min_size=1, max_size=size, open=False,
                           check=_check_if_idle_sync, configure=_configure_sync,
-                          reset=_reset_sync, name=name)
+                          reset=_reset_sync, name=name, kwargs=options)
     try:
         pool.open(wait=True, timeout=timeout)
     except BaseException as exc:

@@ -213,3 +213,43 @@ def connect_sync(dsn: str, timeout: float, **kwargs: Any) -> psycopg.Connection[
         time.sleep(delay)
         delay = _next_delay(delay)
 
+
+
+# -- connection settings -----------------------------------------------------------------
+
+ENV_LISTEN_URL = "BATON_LISTEN_URL"
+"""The URL of the direct connections a worker keeps (LISTEN and its heartbeat) and of
+event subscriptions; default the database URL."""
+ENV_READ_URL = "BATON_READ_URL"
+"""The URL read-only inspection (``app.query``, ``baton status``) reads from, e.g. a
+replica; default the database URL."""
+ENV_POOLER = "BATON_POOLER"
+"""``transaction`` when the database URL goes through a pooler in transaction mode."""
+
+POOLERS = ("transaction",)
+"""The poolers baton knows how to work behind (``pooler=``)."""
+
+
+def check_pooler(pooler: str | None) -> str | None:
+    """Return ``pooler`` if baton can work behind it (``None``: a direct connection).
+
+    :raises ConfigurationError: for any other value.
+    """
+    if pooler is None or pooler in POOLERS:
+        return pooler
+    raise ConfigurationError(
+        f"unknown pooler {pooler!r}: use 'transaction' for a pooler in transaction mode "
+        "(PgBouncer's pool_mode = transaction), or None for a direct connection or a "
+        "pooler in session mode")
+
+
+def pooled_options(pooler: str | None) -> dict[str, Any]:
+    """Return the connection options for a URL behind ``pooler``.
+
+    Behind a pooler in transaction mode consecutive transactions may run on different
+    server sessions, so nothing may be prepared: a statement prepared on one session is
+    unknown on the next (PgBouncer before 1.21 does not track them). psycopg prepares a
+    statement run often enough, and baton asks for it on its hot queries;
+    ``prepare_threshold=None`` turns both off.
+    """
+    return {"prepare_threshold": None} if pooler == "transaction" else {}

@@ -373,11 +373,11 @@ class Subscription:
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
             "keepalives_count": 3}
         if timeout is not None:
-            conn = await connect(self.app.dsn, max(timeout, 0.0), **options)
+            conn = await connect(self.app.listen_dsn, max(timeout, 0.0), **options)
         else:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.app.dsn, connect_timeout=10, **options)
+                    self.app.listen_dsn, connect_timeout=10, **options)
             except psycopg.Error as exc:
                 if connect_heals(exc):
                     raise

@@ -112,7 +112,10 @@ def migrate_up(dsn: str, schema: str = "baton", *, target: int | None = None,
     :raises DatabaseError: if the database cannot be reached or refuses a statement.
     """
     applied: list[int] = []
-    with translate_errors("migrate up"), connect_sync(dsn, connect_timeout) as conn:
+    # Nothing prepared: behind a pooler, a statement prepared here would stay on a server
+    # session that other clients then use.
+    with translate_errors("migrate up"), connect_sync(dsn, connect_timeout,
+                                              prepare_threshold=None) as conn:
         _lock(conn, schema)
         done = applied_versions(conn, schema)
         pending = [m for m in load_migrations()
@@ -141,7 +144,8 @@ def migrate_down(dsn: str, schema: str = "baton", *, target: int = 0,
     Reverting everything drops the schema's tables and the schema itself if it is empty.
     """
     reverted: list[int] = []
-    with translate_errors("migrate down"), connect_sync(dsn, connect_timeout) as conn:
+    with translate_errors("migrate down"), connect_sync(dsn, connect_timeout,
+                                              prepare_threshold=None) as conn:
         _lock(conn, schema)
         done = applied_versions(conn, schema)
         for migration in reversed(load_migrations()):

@@ -208,18 +208,20 @@ class Query:
     """``app.query``: current state from the database (seed a view, then follow events).
 
     Every read names its columns and reads them by name: a column a later migration adds
-    changes nothing here. Each read has a ``_sync`` twin for synchronous code.
+    changes nothing here. Each read has a ``_sync`` twin for synchronous code. Reads go to
+    the app's ``read_dsn`` (a replica may lag: see ``docs/pgbouncer.md``).
     """
 
     def __init__(self, app: Baton) -> None:
         self.app = app
 
     async def _read(self, op: Op[T], name: str) -> T:
-        # Autocommit: one round trip a statement, and no COMMIT to lose.
-        return await self.app._run(op, f"query {name}", None, single=True, write=False)
+        # Autocommit: one round trip a statement, and no COMMIT to lose. On the app's
+        # read_dsn (a replica, if one is set).
+        return await self.app._inspect(op, f"query {name}")
 
     def _read_sync(self, op: Op[T], name: str) -> T:
-        return self.app._run_sync(op, f"query {name}", None, single=True, write=False)
+        return self.app._inspect_sync(op, f"query {name}")
 
     @loop_only
     async def workflow(self, workflow_id: uuid.UUID | str) -> WorkflowView:
