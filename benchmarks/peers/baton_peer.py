@@ -62,9 +62,12 @@ class BatonPeer(Peer):
             "log_level": "warning",
         }
 
+    async def open(self) -> None:
+        await self.app.open()
+
     async def setup(self) -> None:
         await anyio.to_thread.run_sync(migrate_up, self.dsn, SCHEMA)
-        await self.app.open()
+        await self.open()
 
     async def enqueue_one(self, i: int) -> None:
         await self.app.enqueue(self.noop.new(i=i))

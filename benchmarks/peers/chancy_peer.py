@@ -54,8 +54,11 @@ class ChancyPeer(Peer):
     def _job(self, i: int) -> Job:
         return Job(func=FUNC, queue=QUEUE, kwargs={"i": i})
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         await self.chancy.__aenter__()
+
+    async def setup(self) -> None:
+        await self.open()
         await self.chancy.migrate()
         await self.chancy.declare(
             Queue(

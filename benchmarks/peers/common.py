@@ -3,6 +3,8 @@
 Stdlib only: the oban peer imports this module from a separate Python >= 3.12 venv.
 Each peer module subclasses :class:`Peer` and calls :func:`main`. The only thing a
 peer prints to stdout is the final JSON line; progress and library logs go to stderr.
+``drain`` and ``latency`` run the library's worker in ``--processes`` worker processes
+(:mod:`benchmarks.peers.fleet`); the process given ``--workload`` enqueues and measures.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -22,13 +26,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as pkg_version
+from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks.peers import dbstats
+from benchmarks.peers.fleet import (
+    READY,
+    RESULT,
+    STARTED,
+    Board,
+    Fleet,
+    read_boards,
+    read_command,
+    tree_cpu_seconds,
+    wait_for_calls,
+)
 
 WORKLOADS = ("enqueue_one", "enqueue_batch", "drain", "latency")
-DEFAULT_N = {"enqueue_one": 2000, "enqueue_batch": 2000, "drain": 2000, "latency": 500}
-LATENCY_SPACING_S = 0.010
+DEFAULT_N = {"enqueue_one": 2000, "enqueue_batch": 2000, "drain": 2000, "latency": 1000}
+LATENCY_RATE = 200.0  # jobs/s enqueued one at a time to idle workers
+IDLE_SETTLE_S = 1.0  # latency: idle time between the workers' start and the first enqueue
 log = logging.getLogger("benchmarks.peers")
 
 
@@ -61,8 +78,9 @@ class Tracker:
     def __init__(self) -> None:
         self.reset(0)
 
-    def reset(self, target: int) -> None:
+    def reset(self, target: int, board: Board | None = None) -> None:
         self.target = target
+        self.board = board
         self.calls = 0
         self.started: dict[int, float] = {}
         self.done = asyncio.Event()
@@ -72,9 +90,11 @@ class Tracker:
             self._loop = asyncio.get_running_loop()
 
     def hit(self, i: int) -> None:
-        now = time.perf_counter()
+        now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process here
         self.calls += 1
         self.started.setdefault(int(i), now)
+        if self.board is not None:
+            self.board.record(self.calls, now)
         if self.target and len(self.started) >= self.target and not self.done.is_set():
             if self._loop is not None and threading.get_ident() != self._thread:
                 self._loop.call_soon_threadsafe(self.done.set)
@@ -101,6 +121,10 @@ class Peer(ABC):
         self.concurrency = concurrency
 
     @abstractmethod
+    async def open(self) -> None:
+        """Open connections to a database whose schema is installed (worker processes)."""
+
+    @abstractmethod
     async def setup(self) -> None:
         """Open connections and install the library's schema with its own installer."""
 
@@ -114,7 +138,7 @@ class Peer(ABC):
 
     @abstractmethod
     async def start_worker(self) -> None:
-        """Start one in-process worker at ``self.concurrency``; return once it runs."""
+        """Start the library's worker in this process at ``self.concurrency``."""
 
     @abstractmethod
     async def stop_worker(self) -> None:
@@ -168,81 +192,156 @@ async def _bounded(coro: Any, timeout: float, what: str) -> Any:
         raise TimeoutError(f"{what} did not finish within {timeout:.0f}s") from exc
 
 
-async def _wait_drained(peer: Peer, res: Result, t0: float, timeout: float) -> None:
-    """After all bodies ran, poll the library table until it reports every job finished."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        left = await peer.pending()
-        if left == 0:
-            res.extra["seconds_until_table_done"] = round(time.perf_counter() - t0, 4)
-            return
-        await asyncio.sleep(0.02)
-    res.extra["table_pending_after_wait"] = await peer.pending()
+async def _wait_drained(peer: Peer, timeout: float) -> float | None:
+    """Poll the library table until it reports every job finished; the time it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await peer.pending() == 0:
+            return time.monotonic()
+        await asyncio.sleep(0.005)
+    return None
 
 
-async def _run_workers(peer: Peer, res: Result, args: argparse.Namespace) -> None:
-    n, timeout = args.n, args.timeout
-    if args.workload == "drain":
-        for ids in chunks(n, args.batch_size):
-            await _bounded(peer.enqueue_batch(ids), timeout, "pre-enqueue")
-        TRACKER.reset(n)
-        before = await dbstats.snapshot(peer.dsn)
-        rss = dbstats.RssSampler()
-        sampler = asyncio.create_task(rss.run(lambda: len(TRACKER.started), n))
-        t0 = time.perf_counter()
-        await _bounded(peer.start_worker(), 60, "worker start")
-        try:
-            await _bounded(TRACKER.done.wait(), timeout, f"drain of {n} jobs")
-            res.seconds = time.perf_counter() - t0
-            first, last = min(TRACKER.started.values()), max(TRACKER.started.values())
-            res.extra["first_job_after_s"] = round(first - t0, 4)
-            # Throughput once running: first to last job start (worker start-up excluded).
-            if last > first:
-                res.extra["steady_jobs_per_s"] = round((n - 1) / (last - first), 1)
-            await _wait_drained(peer, res, t0, 30)
-            # The window ends when the table says done; the idle worker's polling during
-            # the settle of the lagged counters is included (small against n jobs).
-            res.extra["db"] = dbstats.per_job(
-                dbstats.delta(before, await dbstats.snapshot(peer.dsn)), n
-            )
-            await asyncio.wait_for(sampler, 5)
-            res.extra["worker"] = rss.report()
-        finally:
-            sampler.cancel()
-            res.extra["bodies_run"] = len(TRACKER.started)
-            res.extra["duplicate_runs"] = TRACKER.calls - len(TRACKER.started)
-            await _bounded(peer.stop_worker(), 60, "worker stop")
-        return
-    TRACKER.reset(n)
-    await _bounded(peer.start_worker(), 60, "worker start")
+def _cpu_per_job(client_s: float, server_s: float | None, n: int, window: float) -> dict[str, Any]:
+    """CPU microseconds per job (client, server, total) and the cores each kept busy."""
+    out: dict[str, Any] = {"client_us_per_job": round(1e6 * client_s / n, 2)}
+    out["client_cores"] = round(client_s / window, 2) if window > 0 else None
+    if server_s is not None:
+        out["server_us_per_job"] = round(1e6 * server_s / n, 2)
+        out["total_us_per_job"] = round(1e6 * (client_s + server_s) / n, 2)
+        if window > 0:
+            out["server_cores"] = round(server_s / window, 2)
+            out["cores"] = round((client_s + server_s) / window, 2)
+    out["window_s"] = round(window, 4)
+    return out
+
+
+def _rss_mb(pid: int) -> float | None:
     try:
-        await asyncio.sleep(1.0)  # let the idle worker settle (LISTEN etc.)
-        enq: dict[int, float] = {}
-        t0 = time.perf_counter()
-        for i in range(n):
-            delay = t0 + i * LATENCY_SPACING_S - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            enq[i] = time.perf_counter()
-            await _bounded(peer.enqueue_one(i), 30, "enqueue")
-        await _bounded(TRACKER.done.wait(), timeout, f"latency run of {n} jobs")
-        lat = sorted((TRACKER.started[i] - enq[i]) * 1000 for i in range(n))
-        res.p50_ms, res.p99_ms, res.max_ms = (
-            round(percentile(lat, 50), 3),
-            round(percentile(lat, 99), 3),
-            round(lat[-1], 3),
-        )
-        res.seconds = time.perf_counter() - t0
-        res.extra["latency_from"] = "just before the enqueue call"
-    finally:
-        res.extra["duplicate_runs"] = TRACKER.calls - len(TRACKER.started)
-        await _bounded(peer.stop_worker(), 60, "worker stop")
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _mean_rss(pids: Sequence[int]) -> float | None:
+    vals = [v for p in pids if (v := _rss_mb(p)) is not None]
+    return round(sum(vals) / len(vals), 1) if vals else None
+
+
+async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
+    """Pre-enqueue ``n`` jobs, then time ``--processes`` worker processes draining them."""
+    n = args.n
+    for ids in chunks(n, args.batch_size):
+        await _bounded(peer.enqueue_batch(ids), args.timeout, "pre-enqueue")
+    postmaster = await dbstats.postmaster_pid(peer.dsn)
+    with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
+        fleet = Fleet(peer.system, peer.dsn, "drain", args.processes, peer.concurrency, board)
+        try:
+            await fleet.start(120)
+            before = await dbstats.snapshot(peer.dsn, args.settle)
+            rss_start = _mean_rss(fleet.pids)
+            client0 = tree_cpu_seconds(fleet.pids)
+            server0 = dbstats.postmaster_cpu_seconds(postmaster)
+            t0 = time.monotonic()
+            await fleet.go()
+            await wait_for_calls(board, n, args.timeout)
+            all_started = time.monotonic()
+            done = await _wait_drained(peer, 60)
+            t1 = done or time.monotonic()
+            client1 = tree_cpu_seconds(fleet.pids)
+            server1 = dbstats.postmaster_cpu_seconds(postmaster)
+            rss_end = _mean_rss(fleet.pids)
+            if done is None:
+                res.error = f"{await peer.pending()} jobs unfinished 60 s after all started"
+            after = await dbstats.snapshot(peer.dsn, args.settle)
+        finally:
+            await fleet.stop()
+        _, first, last = read_boards(board)
+    res.seconds = t1 - t0
+    res.extra["seconds_until_all_started"] = round(all_started - t0, 4)
+    res.extra["started_jobs_per_s"] = round(n / (all_started - t0), 1)
+    if first is not None and last is not None:
+        res.extra["first_job_after_s"] = round(first - t0, 4)
+        if last > first:  # throughput once running: worker start-up excluded
+            res.extra["steady_jobs_per_s"] = round((n - 1) / (last - first), 1)
+    server_s = None if server0 is None or server1 is None else server1 - server0
+    res.extra["cpu"] = _cpu_per_job(client1 - client0, server_s, n, t1 - t0)
+    d = dbstats.delta(before, after)
+    if args.settle:
+        # The lagged counters' window runs on through the settle (idle workers included).
+        res.extra["db"] = dbstats.per_job(d, n)
+    else:
+        res.extra["db"] = {"wal_bytes_per_job": dbstats.per_job(d, n)["wal_bytes_per_job"]}
+    res.extra["worker"] = {"rss_mb_start": rss_start, "rss_mb_end": rss_end}
+    _fleet_outcome(res, fleet, n)
+
+
+def _fleet_outcome(res: Result, fleet: Fleet, n: int) -> None:
+    calls = sum(int(r.get("calls", 0)) for r in fleet.results)
+    res.extra["processes"] = fleet.processes
+    res.extra["bodies_run"] = calls
+    res.extra["calls_per_process"] = [r.get("calls") for r in fleet.results]
+    res.extra["duplicate_runs"] = max(0, calls - n)
+    errors = [r["error"] for r in fleet.results if r.get("error")]
+    if errors and not res.error:
+        res.error = "worker process: " + "; ".join(errors)
+
+
+async def _run_latency(peer: Peer, res: Result, args: argparse.Namespace) -> None:
+    """Enqueue ``n`` jobs one at a time at ``--rate`` to idle worker processes."""
+    n = args.n
+    enq: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
+        fleet = Fleet(peer.system, peer.dsn, "latency", args.processes, peer.concurrency, board)
+        try:
+            await fleet.start(120)
+            await fleet.go()
+            await fleet.started(60)
+            await asyncio.sleep(IDLE_SETTLE_S)  # let the idle workers settle (LISTEN etc.)
+            t0 = time.monotonic()
+            for i in range(n):
+                delay = t0 + i / args.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                enq[i] = time.monotonic()
+                await _bounded(peer.enqueue_one(i), 30, "enqueue")
+            await wait_for_calls(board, n, args.timeout)
+            res.seconds = time.monotonic() - t0
+        finally:
+            await fleet.stop()
+    started: dict[int, float] = {}
+    for r in fleet.results:
+        for key, t in r.get("started", {}).items():
+            started[int(key)] = min(t, started.get(int(key), t))
+    _fleet_outcome(res, fleet, n)
+    missing = [i for i in range(n) if i not in started]
+    if missing:
+        res.error = f"{len(missing)} jobs never started"
+        return
+    lat = sorted((started[i] - enq[i]) * 1000 for i in range(n))
+    res.p50_ms, res.p99_ms, res.max_ms = (
+        round(percentile(lat, 50), 3),
+        round(percentile(lat, 99), 3),
+        round(lat[-1], 3),
+    )
+    res.extra["latency_from"] = "just before the enqueue call, to the job body's start"
+    res.extra["rate_per_s"] = args.rate
+
+
+def _client_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 async def run_workload(peer: Peer, res: Result, args: argparse.Namespace) -> None:
     await _bounded(peer.setup(), 120, "schema setup")
     n, timeout = args.n, args.timeout
     if args.workload in ("enqueue_one", "enqueue_batch"):
+        postmaster = await dbstats.postmaster_pid(peer.dsn)
+        server0, client0 = dbstats.postmaster_cpu_seconds(postmaster), _client_cpu_s()
         t0 = time.perf_counter()
         if args.workload == "enqueue_one":
             for i in range(n):
@@ -251,15 +350,42 @@ async def run_workload(peer: Peer, res: Result, args: argparse.Namespace) -> Non
             for ids in chunks(n, args.batch_size):
                 await _bounded(peer.enqueue_batch(ids), timeout, "batch enqueue")
         res.seconds = time.perf_counter() - t0
+        client1, server1 = _client_cpu_s(), dbstats.postmaster_cpu_seconds(postmaster)
+        server_s = None if server0 is None or server1 is None else server1 - server0
+        res.extra["cpu"] = _cpu_per_job(client1 - client0, server_s, n, res.seconds)
         res.extra["rows_in_table"] = await peer.total()
         if res.extra["rows_in_table"] != n:
             res.error = f"expected {n} rows, found {res.extra['rows_in_table']}"
+    elif args.workload == "drain":
+        await _run_drain(peer, res, args)
     else:
-        await _run_workers(peer, res, args)
+        await _run_latency(peer, res, args)
     if res.seconds and args.workload != "latency":
         res.jobs_per_s = round(n / res.seconds, 1)
     if res.seconds:
         res.seconds = round(res.seconds, 4)
+
+
+async def serve_worker(peer: Peer, args: argparse.Namespace) -> None:
+    """The worker-process role: open, wait for ``go``, run the library's worker until
+    ``stop``, then print what ran."""
+    TRACKER.reset(0, Board(args.board))
+    await _bounded(peer.open(), 120, "open")
+    try:
+        emit(READY)
+        if await read_command() == "go":
+            await _bounded(peer.start_worker(), 60, "worker start")
+            emit(STARTED)
+            try:
+                await read_command()  # "stop", or the end of input
+            finally:
+                await _bounded(peer.stop_worker(), 60, "worker stop")
+    finally:
+        await _bounded(peer.close(), 30, "close")
+    out: dict[str, Any] = {"pid": os.getpid(), "calls": TRACKER.calls}
+    if args.workload == "latency":
+        out["started"] = TRACKER.started
+    emit(RESULT + json.dumps(out))
 
 
 def parse_args(
@@ -270,9 +396,19 @@ def parse_args(
     p.add_argument("--dsn", required=True, help="DSN of a fresh database for this run")
     p.add_argument("--workload", required=True, choices=list(defaults))
     p.add_argument("--n", type=int, default=None, help="number of jobs")
-    p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=10, help="per worker process")
+    p.add_argument("--processes", type=int, default=1, help="worker processes (drain, latency)")
+    p.add_argument("--rate", type=float, default=LATENCY_RATE, help="latency: jobs/s")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=dbstats.SETTLE_S,
+        help="drain: seconds waited for the lagged database counters (0: CPU and WAL only)",
+    )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
+    p.add_argument("--role", choices=("run", "worker"), default="run", help=argparse.SUPPRESS)
+    p.add_argument("--board", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.n is None:
         args.n = defaults[args.workload]
@@ -312,6 +448,9 @@ def main(
         stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s %(message)s"
     )
     args = parse_args(defaults={k: v[0] for k, v in extra.items()})
+    if args.role == "worker":
+        asyncio.run(serve_worker(make_peer(args.dsn, args.concurrency), args))
+        return
     res = Result(system=system, version=pkg_version(package), workload=args.workload, n=args.n)
     if args.workload in ("drain", "latency"):
         res.concurrency = args.concurrency

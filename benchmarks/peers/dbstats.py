@@ -62,17 +62,34 @@ def _ticks(fields: list[str], with_children: bool = True) -> int:
 def server_cpu_seconds(backend_pid: int) -> float | None:
     """CPU seconds used so far by the postmaster owning ``backend_pid`` and its children."""
     mine = _proc_stat(backend_pid)
-    if mine is None:
+    return None if mine is None else postmaster_cpu_seconds(int(mine[1]))
+
+
+def postmaster_cpu_seconds(postmaster: int | None) -> float | None:
+    """CPU seconds used so far by ``postmaster`` and every process under it (live ones,
+    and those it reaped); ``None`` when it is not a process of this machine."""
+    if postmaster is None:
         return None
-    postmaster = mine[1]
     root = _proc_stat(postmaster)
     if root is None:
         return None
     total = _ticks(root)
+    parent = str(postmaster)
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (f := _proc_stat(entry.name)) and f[1] == postmaster:
+        if entry.name.isdigit() and (f := _proc_stat(entry.name)) and f[1] == parent:
             total += _ticks(f)
     return total / _TICKS
+
+
+async def postmaster_pid(dsn: str) -> int | None:
+    """The server's postmaster, if it runs on this machine (the parent of a backend)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(f"SELECT pg_backend_pid() AS {PROBE}".encode())
+        row = await cur.fetchone()
+        mine = _proc_stat(row[0]) if row else None  # while the backend lives
+    return None if mine is None else int(mine[1])
 
 
 def rss_mb() -> float | None:

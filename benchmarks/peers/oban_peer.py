@@ -38,11 +38,14 @@ class ObanPeer(Peer):
         assert self._client is not None, "setup() not called"
         return self._client
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         self._pool = await Oban.create_pool(self.dsn, min_size=1, max_size=self.concurrency + 4)
-        await install(self._pool)
         # Client mode (no queues): only inserts, like an application's web process.
         self._client = Oban(pool=self._pool, name="bench-client")
+
+    async def setup(self) -> None:
+        await self.open()
+        await install(self._pool)
 
     async def enqueue_one(self, i: int) -> None:
         await self.client.enqueue(BenchNoop.new({"i": i}))  # type: ignore[attr-defined]

@@ -42,8 +42,11 @@ class PgQueuerPeer(Peer):
         assert self._conn is not None, "setup() not called"
         return Queries(AsyncpgDriver(self._conn))
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         self._conn = await asyncpg.connect(self.dsn)
+
+    async def setup(self) -> None:
+        await self.open()
         await self.queries.install()
 
     async def enqueue_one(self, i: int) -> None:

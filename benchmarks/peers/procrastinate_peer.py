@@ -37,8 +37,11 @@ class ProcrastinatePeer(Peer):
             "pool_max_size": self.concurrency + 4,
         }
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         await self.app.open_async()
+
+    async def setup(self) -> None:
+        await self.open()
         await self.app.schema_manager.apply_schema_async()
 
     async def enqueue_one(self, i: int) -> None:

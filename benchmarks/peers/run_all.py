@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -113,7 +113,14 @@ def oban_python() -> str | None:
 
 
 def run_peer(
-    python: str, peer: str, dsn: str, workload: str, n: int, conc: int, timeout: float
+    python: str,
+    peer: str,
+    dsn: str,
+    workload: str,
+    n: int,
+    conc: int,
+    timeout: float,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     cmd = [
         python,
@@ -129,6 +136,7 @@ def run_peer(
         str(conc),
         "--timeout",
         str(timeout),
+        *extra,
     ]
     base: dict[str, Any] = {"system": peer, "workload": workload, "n": n}
     try:
