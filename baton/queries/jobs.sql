@@ -190,11 +190,11 @@ RETURNING id
 
 -- name: job_get
 -- One job, the columns of baton.job.Job by name (never *: a column added by a later
--- migration must not reach a process still on this code).
+-- migration must not reach a process still on this code), hot or archived (jobs_all).
 SELECT id, state, queue, step, args, meta, errors, attempt, max_attempts, snoozes, priority,
     timeout, workflow_id, workflow_step, inserted_at, scheduled_at, attempted_at,
     attempted_by, finalized_at, tags, unique_key
-FROM {schema}.jobs
+FROM {schema}.jobs_all
 WHERE id = %(id)s
 
 -- name: job_cancel
@@ -209,14 +209,38 @@ WHERE j.id = old.id AND old.state NOT IN ('completed', 'discarded', 'cancelled')
 RETURNING old.state AS previous_state, old.attempted_by
 
 -- name: job_retry
--- Make a job that is not running available again (a finished one included).
-UPDATE {schema}.jobs
-SET state = 'available',
-    scheduled_at = now(),
-    finalized_at = NULL,
-    max_attempts = GREATEST(max_attempts, attempt + 1)
-WHERE id = %(id)s AND state <> 'executing'
-RETURNING id, queue
+-- Make a job that is not running available again (a finished one included); an archived
+-- job moves back into jobs as it does.
+WITH restored AS (
+    DELETE FROM {schema}.jobs_archive AS a
+    WHERE a.id = %(id)s
+    RETURNING a.id, a.queue, a.step, a.args, a.meta, a.errors, a.attempt, a.max_attempts,
+        a.snoozes, a.priority, a.timeout, a.workflow_id, a.workflow_step, a.inserted_at,
+        a.attempted_at, a.attempted_by, a.idempotency_key, a.tags, a.unique_key,
+        a.unique_states
+), back AS (
+    INSERT INTO {schema}.jobs (
+        id, state, queue, step, args, meta, errors, attempt, max_attempts, snoozes, priority,
+        timeout, workflow_id, workflow_step, inserted_at, scheduled_at, attempted_at,
+        attempted_by, finalized_at, idempotency_key, tags, unique_key, unique_states)
+    SELECT id, 'available', queue, step, args, meta, errors, attempt,
+        GREATEST(max_attempts, attempt + 1), snoozes, priority, timeout, workflow_id,
+        workflow_step, inserted_at, now(), attempted_at, attempted_by, NULL,
+        idempotency_key, tags, unique_key, unique_states
+    FROM restored
+    RETURNING id, queue
+), retried AS (
+    UPDATE {schema}.jobs
+    SET state = 'available',
+        scheduled_at = now(),
+        finalized_at = NULL,
+        max_attempts = GREATEST(max_attempts, attempt + 1)
+    WHERE id = %(id)s AND state <> 'executing'
+    RETURNING id, queue
+)
+SELECT id, queue FROM retried
+UNION ALL
+SELECT id, queue FROM back
 
 -- name: queues_notify
 SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q

@@ -1,4 +1,5 @@
-"""Maintenance run by the elected leader only: staging, rescue and pruning."""
+"""Maintenance run by the elected leader only: staging, rescue, pruning and the jobs
+archive."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class Maintenance:
             await self.rescue()
         await self.sweep()
         await self.prune()
+        await self.archive()
         log.debug("maintenance.pass", worker_id=worker.id,
                   duration_ms=round((anyio.current_time() - started) * 1000, 3))
 
@@ -189,6 +191,34 @@ class Maintenance:
         if pruned:
             log.info("maintenance.pruned", **pruned)
         return pruned
+
+    async def archive(self) -> dict[str, Any]:
+        """Move one batch of old finished jobs into the archive and drop the archive's days
+        that retention (``prune_after``) has passed; return what was done.
+
+        A batch is at most ``archive_limit`` jobs of one day (the oldest due), moved in one
+        statement (``jobs_archive_move``); the metrics counters are advanced past them
+        first. Logs ``maintenance.archived`` with the counts when it did anything.
+        """
+        settings = self.worker.settings
+        done: dict[str, Any] = {}
+        if settings.archive_after is not None:
+            age = settings.archive_after
+            await self.metrics.before_prune(age)
+            day = await self._rows("jobs_archive_day", {"max_age": age})
+            if day:
+                [(moved,)] = await self._rows("jobs_archive_move", {
+                    "max_age": age, "day_end": day[0][0], "limit": settings.archive_limit})
+                if moved:
+                    done["jobs"] = int(moved)
+        if settings.prune_after is not None:
+            dropped = await self._rows("jobs_archive_drop",
+                                       {"max_age": settings.prune_after, "wait": 1.0})
+            if dropped:
+                done["partitions_dropped"] = [name for (name,) in dropped]
+        if done:
+            log.info("maintenance.archived", **done)
+        return done
 
     async def resign(self) -> None:
         """Give up the lease so another worker takes over at once."""

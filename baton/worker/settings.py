@@ -49,6 +49,12 @@ class WorkerSettings(BaseModel):
     """The most finished workflows one pass deletes (with their jobs and rows)."""
     debug_log_max_age: float | None = Field(default=None, gt=0)
     """Delete captured context older than this, whatever ``prune_after`` says."""
+    archive_after: float | None = Field(default=3600.0, gt=0)
+    """Move finished plain jobs older than this out of ``jobs`` into ``jobs_archive``
+    (partitioned by day), so the table workers use stays small; ``None`` keeps them in
+    ``jobs``. With ``prune_after`` set, archive days older than it are dropped whole."""
+    archive_limit: int = Field(default=10_000, gt=0)
+    """The most jobs one pass moves into the archive."""
 
     @field_validator("queues")
     @classmethod
