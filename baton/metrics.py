@@ -16,6 +16,7 @@ finishes. See docs/metrics.md.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -27,7 +28,7 @@ from psycopg.types.json import Jsonb
 
 from baton import ops
 from baton.db import Queries
-from baton.errors import DatabaseError
+from baton.errors import ConfigurationError, DatabaseError
 from baton.logs import get_logger
 from baton.ops import Op, Stmt
 
@@ -393,10 +394,13 @@ async def _respond(app: Baton, method: str, path: str, advance_first: bool
     except DatabaseError as exc:
         log.warning("metrics.scrape_failed", error=str(exc))
         return 503, f"metrics unavailable: {exc}\n".encode()
+    except Exception:  # a bug: the endpoint answers and says so, and serves the next one
+        log.exception("metrics.scrape_failed")
+        return 500, b"metrics failed: see the server's log\n"
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 async def serve(app: Baton, host: str = "127.0.0.1", port: int = 9464, *,
@@ -406,15 +410,22 @@ async def serve(app: Baton, host: str = "127.0.0.1", port: int = 9464, *,
 
     A plain HTTP/1.1 server for scrapers: one request per connection. Reports the port it
     listens on (useful with ``port=0``) to ``task_status``.
+
+    :raises ConfigurationError: if it cannot listen there (the port is taken, say).
     """
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; is another "
+            "process using the port? choose another with --port") from exc
     bound = listener.extra(anyio.abc.SocketAttribute.local_port)
     log.info("metrics.serving", url=f"http://{host}:{bound}/metrics")
     task_status.started(bound)
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            with anyio.move_on_after(10):
+            with anyio.move_on_after(10), suppress(anyio.BrokenResourceError, OSError):
                 request = await _read_request(stream)
                 if request is None:
                     status, body = 400, b"bad request\n"

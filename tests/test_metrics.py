@@ -329,6 +329,8 @@ async def test_the_endpoints_serve_the_text_format(metered: baton.Baton) -> None
             assert value(parse(reply.text), "baton_jobs", queue="default",
                          state="available") == 1
             assert (await client.get("/elsewhere")).status_code == 404
+        with pytest.raises(baton.ConfigurationError, match="is another process using the port"):
+            await metrics.serve(metered, "127.0.0.1", port)
         tg.cancel_scope.cancel()
 
 
