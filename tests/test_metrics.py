@@ -237,6 +237,22 @@ async def test_a_finish_committed_late_is_counted(metered: baton.Baton) -> None:
     assert counters(third) == counters(second)
 
 
+async def test_an_advance_under_way_is_left_to_finish(metered: baton.Baton) -> None:
+    job_id = await metered.enqueue(ok.new())
+    assert await metered.cancel(job_id)
+    with psycopg.connect(metered.dsn) as other:  # another scrape's advance, under way
+        other.execute("SELECT source FROM baton.metrics_sources FOR UPDATE")
+        assert not await metrics.advance(metered)
+        samples = parse(await metrics.scrape(metered))  # read past the watermark instead
+        assert value(samples, "baton_jobs_finished_total", queue="default", step=ok.name,
+                     state="cancelled") == 1
+    assert await metrics.advance(metered)
+    assert counters(parse(await metrics.scrape(metered))) == counters(samples)
+    [(stored,)] = sql_rows(metered.dsn, "SELECT value FROM baton.metrics_counters "
+                                        "WHERE name = 'jobs_finished'")
+    assert stored == 1
+
+
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [plan]
     for child in plan.get("Plans", []):
