@@ -43,6 +43,7 @@ needs_pgbouncer = pytest.mark.skipif(
 POOL_SIZE = 20
 CLIENTS = 200
 JOBS_PER_CLIENT = 5
+COPY_BATCH = 100
 
 
 class Bouncer:
@@ -216,10 +217,12 @@ async def test_queue_and_workflows_through_pgbouncer(dsn: str, bouncer: Bouncer)
             # On the server: the pooler's 20 at most, the worker's notifier and heartbeat,
             # the subscription, and this count's own connection.
             assert backends <= POOL_SIZE + 4
-            # A job enqueued from synchronous code goes through the pooler too.
+            # From synchronous code, and a batch large enough to go by COPY, too.
             sync_id = await anyio.to_thread.run_sync(
                 lambda: app.enqueue_sync(tally.new(n=999_999)))
             job_ids.append(sync_id)
+            job_ids.extend(await app.enqueue_many([tally.new(n=2_000_000 + i)
+                                                   for i in range(COPY_BATCH)]))
             async for event in events:
                 if event.type == "workflow_finished":
                     assert event.outcome == "completed"
@@ -234,9 +237,9 @@ async def test_queue_and_workflows_through_pgbouncer(dsn: str, bouncer: Bouncer)
     assert finished == set(workflow_ids)
     expected = {n * 100 + i for n in range(CLIENTS) for i in range(JOBS_PER_CLIENT)}
     expected |= {1_000_000 + c * 10 + k for c in range(CLIENTS) for k in range(4)}
-    expected.add(999_999)
+    expected |= {999_999, *range(2_000_000, 2_000_000 + COPY_BATCH)}
     assert set(runs) == expected and set(runs.values()) == {1}  # none lost, none twice
-    assert len(set(job_ids)) == CLIENTS * JOBS_PER_CLIENT + 1
+    assert len(set(job_ids)) == CLIENTS * JOBS_PER_CLIENT + 1 + COPY_BATCH
     [(jobs, attempts)] = sql_rows(dsn, "SELECT count(*), max(attempt) FROM baton.jobs")
     assert (jobs, attempts) == (len(expected), 1)
 
@@ -272,6 +275,15 @@ def test_pooler_needs_a_listen_url(monkeypatch: pytest.MonkeyPatch) -> None:
         baton.Baton("postgresql:///x")
     assert baton.Baton("postgresql:///x", listen_dsn="postgresql:///y",
                        pooler="transaction").listen_dsn == "postgresql:///y"
+
+
+async def test_pooled_worker_without_listen_url_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BATON_LISTEN_URL", raising=False)
+    app = baton.Baton("postgresql://nobody@127.0.0.1:1/none", pooler="transaction")
+    with pytest.raises(ConfigurationError, match="listen_dsn"):
+        await baton.Worker(app).run()  # before any connection is tried
+    assert not app.is_open
 
 
 @pytest.fixture

@@ -126,15 +126,17 @@ class Worker:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Run until :meth:`stop`; report started once every service is ready."""
-        await self._startup()
         # Both hold a session of their own (listen_dsn: direct, past any pooler): a beat
-        # must not queue behind a busy pool until the worker looks dead.
+        # must not queue behind a busy pool until the worker looks dead. Read before the
+        # start: a pooled app without one is refused before it registers.
+        listen_dsn = self.app.listen_dsn
+        await self._startup()
         self._heartbeat = heartbeat = Heartbeat(
-            self.app.listen_dsn, self._beat, interval=self.settings.heartbeat_interval,
+            listen_dsn, self._beat, interval=self.settings.heartbeat_interval,
             blocked_after=self.settings.loop_blocked_after, worker_id=self.id)
         channel = self.app.sql.channel
         self._notifier = Notifier(
-            self.app.listen_dsn,
+            listen_dsn,
             {channel("insert"): self._on_insert, channel("control"): self._on_control},
             on_reconnect=self._wake_all,
         )
