@@ -1,8 +1,12 @@
-"""The notifier: one LISTEN connection per worker process, reconnecting when it drops."""
+"""The notifier: one LISTEN connection per worker process, reconnecting when it drops.
+
+It connects to the app's ``listen_dsn``: a LISTEN needs a server session of its own, which a
+pooler in transaction mode does not give (see ``docs/pgbouncer.md``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import psycopg
@@ -14,6 +18,16 @@ from baton.logs import get_logger
 log = get_logger("baton.notifier")
 
 Handler = Callable[[str], None]
+
+APPLICATION_NAME = "baton-notifier"
+"""The ``application_name`` of a worker's LISTEN connection (see ``pg_stat_activity``)."""
+
+_SESSION: dict[str, Any] = {
+    "autocommit": True, "application_name": APPLICATION_NAME,
+    # A peer that vanished without a word (a failover, a dropped NAT entry) is noticed
+    # within about 25 s, and the notifier reconnects instead of hearing nothing.
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
 
 
 class Notifier:
@@ -36,7 +50,7 @@ class Notifier:
         started = False
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(self.dsn, **_SESSION)
             except psycopg.Error as exc:
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6))
