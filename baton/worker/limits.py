@@ -75,10 +75,13 @@ class Limits:
                 with anyio.move_on_after(self.worker.settings.heartbeat_interval):
                     await self._refresh.wait()
                 self._refresh = anyio.Event()
-                try:
-                    await self.load()
-                except (psycopg.Error, DatabaseError) as exc:
-                    log.warning("limits.refresh_failed", error=describe(exc))
+                if self.worker.passes.closing:
+                    continue  # the worker is stopping: no read starts now
+                with self.worker.passes.shielded():  # a shutdown does not cut a read off
+                    try:
+                        await self.load()
+                    except (psycopg.Error, DatabaseError) as exc:
+                        log.warning("limits.refresh_failed", error=describe(exc))
 
     def changed(self, queue: str) -> None:
         """The limits of ``queue`` changed (announced on the control channel): reload."""

@@ -45,15 +45,17 @@ class Maintenance:
         """Run a pass every ``maintenance_interval`` seconds."""
         task_status.started()
         interval = self.worker.settings.maintenance_interval
-        while True:
-            try:
-                await self.run_once()
-            except (psycopg.Error, DatabaseError) as exc:
-                self.is_leader = False
-                # A failover or an outage: every registry row may have expired meanwhile
-                # (a promoted standby's start time does not show it).
-                self._rescue_from = anyio.current_time() + self.worker.settings.heartbeat_ttl
-                log.warning("maintenance.failed", error=describe(exc))
+        while not self.worker.passes.closing:
+            with self.worker.passes.shielded():  # a shutdown does not cut a pass off
+                try:
+                    await self.run_once()
+                except (psycopg.Error, DatabaseError) as exc:
+                    self.is_leader = False
+                    # A failover or an outage: every registry row may have expired
+                    # meanwhile (a promoted standby's start time does not show it).
+                    self._rescue_from = (anyio.current_time()
+                                         + self.worker.settings.heartbeat_ttl)
+                    log.warning("maintenance.failed", error=describe(exc))
             self.ticks += 1
             await anyio.sleep(interval)
 

@@ -51,18 +51,19 @@ class Scheduler:
         # Three renewals in a heartbeat's lifetime: a schedule stays live through a missed one.
         renew_every = max(settings.heartbeat_interval, settings.heartbeat_ttl / 3)
         renew_at = anyio.current_time() + renew_every
-        while True:
+        while not self.worker.passes.closing:
             wait = settings.maintenance_interval
-            try:
-                if self.schedules and anyio.current_time() >= renew_at:
-                    await self.renew()
-                    renew_at = anyio.current_time() + renew_every
-                if self.worker.maintenance.is_leader:
-                    until = await self.tick()
-                    if until is not None:
-                        wait = min(wait, max(until, 0.0) + WAKE_SLACK)
-            except (psycopg.Error, DatabaseError) as exc:
-                log.warning("scheduler.failed", error=describe(exc))
+            with self.worker.passes.shielded():  # a shutdown does not cut a pass off
+                try:
+                    if self.schedules and anyio.current_time() >= renew_at:
+                        await self.renew()
+                        renew_at = anyio.current_time() + renew_every
+                    if self.worker.maintenance.is_leader:
+                        until = await self.tick()
+                        if until is not None:
+                            wait = min(wait, max(until, 0.0) + WAKE_SLACK)
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("scheduler.failed", error=describe(exc))
             await anyio.sleep(wait)
 
     async def define(self) -> None:

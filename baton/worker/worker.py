@@ -27,6 +27,7 @@ from baton.worker.heartbeat import Heartbeat
 from baton.worker.limits import Limits
 from baton.worker.maintenance import Maintenance
 from baton.worker.notifier import Notifier
+from baton.worker.passes import Passes
 from baton.worker.producer import Producer
 from baton.worker.scheduler import Scheduler
 from baton.worker.settings import WorkerSettings
@@ -90,6 +91,7 @@ class Worker:
         self.scheduler = Scheduler(self)
         """Defines the app's schedules; enqueues their ticks while this worker leads."""
         self.queue_controls = QueueControls(self)
+        self.passes = Passes()
         """Pause and scale of this worker's queues, from the ``queues`` table."""
         self._heartbeat: Heartbeat | None = None
         self.started = anyio.Event()
@@ -163,6 +165,7 @@ class Worker:
                     task_status.started()
                     await self._stop.wait()
                     await self._wind_down()
+                await self.passes.close()  # none runs beside the leader's resignation
                 await self._finish()
                 services.cancel_scope.cancel()
         finally:
@@ -300,14 +303,17 @@ class Worker:
         run (a lost claim reply not seen as such); a fetch that fails does it at once."""
         while True:
             await anyio.sleep(interval)
-            for producer in self.producers.values():
-                if producer.stopping:
-                    continue
-                try:
-                    await producer.reconcile()
-                except (psycopg.Error, DatabaseError) as exc:
-                    log.warning("worker.reconcile_failed", queue=producer.queue,
-                                error=describe(exc))
+            if self.passes.closing:
+                return
+            with self.passes.shielded():  # a shutdown does not cut a pass off
+                for producer in self.producers.values():
+                    if producer.stopping:
+                        continue
+                    try:
+                        await producer.reconcile()
+                    except (psycopg.Error, DatabaseError) as exc:
+                        log.warning("worker.reconcile_failed", queue=producer.queue,
+                                    error=describe(exc))
 
     # -- notifications ---------------------------------------------------------------------
 
