@@ -97,6 +97,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
     p.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="put this run's tables into docs/benchmarks.md (not with --small)",
+    )
     return p.parse_args()
 
 
@@ -328,6 +333,10 @@ def finish(
         )
         chart.draw(results, sweep, systems, args.chart, title)
         emit(f"chart: {args.chart}")
+    if args.write_docs and not args.small:
+        meta["summary"] = report.summary(results, systems, meta["chosen"])
+        report.write_docs(ROOT / "docs" / "benchmarks.md", text, meta, out.name)
+        emit("docs: docs/benchmarks.md")
     if any(r.get("error") for r in results + sweep):
         sys.exit(1)  # a run failed: the figures above are incomplete
 

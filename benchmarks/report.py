@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -296,3 +297,55 @@ def document(
                   sweep_table(sweep, systems, chosen)]  # fmt: skip
     parts += ["", "## Every figure", "", markdown(results, systems)]
     return "\n".join(parts)
+
+
+def summary(
+    results: Sequence[dict[str, Any]], systems: Sequence[str], chosen: dict[str, Any]
+) -> str:
+    """One paragraph of what the run shows: baton against the best peer, figure by figure,
+    each system at its chosen setting (sentences built from the figures, nothing else)."""
+    by_key = {(r["system"], r.get("label", r["workload"])): r for r in results}
+    if "baton" not in systems or len(systems) < 2:
+        return ""
+    parts = []
+    for col in HEADLINE:
+        if col.label not in ("drain jobs/s", "CPU us/job total", "batch enqueue jobs/s"):
+            continue
+        vals = {s: dig(by_key.get((s, col.workload), {}), col.path) for s in systems}
+        peers = {s: v for s, v in vals.items() if s != "baton" and isinstance(v, int | float)}
+        baton = vals["baton"]
+        if not peers or not isinstance(baton, int | float):
+            continue
+        pick = max if col.higher_is_better else min
+        peer = pick(peers, key=lambda s: peers[s])
+        where = setting_label(peer, chosen[peer]["processes"], chosen[peer]["concurrency"])
+        parts.append(
+            f"{col.label}: baton {_fmt(baton, col.digits)}, best peer {peer} "
+            f"{_fmt(peers[peer], col.digits)} ({where}), {baton / peers[peer]:.2f}x"
+        )
+    p99 = dig(by_key.get(("baton", "latency"), {}), ("p99_ms",))
+    if isinstance(p99, int | float):
+        parts.append(f"baton's enqueue->start p99 {p99:.2f} ms")
+    return "; ".join(parts) + "." if parts else ""
+
+
+BEGIN, END = "<!-- benchmark-results:begin -->", "<!-- benchmark-results:end -->"
+
+
+def write_docs(path: Path, text: str, meta: dict[str, Any], json_name: str) -> None:
+    """Replace what lies between the page's result markers with this run's tables."""
+    page = path.read_text()
+    start, end = page.index(BEGIN) + len(BEGIN), page.index(END)
+    m, g = meta["machine"], meta["git"]
+    head = (
+        f"Run of `{meta['command']}` at commit {g['commit'][:7]}"
+        f"{' (baton/ had uncommitted changes)' if g['baton_dirty'] else ''}: "
+        f"{meta['seconds'] / 60:.1f} minutes on {m.get('cpus')} CPUs "
+        f"(load average {' '.join(m.get('loadavg_at_start', []))} at the start), "
+        f"{meta['postgres']['version'].split(' on ')[0]}; "
+        f"figures in `benchmarks/results/{json_name}`, the sweep included.\n\n"
+        f"**{meta['summary']}**"
+    )
+    # The report's headings are one level too high for the page.
+    body = text.replace("\n## ", "\n### ").replace("## ", "### ", 1)
+    path.write_text(page[:start] + "\n" + head + "\n\n" + body + "\n" + page[end:])

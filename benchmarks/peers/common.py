@@ -36,7 +36,6 @@ from benchmarks.peers.fleet import (
     STARTED,
     Board,
     Fleet,
-    read_boards,
     read_command,
     tree_cpu_seconds,
     wait_for_calls,
@@ -247,7 +246,8 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
             server0 = dbstats.postmaster_cpu_seconds(postmaster)
             t0 = time.monotonic()
             await fleet.go()
-            await wait_for_calls(board, n, args.timeout)
+            assert fleet.boards is not None
+            await wait_for_calls(fleet.boards, n, args.timeout)
             all_started = time.monotonic()
             done = await _wait_drained(peer, 60)
             t1 = done or time.monotonic()
@@ -259,7 +259,7 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
             after = await dbstats.snapshot(peer.dsn, args.settle)
         finally:
             await fleet.stop()
-        _, first, last = read_boards(board)
+        _, first, last = fleet.boards.read() if fleet.boards else (0, None, None)
     res.seconds = t1 - t0
     res.extra["seconds_until_all_started"] = round(all_started - t0, 4)
     res.extra["started_jobs_per_s"] = round(n / (all_started - t0), 1)
@@ -308,7 +308,8 @@ async def _run_latency(peer: Peer, res: Result, args: argparse.Namespace) -> Non
                     await asyncio.sleep(delay)
                 enq[i] = time.monotonic()
                 await _bounded(peer.enqueue_one(i), 30, "enqueue")
-            await wait_for_calls(board, n, args.timeout)
+            assert fleet.boards is not None
+            await wait_for_calls(fleet.boards, n, args.timeout)
             res.seconds = time.monotonic() - t0
         finally:
             await fleet.stop()

@@ -61,20 +61,25 @@ class Board:
         _BOARD.pack_into(self._map, 0, calls, self.first, now)
 
 
-def read_boards(directory: str) -> tuple[int, float | None, float | None]:
-    """Calls so far over every worker's board, the earliest first start, the latest last."""
-    calls, first, last = 0, None, None
-    for entry in os.scandir(directory):
-        with open(entry.path, "rb") as fh:
-            data = fh.read(_BOARD.size)
-        if len(data) < _BOARD.size:
-            continue
-        c, f, la = _BOARD.unpack(data)
-        calls += c
-        if c:
-            first = f if first is None else min(first, f)
-            last = la if last is None else max(last, la)
-    return calls, first, last
+class Boards:
+    """Every worker's board, mapped once (each exists once its worker said it is ready)."""
+
+    def __init__(self, directory: str) -> None:
+        self._maps: list[mmap.mmap] = []
+        for entry in os.scandir(directory):
+            with open(entry.path, "rb") as fh:
+                self._maps.append(mmap.mmap(fh.fileno(), _BOARD.size, access=mmap.ACCESS_READ))
+
+    def read(self) -> tuple[int, float | None, float | None]:
+        """Calls so far over every board, the earliest first start, the latest last."""
+        calls, first, last = 0, None, None
+        for m in self._maps:
+            c, f, la = _BOARD.unpack_from(m, 0)
+            calls += c
+            if c:
+                first = f if first is None else min(first, f)
+                last = la if last is None else max(last, la)
+        return calls, first, last
 
 
 def tree_cpu_seconds(roots: Sequence[int]) -> float:
@@ -122,6 +127,9 @@ class Fleet:
         self.board_dir = board_dir
         self.procs: list[asyncio.subprocess.Process] = []
         self.results: list[dict[str, Any]] = []
+        self.boards: Boards | None = None
+        self._lines: dict[int, asyncio.Queue[str | None]] = {}
+        self._readers: list[asyncio.Task[None]] = []
 
     @property
     def pids(self) -> list[int]:
@@ -130,23 +138,37 @@ class Fleet:
     async def start(self, timeout: float) -> None:
         """Start every process and wait until each has its connections open."""
         for _ in range(self.processes):
-            self.procs.append(
-                await asyncio.create_subprocess_exec(
-                    *self.cmd,
-                    cwd=ROOT,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
+            proc = await asyncio.create_subprocess_exec(
+                *self.cmd,
+                cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=2**24,  # the latency result is one long line
             )
+            self.procs.append(proc)
+            self._lines[proc.pid] = asyncio.Queue()
+            self._readers.append(asyncio.create_task(self._read(proc)))
         await asyncio.wait_for(asyncio.gather(*(self._line(p, READY) for p in self.procs)), timeout)
+        self.boards = Boards(self.board_dir)
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        """Read the process's stdout for as long as it lives (a full pipe would block it);
+        keep the protocol's lines, drop anything else a library prints."""
+        assert proc.stdout is not None
+        queue = self._lines[proc.pid]
+        while raw := await proc.stdout.readline():
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("BENCH-"):
+                queue.put_nowait(line)
+        queue.put_nowait(None)
 
     async def _line(self, proc: asyncio.subprocess.Process, marker: str) -> str:
-        assert proc.stdout is not None
+        queue = self._lines[proc.pid]
         while True:
-            raw = await proc.stdout.readline()
-            if not raw:
+            line = await queue.get()
+            if line is None:
+                queue.put_nowait(None)
                 raise RuntimeError(f"worker process {proc.pid} exited ({await proc.wait()})")
-            line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(marker):
                 return line[len(marker) :]
 
@@ -184,16 +206,17 @@ class Fleet:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 await p.wait()
+        for task in self._readers:
+            task.cancel()
 
 
-async def wait_for_calls(board_dir: str, n: int, timeout: float) -> None:
-    """Poll the boards every 2 ms until ``n`` job bodies started."""
+async def wait_for_calls(boards: Boards, n: int, timeout: float) -> None:
+    """Read the boards every 5 ms until ``n`` job bodies started."""
     deadline = time.monotonic() + timeout
-    while read_boards(board_dir)[0] < n:
+    while (calls := boards.read()[0]) < n:
         if time.monotonic() > deadline:
-            calls = read_boards(board_dir)[0]
             raise TimeoutError(f"{calls} of {n} jobs started within {timeout:.0f}s")
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.005)
 
 
 async def read_command() -> str:
