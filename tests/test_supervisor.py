@@ -329,3 +329,40 @@ async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
     job = await app.get_job(job_id)
     assert job.state is JobState.COMPLETED and job.attempt == 1
     assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
+
+
+# -- the supervisor alone, with stand-in children -----------------------------------------
+
+STAND_IN = """
+import os, signal, sys
+import anyio
+from baton.worker.supervisor import under_supervisor
+
+status = int(sys.argv[1])
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+notify = under_supervisor()
+assert notify is not None and "BATON_SUPERVISOR_PID" not in os.environ
+
+async def ready() -> None:
+    started = anyio.Event()
+    started.set()
+    await notify(started)
+
+anyio.run(ready)
+try:  # the first child ready asks the supervisor to stop
+    os.close(os.open(sys.argv[2], os.O_CREAT | os.O_EXCL))
+    os.kill(os.getppid(), signal.SIGTERM)
+except FileExistsError:
+    pass
+signal.sigwait({signal.SIGTERM})
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize(("child_status", "status"), [(0, 0), (70, 70), (3, 1)])
+def test_exit_status_says_how_the_children_stopped(
+    child_status: int, status: int, tmp_path: Path,
+) -> None:
+    command = [sys.executable, "-c", STAND_IN, str(child_status), str(tmp_path / "first")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert supervisor.Supervisor(2, command, env=env).run() == status
