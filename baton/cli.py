@@ -229,7 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on [BATON_METRICS_HOST]")
     served.add_argument("--port", type=int, default=int(_env("METRICS_PORT", 9464)),
                         help="port to listen on [BATON_METRICS_PORT]")
+
+    board = sub.add_parser("dashboard", help="serve the web dashboard (the 'dashboard' extra)")
+    _common(board)
+    board.add_argument("--app", default=_env("APP"), help="take dsn and schema from this app")
+    board.add_argument("--host", default=_env("DASHBOARD_HOST", "127.0.0.1"),
+                       help="address to listen on; beyond this machine needs --token "
+                            "[BATON_DASHBOARD_HOST]")
+    board.add_argument("--port", type=int, default=int(_env("DASHBOARD_PORT", 8484)),
+                       help="port to listen on [BATON_DASHBOARD_PORT]")
+    board.add_argument("--token", default=_env("DASHBOARD_TOKEN"),
+                       help="secret every request must carry (prefer the variable: a "
+                            "command line is visible to other users) [BATON_DASHBOARD_TOKEN]")
     return parser
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from baton.dashboard.serve import check_bind, serve
+
+    check_bind(args.host, args.token)  # before anything connects
+    serve(_app_for(args), host=args.host, port=args.port, token=args.token)
+    return 0
 
 
 def _inspect(parser: argparse.ArgumentParser) -> None:
@@ -535,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, json=args.log_json)
         handler = {"migrate": cmd_migrate, "worker": cmd_worker, "status": cmd_status,
                    "workflow": cmd_workflow, "job": cmd_job,
-                   "queue": cmd_queue, "db": cmd_db, "metrics": cmd_metrics}[args.command]
+                   "queue": cmd_queue, "db": cmd_db, "metrics": cmd_metrics,
+                   "dashboard": cmd_dashboard}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         return 130
