@@ -70,7 +70,7 @@ SELECT i,
        'bench-worker', t
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS i,
      LATERAL (SELECT now() - make_interval(secs => %(days)s * 86400.0
-                                           * (%(last)s - i) / %(total)s) AS t) AS at
+                                           * (%(total)s - i) / %(total)s) AS t) AS at
 """
 
 # Finished workflows %(first)s to %(last)s, each of %(steps)s steps in a chain, with their
@@ -171,8 +171,9 @@ def fill(dsn: str, jobs: int, workflows: int, steps: int, days: float) -> dict[s
     return {"fill_s": round(filled), "vacuum_s": round(vacuumed), "tables": sizes}
 
 
-async def trial(dsn: str, n: int, concurrency: int) -> dict[str, float]:
-    """Enqueue ``n`` no-op jobs, then drain them with one worker; jobs/s of each."""
+async def trial(dsn: str, n: int, concurrency: int, archive: bool) -> dict[str, float]:
+    """Enqueue ``n`` no-op jobs, then drain them with one worker (its leader archiving
+    if ``archive``); jobs/s of each."""
     app = baton.Baton(dsn, schema=SCHEMA, pool_size=max(10, min(40, concurrency // 2 + 4)))
     done = anyio.Event()
     ran = 0
@@ -192,12 +193,60 @@ async def trial(dsn: str, n: int, concurrency: int) -> dict[str, float]:
                 {"i": i} for i in range(start, min(n, start + 1000))))
         enqueued = time.perf_counter() - began
         began = time.perf_counter()
-        async with Worker(app, WorkerSettings(queues={"default": concurrency})):
+        settings = WorkerSettings(queues={"default": concurrency},
+                                  archive_after=3600.0 if archive else None)
+        async with Worker(app, settings):
             await done.wait()
             drained = time.perf_counter() - began
     finally:
         await app.close()
     return {"enqueue": round(n / enqueued), "drain": round(n / drained)}
+
+
+async def archive_all(dsn: str, limit: int) -> dict[str, Any]:
+    """Move every job due into the archive as the maintenance leader does (one batch of
+    ``limit`` a pass, without the pause between passes), then VACUUM jobs (autovacuum would,
+    later); return the time each took and the rows moved."""
+    app = baton.Baton(dsn, schema=SCHEMA)
+    maintenance = Worker(app, WorkerSettings(archive_limit=limit)).maintenance
+    began, moved, passes = time.perf_counter(), 0, 0
+    try:
+        while done := await maintenance.archive():
+            moved += done.get("jobs", 0)
+            passes += 1
+            if passes % 50 == 0:
+                err(f"  moved {moved:,} ({time.perf_counter() - began:.0f} s)")
+    finally:
+        await app.close()
+    archived = time.perf_counter() - began
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(render("VACUUM (ANALYZE) {schema}.jobs"))
+        sizes = conn.execute(render(
+            "SELECT (SELECT count(*) FROM {schema}.jobs),"
+            " (SELECT count(*) FROM {schema}.jobs_archive)")).fetchone()
+    assert sizes is not None
+    return {"moved": moved, "passes": passes, "archive_s": round(archived),
+            "rows_per_s": round(moved / archived) if archived else 0,
+            "vacuum_s": round(time.perf_counter() - began - archived),
+            "hot_rows": sizes[0], "archived_rows": sizes[1]}
+
+
+def trials(dsns: dict[str, str], args: argparse.Namespace, archive: bool) -> dict[str, Any]:
+    """Alternating rounds of :func:`trial` on the empty and the full database."""
+    figures: dict[str, dict[str, list[float]]] = {
+        kind: {name: [] for name in DATABASES} for kind in ("enqueue", "drain")}
+    for round_no in range(args.rounds):
+        order = DATABASES if round_no % 2 == 0 else tuple(reversed(DATABASES))
+        for name in order:
+            got = anyio.run(trial, dsns[name], args.n, args.concurrency, archive)
+            err(f"  round {round_no + 1} {name}: {got}")
+            for kind, value in got.items():
+                figures[kind][name].append(value)
+    median = {kind: {name: statistics.median(v) for name, v in by_db.items()}
+              for kind, by_db in figures.items()}
+    return {"jobs_per_s": figures, "median": median,
+            "ratio_full_to_empty": {kind: round(m["full"] / m["empty"], 3)
+                                    for kind, m in median.items()}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,20 +265,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.workflows:,} workflows")
             result["fill"] = fill(dsns["full"], args.jobs, args.workflows, args.steps,
                                   args.days)
-        trials: dict[str, dict[str, list[float]]] = {
-            kind: {name: [] for name in DATABASES} for kind in ("enqueue", "drain")}
-        for round_no in range(args.rounds):
-            order = DATABASES if round_no % 2 == 0 else tuple(reversed(DATABASES))
-            for name in order:
-                figures = anyio.run(trial, dsns[name], args.n, args.concurrency)
-                err(f"  round {round_no + 1} {name}: {figures}")
-                for kind, value in figures.items():
-                    trials[kind][name].append(value)
-        result["jobs_per_s"] = trials
-        result["median"] = {kind: {name: statistics.median(v) for name, v in by_db.items()}
-                            for kind, by_db in trials.items()}
-        result["ratio_full_to_empty"] = {
-            kind: round(m["full"] / m["empty"], 3) for kind, m in result["median"].items()}
+        if not args.skip_before:
+            err("before the archive (archive_after=None)")
+            result["before_archive"] = trials(dsns, args, archive=False)
+        err("archiving bench_bigtable_full")
+        result["archive"] = anyio.run(archive_all, dsns["full"], args.archive_limit)
+        err(f"  {result['archive']}")
+        err("after the archive (archive_after=3600)")
+        result["after_archive"] = trials(dsns, args, archive=True)
         if not args.keep:
             for name in DATABASES:
                 drop_db(admin, f"bench_bigtable_{name}")
@@ -247,6 +290,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dsn", default=os.environ.get("BATON_DATABASE_URL"),
                         help="admin DSN; default BATON_DATABASE_URL, else an embedded server")
+    parser.add_argument("--archive-limit", type=int, default=50_000,
+                        help="jobs a pass moves while the archive catches up")
+    parser.add_argument("--skip-before", action="store_true",
+                        help="no trials before the archive")
     parser.add_argument("--keep", action="store_true", help="keep the two databases")
     parser.add_argument("--reuse", action="store_true",
                         help="run the trials on the databases a --keep run left (no fill)")

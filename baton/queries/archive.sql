@@ -7,13 +7,17 @@
 -- Those stay in jobs until prune_after deletes them.
 
 -- name: jobs_archive_day
--- The oldest job due for the archive: make sure its day's partition exists and return the
--- end of that day (the next move takes only that day's jobs). No row when none is due.
-SELECT {schema}.jobs_archive_partition(finalized_at) AS day_end
+-- The oldest job due for the archive that finished at or after %(since)s (the leader's
+-- bookmark: the jobs before it were not due when it last looked, so a pass does not read
+-- again, in jobs_finalized_idx, every workflow step or keyed job that stays): make sure its
+-- day's partition exists; return it and the end of that day (the next move takes only that
+-- day's jobs). No row when none is due.
+SELECT finalized_at AS oldest, {schema}.jobs_archive_partition(finalized_at) AS day_end
 FROM (
     SELECT finalized_at
     FROM {schema}.jobs
     WHERE finalized_at < now() - make_interval(secs => %(max_age)s)
+      AND finalized_at >= COALESCE(%(since)s::timestamptz, '-infinity')
       AND workflow_id IS NULL AND idempotency_key IS NULL
       AND (unique_key IS NULL OR NOT (state = ANY(unique_states)))
     ORDER BY finalized_at
@@ -21,8 +25,8 @@ FROM (
 ) AS oldest
 
 -- name: jobs_archive_move
--- Move a batch of jobs due for the archive that finished before %(day_end)s (one day's
--- partition), oldest first, in one statement: the rows leave jobs and enter the archive in
+-- Move a batch of jobs due for the archive that finished from %(since)s (the oldest due)
+-- to before %(day_end)s (one day's partition), oldest first, in one statement: the rows leave jobs and enter the archive in
 -- the same transaction, so a reader of jobs_all sees each job exactly once. Rows locked
 -- by someone else (a retry by hand) are skipped until the next pass.
 WITH due AS (
@@ -30,6 +34,7 @@ WITH due AS (
     FROM {schema}.jobs
     WHERE finalized_at < LEAST(now() - make_interval(secs => %(max_age)s),
                                %(day_end)s::timestamptz)
+      AND finalized_at >= %(since)s::timestamptz
       AND workflow_id IS NULL AND idempotency_key IS NULL
       AND (unique_key IS NULL OR NOT (state = ANY(unique_states)))
     ORDER BY finalized_at

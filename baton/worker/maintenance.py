@@ -3,6 +3,7 @@ archive."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 log = get_logger("baton.maintenance")
 
 LEADER_NAME = "maintenance"
+ARCHIVE_RESCAN = 600.0
+"""Seconds between archive passes that read from the first finished job (a pass otherwise
+reads from where the last one found the oldest job due)."""
 
 
 class Maintenance:
@@ -37,6 +41,11 @@ class Maintenance:
         self._rescue_from = 0.0
         """No rescue before this time (monotonic): after this process lost the database,
         live workers need a heartbeat's lifetime to renew rows that expired meanwhile."""
+        self._archive_from: datetime | None = None
+        """The oldest job found due for the archive (see ``jobs_archive_day``)."""
+        self._archive_rescan_at = 0.0
+        """When (monotonic) the next archive pass reads from the first finished job again,
+        for a job skipped meanwhile (locked by a retry, or committed late)."""
         self.metrics = metrics.Advancer(worker.app)
         """Counts finished rows into the metrics counters before they are pruned."""
 
@@ -207,10 +216,16 @@ class Maintenance:
         if settings.archive_after is not None:
             age = settings.archive_after
             await self.metrics.before_prune(age)
-            day = await self._rows("jobs_archive_day", {"max_age": age})
+            if anyio.current_time() >= self._archive_rescan_at:
+                self._archive_from = None
+                self._archive_rescan_at = anyio.current_time() + ARCHIVE_RESCAN
+            day = await self._rows("jobs_archive_day",
+                                   {"max_age": age, "since": self._archive_from})
             if day:
+                [(self._archive_from, day_end)] = day
                 [(moved,)] = await self._rows("jobs_archive_move", {
-                    "max_age": age, "day_end": day[0][0], "limit": settings.archive_limit})
+                    "max_age": age, "since": self._archive_from, "day_end": day_end,
+                    "limit": settings.archive_limit})
                 if moved:
                     done["jobs"] = int(moved)
         if settings.prune_after is not None:
