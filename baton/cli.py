@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=float(_env("PRUNE_AFTER")) if _env("PRUNE_AFTER") else None,
                         help="delete finished jobs older than this many seconds "
                              "[BATON_PRUNE_AFTER]")
+    worker.add_argument("--archive-after", type=float,
+                        default=float(_env("ARCHIVE_AFTER", 3600.0)),
+                        help="move finished jobs older than this many seconds into the "
+                             "archive; 0 keeps them in jobs [BATON_ARCHIVE_AFTER]")
     status = sub.add_parser("status", help="queues by state and live workers")
     _common(status)
     _inspect(status)
@@ -300,6 +304,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         maintenance_interval=args.maintenance_interval,
         leader_ttl=args.leader_ttl,
         prune_after=args.prune_after,
+        archive_after=args.archive_after or None,
         exit_with_threads=True,  # past the grace, end threads that cannot be stopped
     )
     processes = supervisor.parse_processes(args.processes)
