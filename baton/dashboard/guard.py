@@ -152,7 +152,10 @@ class Guard:
                 "This dashboard has no token, so it serves only this machine "
                 "(127.0.0.1 or localhost). Start it with --token, or pass token= or auth= "
                 "to baton.dashboard.create_app.", status_code=403)
-        if self.token is not None and request.method in ("GET", "HEAD") and \
+        if self.token is None:
+            return PlainTextResponse("not allowed (the dashboard's auth hook refused)",
+                                     status_code=403)
+        if request.method in ("GET", "HEAD") and \
                 "text/html" in request.headers.get("accept", ""):
             return HTMLResponse(_LOGIN, status_code=401)
         return PlainTextResponse("a token is required (Authorization: Bearer <token>)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,9 +19,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from baton import connections
+from baton import connections, metrics
 from baton.app import Baton
 from baton.dashboard import graph, reads
 from baton.dashboard.guard import CSRF_FIELD, AuthHook, Guard, csrf_ok, csrf_token, same_site
@@ -361,20 +361,19 @@ def routes(board: Dashboard) -> list[BaseRoute]:
         Route("/queues/{name}/{action}", queue_action, methods=["POST"], name="queue_action"),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    metrics = _metrics_app(board.app)
-    if metrics is not None:
-        found.append(Mount("/metrics", metrics, name="metrics"))
+    found.append(Route("/metrics", _Asgi(metrics.asgi_app(board.app)), name="metrics"))
     return found
 
 
-def _metrics_app(app: Baton) -> Any:
-    """The Prometheus endpoint of ``baton.metrics``, when that module offers one."""
-    try:
-        from baton import metrics  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return None
-    make: Callable[[Baton], Any] | None = getattr(metrics, "asgi_app", None)
-    return make(app) if make is not None else None
+class _Asgi:
+    """An ASGI function as a route's endpoint (a plain function would be taken for a
+    request handler)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def _back(request: Request, name: str, notice: str, **params: Any) -> RedirectResponse:
@@ -385,6 +384,8 @@ def _back(request: Request, name: str, notice: str, **params: Any) -> RedirectRe
 def build(app: Baton, *, token: str | None, auth: AuthHook | None, read_dsn: str | None,
           max_streams: int, title: str, close_app: bool) -> Starlette:
     """Build the Starlette app (see :func:`baton.dashboard.create_app`)."""
+    if token is not None and len(token) < 8:
+        raise ValueError("the dashboard token must be at least 8 characters")
     board = Dashboard(app, read_dsn=read_dsn, max_streams=max_streams, title=title)
 
     async def not_found(request: Request, exc: Exception) -> Response:

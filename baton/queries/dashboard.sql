@@ -48,10 +48,11 @@ ORDER BY name
 
 -- name: dashboard_jobs_page
 -- One page of jobs, newest first, after the keyset %(before)s (an id; NULL for the first
--- page). The primary key walks backwards; the filters are the listing's own.
+-- page), archived ones included: the ids of jobs and of each jobs_archive partition are
+-- walked backwards and merged; the filters are the listing's own.
 SELECT id, state, queue, step, attempt, max_attempts, tags, workflow_id, workflow_step,
     inserted_at, scheduled_at, finalized_at, errors -> -1 ->> 'error' AS last_error
-FROM {schema}.jobs
+FROM {schema}.jobs_all
 WHERE (%(before)s::bigint IS NULL OR id < %(before)s::bigint)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(state)s::text IS NULL OR state = %(state)s::text)
