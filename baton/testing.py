@@ -42,9 +42,19 @@ FAST_SETTINGS: dict[str, Any] = {
 
 @asynccontextmanager
 async def running_worker(app: Baton, **settings: Any) -> AsyncIterator[Worker]:
-    """Run a worker for ``app`` during the block, with :data:`FAST_SETTINGS` by default."""
+    """Run a worker for ``app`` during the block, with :data:`FAST_SETTINGS` by default.
+
+    An error raised in the block stops the worker as the block's end would, then comes out
+    as itself (a failed assertion, a ``TimeoutError``), not inside an exception group.
+    """
+    failure: Exception | None = None
     async with Worker(app, WorkerSettings(**{**FAST_SETTINGS, **settings})) as worker:
-        yield worker
+        try:
+            yield worker
+        except Exception as exc:  # cancellation still reaches the worker's task group
+            failure = exc
+    if failure is not None:
+        raise failure
 
 
 async def _poll(
@@ -157,18 +167,28 @@ async def perform_job(app: Baton, job: JobSpec, *, attempt: int = 1) -> Outcome:
 
 
 async def drain_queue(app: Baton, queue: str = "default", *, timeout: float = 60.0) -> None:
-    """Run a worker until ``queue`` has no available or executing jobs."""
+    """Run a worker until ``queue`` has no available or executing jobs.
+
+    :raises TimeoutError: if it still has some after ``timeout`` seconds (a job of a step
+        ``app`` does not register stays available).
+    """
+    busy = 0
     async with running_worker(app, queues={queue: 10}) as worker:
-        with anyio.fail_after(timeout):
+        with anyio.move_on_after(timeout) as waited:
             while True:
                 async with app.connection() as conn:
                     cur = conn.cursor(row_factory=dict_row)
                     await cur.execute(app.sql["queue_busy_count"], {"queue": queue})
                     row = await cur.fetchone()
-                if row is None or row["busy"] == 0:
+                busy = 0 if row is None else int(row["busy"])
+                if busy == 0:
                     break
                 with anyio.move_on_after(0.05):
                     await worker.completer.wait_written()
+    if waited.cancelled_caught:
+        raise TimeoutError(f"queue {queue!r} still had {busy} jobs available or executing "
+                           f"after {timeout}s (is every step they need registered with the "
+                           "app?)")
 
 
 def assert_enqueued(app: Baton, step: str, **args: Any) -> Job:

@@ -1,5 +1,6 @@
-"""Enqueueing from web frameworks in the request's transaction, and the pytest set-up of
-docs/testing.md, beyond the examples docs/frameworks.md runs itself.
+"""Enqueueing from web frameworks in the request's transaction, the pytest set-up of
+docs/testing.md, and what that page says of the helpers, beyond the examples the pages
+run themselves.
 
 No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations, and
 those name a dependency local to ``make_api``.
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import psycopg
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
@@ -152,3 +154,84 @@ def test_the_pytest_setup_of_the_testing_page(dsn: str, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "2 passed" in done.stdout
+
+
+# -- what docs/testing.md says of the helpers -------------------------------------------------
+
+
+@pytest.fixture
+async def helpers_app(dsn: str) -> AsyncIterator[tuple[baton.Baton, dict[str, baton.Step]]]:
+    app = baton.Baton(dsn)
+    seen: list[baton.Context] = []
+
+    @app.step(name="helpers.look", max_attempts=2)
+    async def look(ctx: baton.Context) -> list[Any]:
+        seen.append(ctx)
+        return [ctx.job_id, ctx.attempt, ctx.meta, ctx.workflow_id]
+
+    @app.step(name="helpers.slow", timeout=0.1)
+    async def slow() -> None:
+        await anyio.sleep(30)
+
+    @app.step(name="helpers.signal")
+    async def signal(kind: str) -> None:
+        raise baton.Snooze(5) if kind == "snooze" else baton.Cancel("no")
+
+    yield app, {"look": look, "slow": slow, "signal": signal}
+    await app.close()
+
+
+async def test_perform_job_outcomes_as_documented(
+    helpers_app: tuple[baton.Baton, dict[str, baton.Step]],
+) -> None:
+    from baton.testing import perform_job
+
+    app, steps = helpers_app
+    done = await perform_job(app, steps["look"].new().options(meta={"who": "t"}), attempt=2)
+    assert (done.state, done.result) == ("completed", [0, 2, {"who": "t"}, None])
+    timed_out = await perform_job(app, steps["slow"].new())
+    assert timed_out.state == "retryable" and timed_out.error is not None
+    assert timed_out.error["kind"] == "timeout"
+    snoozed = await perform_job(app, steps["signal"].new(kind="snooze"))
+    assert (snoozed.state, snoozed.snooze, snoozed.delay) == ("scheduled", True, 5)
+    assert (await perform_job(app, steps["signal"].new(kind="cancel"))).state == "cancelled"
+    unknown = await perform_job(app, baton.JobSpec(step="helpers.nobody"))
+    assert unknown.state == "discarded" and unknown.error is not None
+    assert unknown.error["kind"] == "invalid"
+    async with app.connection() as conn:  # nothing of the jobs was written
+        cur = await conn.execute("SELECT count(*) FROM baton.jobs")
+        assert await cur.fetchone() == (0,)
+
+
+async def test_drain_queue_leaves_later_jobs_and_times_out_on_unknown_steps(
+    helpers_app: tuple[baton.Baton, dict[str, baton.Step]],
+) -> None:
+    from baton.testing import assert_enqueued, drain_queue
+
+    app, steps = helpers_app
+    now, later = await app.enqueue_many(
+        [steps["look"].new(), steps["look"].new().options(schedule_in=3600)])
+    await drain_queue(app)
+    assert (await app.get_job(now)).state == "completed"
+    assert (await app.get_job(later)).state == "scheduled"
+    assert assert_enqueued(app, "helpers.look").id == later  # scheduled counts as waiting
+    stranger = await app.enqueue(baton.JobSpec(step="elsewhere.step"))
+    with pytest.raises(TimeoutError, match="'default' still had 1 jobs available"):
+        await drain_queue(app, timeout=0.5)
+    assert (await app.get_job(stranger)).state == "available"
+
+
+async def test_an_error_in_a_running_worker_block_comes_out_as_itself(
+    helpers_app: tuple[baton.Baton, dict[str, baton.Step]],
+) -> None:
+    from baton.testing import running_worker, wait_for_job
+
+    app, steps = helpers_app
+    later = await app.enqueue(steps["look"].new().options(schedule_in=3600))
+    with pytest.raises(TimeoutError, match="is scheduled"):
+        async with running_worker(app):
+            await wait_for_job(app, later, "completed", timeout=0.2)
+    with pytest.raises(AssertionError, match="in the block"):
+        async with running_worker(app) as worker:
+            raise AssertionError("in the block")
+    assert worker.stopped.is_set()
