@@ -83,10 +83,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", default=_env("SCHEMA"),
                         help="schema of baton's tables, default 'baton' [BATON_SCHEMA]")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                        help="debug, info, warning or error [BATON_LOG_LEVEL]")
+                        help="baton's log level: debug, info (a line per job), warning or "
+                             "error; other libraries log warnings [BATON_LOG_LEVEL]")
     parser.add_argument("--log-json", action="store_true",
                         default=_env("LOG_JSON", "") not in ("", "0", "false"),
-                        help="log JSON lines [BATON_LOG_JSON]")
+                        help="log JSON lines, psycopg's too (else human lines, coloured "
+                             "on a terminal) [BATON_LOG_JSON]")
     parser.add_argument("--connect-timeout", type=float,
                         default=float(_env("CONNECT_TIMEOUT")) if _env("CONNECT_TIMEOUT") else None,
                         help="seconds to wait for a database that is starting or not reachable "

@@ -25,7 +25,9 @@ from typing import Any
 
 import structlog
 
-__all__ = ["Logger", "capture_logs", "configure_logging", "enabled", "get_logger"]
+__all__ = [
+    "Event", "Logger", "capture_logs", "configure_logging", "enabled", "formatter", "get_logger",
+]
 
 _OUT_OF_MESSAGE = frozenset({"event", "exc_info", "stack_info"})
 
