@@ -168,7 +168,7 @@ async def test_queue_and_workflows_through_pgbouncer(dsn: str, bouncer: Bouncer)
     enqueued = anyio.Event()
     release = anyio.Event()
     counts = {"connected": 0, "enqueued": 0}
-    workflow_ids: list[uuid.UUID] = []
+    workflow_ids: dict[int, uuid.UUID] = {}
     job_ids: list[int] = []
 
     def workflow(client: int) -> baton.Workflow:
@@ -190,7 +190,7 @@ async def test_queue_and_workflows_through_pgbouncer(dsn: str, bouncer: Bouncer)
             await connected.wait()  # all 200 are open before any writes
             jobs = [tally.new(n=n * 100 + i) for i in range(JOBS_PER_CLIENT)]
             job_ids.extend(await app.enqueue_many(jobs, conn=conn))
-            workflow_ids.append(await app.insert(workflow(n), conn=conn))
+            workflow_ids[n] = await app.insert(workflow(n), conn=conn)
             await conn.commit()
             counts["enqueued"] += 1
             if counts["enqueued"] == CLIENTS:
@@ -232,9 +232,13 @@ async def test_queue_and_workflows_through_pgbouncer(dsn: str, bouncer: Bouncer)
             while sql_rows(dsn, "SELECT count(*) FROM baton.jobs WHERE state <> 'completed'"
                            )[0][0]:
                 await anyio.sleep(0.05)
+        for n in (0, CLIENTS - 1):  # the results came through the pooler whole
+            base = 1_000_000 + n * 10
+            assert await app.results(workflow_ids[n]) == {
+                "a": base, "b": base + 1, "c": base + 2, "d": 2 * base + 3}
     await app.close()
 
-    assert finished == set(workflow_ids)
+    assert finished == set(workflow_ids.values())
     expected = {n * 100 + i for n in range(CLIENTS) for i in range(JOBS_PER_CLIENT)}
     expected |= {1_000_000 + c * 10 + k for c in range(CLIENTS) for k in range(4)}
     expected |= {999_999, *range(2_000_000, 2_000_000 + COPY_BATCH)}
