@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -30,9 +31,9 @@ import baton
 from baton.cli import main
 from baton.db import connect_sync
 from baton.errors import ConfigurationError
-from baton.testing import running_worker
+from baton.testing import running_worker, wait_for_jobs
 from tests.conftest import TEMPLATE, Server
-from tests.helpers import sql_rows
+from tests.helpers import live_workers, reap, sql_rows, worker_process
 
 PGBOUNCER = shutil.which("pgbouncer") or (
     "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
@@ -271,6 +272,32 @@ async def test_listen_connections_bypass_the_pooler(dsn: str, bouncer: Bouncer) 
         through = {c["application_name"] for c in bouncer.admin(dsn, "SHOW CLIENTS")}
         assert not through & {"baton-notifier", "baton-events", "baton-heartbeat"}
     await app.close()
+
+
+@needs_pgbouncer
+async def test_cli_worker_through_pgbouncer(dsn: str, bouncer: Bouncer,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``baton worker`` behind the pooler: the pooler from the environment, the direct
+    URL from ``--listen-url``."""
+    from tests.apps import procs
+
+    monkeypatch.setenv("BATON_POOLER", "transaction")
+    app = baton.Baton(bouncer.url(dsn), listen_dsn=dsn)
+    proc = worker_process(bouncer.url(dsn), "tests.apps.procs:app", "--listen-url", dsn)
+    try:
+        with anyio.fail_after(60):
+            while live_workers(dsn) == 0:
+                await anyio.sleep(0.05)
+        ids = await app.enqueue_many([procs.quick.new(n=n) for n in range(50)])
+        await wait_for_jobs(app, ids, ["completed"], timeout=60)
+        assert sql_rows(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                             "current_database() AND application_name = 'baton-notifier'"
+                        ) == [(1,)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        reap(proc)
+        await app.close()
 
 
 def test_pooler_needs_a_listen_url(monkeypatch: pytest.MonkeyPatch) -> None:
