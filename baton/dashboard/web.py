@@ -70,7 +70,8 @@ class Dashboard:
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True),
                                trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(when=_when, ago=_ago, pretty=_pretty, seconds=_seconds)
+        self.env.filters.update(when=_when, clock=_clock, ago=_ago, pretty=_pretty,
+                                seconds=_seconds)
 
     async def read(self, op: Op[T], action: str) -> T:
         """Run a read-only operation: on ``read_dsn`` when one is set, else the app's reads."""
@@ -117,6 +118,15 @@ def _when(moment: datetime | None) -> str:
     if moment is None:
         return "-"
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _clock(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    moment = moment.astimezone(UTC)
+    if moment.date() == datetime.now(UTC).date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def _ago(moment: datetime | None) -> str:
