@@ -19,9 +19,9 @@ if not os.environ.get("BATON_DASHBOARD_SCREENSHOT"):
     pytest.skip("set BATON_DASHBOARD_SCREENSHOT=1 to remake docs/dashboard.png",
                 allow_module_level=True)
 
-from playwright.async_api import expect  # noqa: E402
+from playwright.async_api import expect
 
-from tests.test_dashboard_browser import WAIT_MS, _open, app, base_url, browser  # noqa: E402, F401
+from tests.test_dashboard_browser import WAIT_MS, app, base_url, browser  # noqa: F401
 
 PICTURE = Path(__file__).parent.parent / "docs" / "dashboard.png"
 
