@@ -256,3 +256,15 @@ def test_the_command_refuses_an_open_bind_without_a_token(
 
     assert main(["dashboard", "--host", "0.0.0.0", "--dsn", "postgresql:///nowhere"]) == 2
     assert "--token" in capsys.readouterr().err
+
+
+async def test_pages_can_read_from_another_database_url(app: baton.Baton, dsn: str) -> None:
+    job = await app.enqueue(dash.work.new(item="replica"))
+    web = create_app(app, read_dsn=dsn)
+    try:
+        async with client(web) as http:
+            page = await http.get(f"/jobs/{job}")
+        assert page.status_code == 200 and "replica" in page.text
+        assert web.state.dashboard._read_pool is not None  # read there, not on app's pool
+    finally:
+        await web.state.dashboard.close()

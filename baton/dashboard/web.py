@@ -83,11 +83,7 @@ class Dashboard:
                         timeout=self.app.connect_timeout)
             async with connections.lend(self._read_pool, autocommit=True, write=False) as conn:
                 return await connections.execute(conn, op, action, write=False, commits=True)
-        inspect = getattr(self.app, "_inspect", None)  # the app's own read_dsn, if it has one
-        if inspect is not None:
-            value: T = await inspect(op, action)
-            return value
-        return await self.app._run(op, action, None, single=True, write=False)
+        return await self.app._inspect(op, action)  # on the app's own read_dsn
 
     async def close(self) -> None:
         """Close the read pool and the app's pools."""
@@ -225,8 +221,13 @@ class EventStream(Response):
 
                     tg.start_soon(until_gone)
                     tg.start_soon(keepalive)
-                    async for event in events:
-                        await emit(_sse(event.type, event.model_dump(mode="json")))
+                    try:
+                        async for event in events:
+                            await emit(_sse(event.type, event.model_dump(mode="json")))
+                    except DatabaseError as exc:  # one a reconnect cannot heal: end the
+                        # stream; the browser comes back, and is told why if it persists
+                        log.warning("dashboard.stream_failed", workflow_id=str(self.workflow_id),
+                                    error=str(exc))
                     tg.cancel_scope.cancel()
         except OSError:  # the browser went away mid-write
             pass
