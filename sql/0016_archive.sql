@@ -51,6 +51,8 @@ COMMENT ON TABLE {schema}.jobs_archive IS
 
 -- Partitioned indexes: each new partition gets its own, built while it is empty.
 CREATE INDEX IF NOT EXISTS jobs_archive_id_idx ON {schema}.jobs_archive (id);
+-- The newest archived job, where a new leader's first pass starts looking in jobs.
+CREATE INDEX IF NOT EXISTS jobs_archive_finalized_idx ON {schema}.jobs_archive (finalized_at);
 CREATE INDEX IF NOT EXISTS jobs_archive_tags_idx
     ON {schema}.jobs_archive USING gin (tags)
     WHERE tags <> '{}';

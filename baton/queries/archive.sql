@@ -17,7 +17,11 @@ FROM (
     SELECT finalized_at
     FROM {schema}.jobs
     WHERE finalized_at < now() - make_interval(secs => %(max_age)s)
-      AND finalized_at >= COALESCE(%(since)s::timestamptz, '-infinity')
+      -- A leader without a bookmark starts a minute before the newest archived job.
+      AND finalized_at >= COALESCE(
+          %(since)s::timestamptz,
+          (SELECT max(a.finalized_at) FROM {schema}.jobs_archive AS a) - interval '1 minute',
+          '-infinity')
       AND workflow_id IS NULL AND idempotency_key IS NULL
       AND (unique_key IS NULL OR NOT (state = ANY(unique_states)))
     ORDER BY finalized_at
