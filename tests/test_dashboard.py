@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 import baton
 from baton.dashboard import create_app
@@ -15,7 +27,39 @@ from baton.testing import running_worker, wait_for_job, wait_for_workflow
 from tests.apps import dash
 from tests.conftest import bound
 
+ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "<img src=x onerror=window.__pwned=1>"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the test when it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@contextmanager
+def serving(web: Any) -> Iterator[str]:
+    """Serve ``web`` on a free loopback port in a thread; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(web, log_level="warning", lifespan="on",
+                                    timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert server.ready.wait(30), "the dashboard did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 @pytest.fixture
@@ -268,3 +312,67 @@ async def test_pages_can_read_from_another_database_url(app: baton.Baton, dsn: s
         assert web.state.dashboard._read_pool is not None  # read there, not on app's pool
     finally:
         await web.state.dashboard.close()
+
+
+async def test_the_event_stream_starts_with_a_snapshot(app: baton.Baton, dsn: str) -> None:
+    wf = baton.Workflow("streamed")
+    wf.add("a", dash.work.new(item="a", gate="stream"))
+    wf.add("b", dash.work.new(item="b"), deps=["a"])
+    await app.insert(wf)
+    events: list[tuple[str, Any]] = []
+    with serving(create_app(baton.Baton(dsn), max_streams=1, close_app=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            path = f"/workflows/{wf.id}/events"
+            async with http.stream("GET", path) as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                assert (await http.get(path)).status_code == 503  # max_streams=1
+                kind = ""
+                async with running_worker(app):
+                    async for line in stream.aiter_lines():
+                        if line.startswith("event: "):
+                            kind = line[7:]
+                        elif line.startswith("data: "):
+                            events.append((kind, json.loads(line[6:])))
+                            if kind == "snapshot":
+                                dash.GATES["stream"].set()
+                            if kind == "workflow_finished":
+                                break
+    assert events[0][0] == "snapshot"
+    snapshot = events[0][1]
+    assert [s["step_name"] for s in snapshot["steps"]] == ["a", "b"]
+    assert snapshot["workflow"]["state"] == "running"
+    steps = [(e["step_name"], e["state"]) for kind, e in events
+             if kind == "workflow_step_updated"]
+    assert ("a", "completed") in steps and ("b", "completed") in steps
+    assert events[-1][1]["outcome"] == "completed"
+
+
+def test_the_command_serves_until_interrupted(dsn: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "BATON_DASHBOARD_TOKEN": "correct-horse"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "baton", "dashboard", "--app", "tests.apps.dash:app", "--dsn",
+         dsn, "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # nothing to await in another process: knock until it answers
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/",
+                                 headers={"authorization": "Bearer correct-horse"})
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the dashboard did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200 and "Queues" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 401
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

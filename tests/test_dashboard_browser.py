@@ -4,21 +4,18 @@ steps without a reload, the action buttons, and user data that must stay text.""
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvicorn
 
 import baton
 from baton.dashboard import create_app
 from baton.testing import running_worker, wait_for_job, wait_for_workflow
 from tests.apps import dash
 from tests.conftest import bound
+from tests.test_dashboard import serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
@@ -37,37 +34,6 @@ if not CHROMIUM.exists():
                 allow_module_level=True)
 
 from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, telling the test when it listens."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
-
-
-@contextmanager
-def serving(web: Any) -> Iterator[str]:
-    """Serve ``web`` on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(web, log_level="warning", lifespan="on",
-                                    timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert server.ready.wait(30), "the dashboard did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @asynccontextmanager
