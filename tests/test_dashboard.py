@@ -207,16 +207,22 @@ async def test_user_data_is_escaped(app: baton.Baton) -> None:
 
 async def test_mounted_in_another_app(app: baton.Baton) -> None:
     from starlette.applications import Starlette
-    from starlette.routing import Mount
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
 
-    outer = Starlette(routes=[Mount("/ops/baton", create_app(app, token="correct-horse"))])
+    async def theirs(request: object) -> PlainTextResponse:
+        return PlainTextResponse("the host app's own page")
+
+    outer = Starlette(routes=[  # routes named as the dashboard's: its links must not use them
+        Route("/jobs", theirs, name="jobs"), Route("/", theirs, name="overview"),
+        Mount("/ops/baton", create_app(app, token="correct-horse"))])
     async with client(outer) as http:
         visit = await http.get("/ops/baton/?token=correct-horse")
         assert visit.status_code == 303 and visit.headers["location"] == "/ops/baton/"
         assert "Path=/ops/baton/" in visit.headers["set-cookie"]
         page = await http.get("/ops/baton/")
         assert page.status_code == 200
-        assert 'href="/ops/baton/jobs"' in page.text
+        assert 'href="/ops/baton/jobs"' in page.text and 'href="/ops/baton/"' in page.text
         assert 'src="/ops/baton/static/dashboard.js"' in page.text
         script = await http.get("/ops/baton/static/dashboard.js")
         assert script.status_code == 200 and "textContent" in script.text

@@ -99,7 +99,7 @@ class Guard:
                         .hexdigest() if token else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] != "http":  # lifespan (the dashboard has no websocket)
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -65,6 +65,7 @@ class Dashboard:
         self.max_streams = max_streams
         self.streams = 0
         self.title = title
+        self.router: Router | None = None
         self._read_pool: AsyncConnectionPool | None = None
         self._lock = anyio.Lock()
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
@@ -96,7 +97,7 @@ class Dashboard:
              **context: Any) -> HTMLResponse:
         """Render a page (every value escaped)."""
         def url(name: str, /, query: dict[str, Any] | None = None, **params: Any) -> str:
-            path = request.url_for(name, **{k: str(v) for k, v in params.items()}).path
+            path = self.path(request, name, **params)
             kept = {k: v for k, v in (query or {}).items() if v not in (None, "")}
             return path + ("?" + urlencode(kept) if kept else "")
 
@@ -105,6 +106,13 @@ class Dashboard:
             request=request, url=url, csrf=csrf_token(request), csrf_field=CSRF_FIELD,
             title=self.title, notice=notice, **context)
         return HTMLResponse(html, status_code=status_code)
+
+    def path(self, request: Request, name: str, /, **params: Any) -> str:
+        """The path of one of the dashboard's routes, under wherever it is mounted (looked up
+        in its own routes: the app it is mounted in may have routes of the same names)."""
+        assert self.router is not None
+        found = self.router.url_path_for(name, **{k: str(v) for k, v in params.items()})
+        return str(request.scope.get("root_path", "")) + str(found)
 
     def problem(self, request: Request, status_code: int, message: str) -> HTMLResponse:
         return self.page(request, "problem.html", status_code, message=message)
@@ -287,7 +295,7 @@ def routes(board: Dashboard) -> list[BaseRoute]:
         else:
             return board.problem(request, 404, f"no action {action!r}")
         log.info("dashboard.job_action", job_id=job_id, action=action, outcome=notice)
-        return _back(request, "job", notice, job_id=job_id)
+        return _back(board, request, "job", notice, job_id=job_id)
 
     async def workflows(request: Request) -> Response:
         state, label = _opt(request, "state"), _opt(request, "label")
@@ -335,7 +343,7 @@ def routes(board: Dashboard) -> list[BaseRoute]:
             return board.problem(request, 404, f"no action {action!r}")
         log.info("dashboard.workflow_action", workflow_id=str(wid), action=action,
                  outcome=notice)
-        return _back(request, "workflow", notice, workflow_id=wid)
+        return _back(board, request, "workflow", notice, workflow_id=wid)
 
     async def step(request: Request) -> Response:
         wid = _workflow_id(request)
@@ -356,7 +364,8 @@ def routes(board: Dashboard) -> list[BaseRoute]:
         else:
             return board.problem(request, 404, f"no action {action!r}")
         log.info("dashboard.queue_action", queue=name, action=action)
-        return _back(request, "overview", "paused" if action == "pause" else "unpaused")
+        return _back(board, request, "overview",
+                     "paused" if action == "pause" else "unpaused")
 
     found: list[BaseRoute] = [
         Route("/", overview, name="overview"),
@@ -387,8 +396,9 @@ class _Asgi:
         await self.app(scope, receive, send)
 
 
-def _back(request: Request, name: str, notice: str, **params: Any) -> RedirectResponse:
-    path = request.url_for(name, **{k: str(v) for k, v in params.items()}).path
+def _back(board: Dashboard, request: Request, name: str, notice: str, **params: Any
+          ) -> RedirectResponse:
+    path = board.path(request, name, **params)
     return RedirectResponse(f"{path}?notice={notice}", status_code=303)
 
 
@@ -422,5 +432,6 @@ def build(app: Baton, *, token: str | None, auth: AuthHook | None, read_dsn: str
         QueueNotFound: not_found, DatabaseError: unavailable, BatonError: refused,
     })
     web.state.dashboard = board
+    board.router = web.router
     web.add_middleware(Guard, token=token, auth=auth)
     return web
