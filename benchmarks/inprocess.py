@@ -10,8 +10,9 @@ stdout and drained about 11,000 jobs/s against 41,000 at warning.)
 
 Each case runs in a fresh process (logging is set once per process) on a fresh schema:
 enqueue ``--n`` no-op jobs, then time one in-process worker from its start until every job
-has run. Rounds alternate the order of the cases; the figure printed is
-the median jobs/s of each, with every round's.
+has run, counting the process's CPU time meanwhile. Rounds alternate the order of the
+cases; printed are the median jobs/s and CPU ms per 1,000 jobs of each, with every
+round's jobs/s.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def reset(dsn: str) -> None:
     migrate_up(dsn, SCHEMA)
 
 
-async def drain(dsn: str, n: int, concurrency: int) -> float:
-    """Jobs per second of one in-process worker draining ``n`` no-op jobs."""
+async def drain(dsn: str, n: int, concurrency: int) -> tuple[float, float]:
+    """Jobs per second of one in-process worker draining ``n`` no-op jobs, and the
+    process's CPU milliseconds per 1,000 jobs (which other load on the machine leaves
+    alone, where it slows the wall clock)."""
     app = baton.Baton(dsn, schema=SCHEMA, pool_size=40)
     ran = {"n": 0}
     done = anyio.Event()
@@ -60,22 +63,23 @@ async def drain(dsn: str, n: int, concurrency: int) -> float:
         batch = range(start, min(n, start + 10_000))
         await app.enqueue_many(noop.new_many({"i": i} for i in batch))
     async with Worker(app, WorkerSettings(queues={"default": concurrency})):
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         await done.wait()
-        seconds = time.perf_counter() - began
+        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     await app.close()
-    return n / seconds
+    return n / seconds, cpu * 1e6 / n
 
 
 def child(args: argparse.Namespace) -> None:
     if args.child == "warning":
         logging.basicConfig(level=logging.WARNING)
-    rate = anyio.run(drain, args.dsn, args.n, args.concurrency)
-    sys.stdout.write(json.dumps({"jobs_per_s": rate}) + "\n")
+    rate, cpu = anyio.run(drain, args.dsn, args.n, args.concurrency)
+    sys.stdout.write(json.dumps({"jobs_per_s": rate, "cpu_ms_per_1000": cpu}) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rates: dict[str, list[int]] = {case: [] for case in CASES}
+    cpus: dict[str, list[float]] = {case: [] for case in CASES}
     for round_ in range(args.rounds):
         for case in CASES if round_ % 2 == 0 else CASES[::-1]:
             reset(args.dsn)
@@ -86,10 +90,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lines = done.stdout.splitlines()
             if len(lines) != 1:  # the unconfigured worker printed something of its own
                 raise SystemExit(f"{case}: expected one line of output, got:\n{done.stdout}")
-            rates[case].append(round(json.loads(lines[0])["jobs_per_s"]))
+            figures = json.loads(lines[0])
+            rates[case].append(round(figures["jobs_per_s"]))
+            cpus[case].append(round(figures["cpu_ms_per_1000"], 1))
     return {"n": args.n, "concurrency": args.concurrency,
             "median_jobs_per_s": {c: round(statistics.median(r)) for c, r in rates.items()},
-            "jobs_per_s": rates}
+            "median_cpu_ms_per_1000": {c: statistics.median(r) for c, r in cpus.items()},
+            "jobs_per_s": rates, "cpu_ms_per_1000": cpus}
 
 
 def main() -> None:
@@ -106,8 +113,10 @@ def main() -> None:
     args.dsn = args.dsn or baton.Baton().dsn  # the embedded development server
     result = run(args)
     for case in CASES:
+        rounds = ", ".join(f"{r:,}" for r in result["jobs_per_s"][case])
         sys.stdout.write(f"{case:<13} {result['median_jobs_per_s'][case]:>8,} jobs/s "
-                         f"(rounds: {', '.join(f'{r:,}' for r in result['jobs_per_s'][case])})\n")
+                         f"(rounds: {rounds}), "
+                         f"{result['median_cpu_ms_per_1000'][case]} CPU ms per 1,000 jobs\n")
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -85,6 +85,12 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def warnings_only(stderr: str) -> list[str]:
+    """The lines of ``stderr`` but a loaded machine's ``worker.loop_blocked`` warnings."""
+    return [line for line in stderr.splitlines()
+            if not line.startswith(("worker.loop_blocked ", "worker.loop_unblocked "))]
+
+
 def run_app(dsn: str, mode: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "logged_app.py"
     script.write_text(APP)
@@ -97,9 +103,9 @@ def test_unconfigured_application_sees_warnings_only(dsn: str, tmp_path: Path) -
     done = run_app(dsn, "quiet", tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "done\n"
-    lines = done.stderr.splitlines()
     # The one warning: the discarded job, through Python's last-resort handler. Nothing
     # at info (no job.completed, no worker.started), nothing from psycopg, no colours.
+    lines = warnings_only(done.stderr)
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("job.discarded job_id=")
     assert "queue=default step=logged.broken attempt=1" in lines[0]
@@ -202,7 +208,7 @@ def test_worker_log_json_is_json_on_every_line_psycopg_included(dsn: str) -> Non
     assert proc.returncode == 0, "\n".join(stderr.lines)
     records = [json.loads(line) for line in stderr.lines]  # every line: one JSON object
     assert all({"event", "level", "logger", "timestamp"} <= set(r) for r in records)
-    assert records[-1]["event"] == "worker.stopped"
+    assert "worker.stopped" in [r["event"] for r in records]
 
 
 def test_human_lines_coloured_only_on_a_terminal(dsn: str) -> None:
@@ -300,4 +306,4 @@ def test_baton_db_psql_reaches_the_demo_server_after_the_demo(demo_folder: Path)
                                      "summarize_gamma", "synthesize", "store"]
     assert {(s[1], s[2]) for s in steps} == {("completed", "1")}
     # Nothing on stderr but the embedded server's one notice.
-    assert [line.split(" ")[0] for line in demo.stderr.splitlines()] == ["embedded.started"]
+    assert [line.split(" ")[0] for line in warnings_only(demo.stderr)] == ["embedded.started"]
