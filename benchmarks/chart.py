@@ -18,6 +18,10 @@ BARS = (
 )  # fmt: skip
 
 
+LINE_COLORS = {"baton": "tab:orange", "procrastinate": "tab:purple", "pgqueuer": "tab:blue",
+               "chancy": "tab:green", "oban": "tab:red"}  # fmt: skip
+
+
 def _label(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
@@ -51,20 +55,22 @@ def draw(
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.margins(y=0.15)
 
-    ax = flat[3]  # CPU per job of the drain, client and server stacked
+    ax = flat[3]  # CPU per job of the drain: total bars, the split in the label
     cpu = [(s, dig(by_key.get((s, "drain"), {}), ("extra", "cpu")) or {}) for s in systems]
     cpu = [(s, c) for s, c in cpu if "total_us_per_job" in c]
-    names = [s for s, _ in cpu]
-    client = [c["client_us_per_job"] for _, c in cpu]
-    server = [c["server_us_per_job"] for _, c in cpu]
-    ax.bar(names, client, color=[_color(s) for s in names], label="client (workers)")
-    bars = ax.bar(names, server, bottom=client, color="tab:gray", label="server (postgres)")
-    ax.bar_label(bars, labels=[_label(a + b) for a, b in zip(client, server, strict=True)],
-                 fontsize=8)  # fmt: skip
-    ax.set_yscale("log")
-    ax.set_title("drain, CPU us/job client + server (lower is better)", fontsize=10)
+    bars = ax.bar([s for s, _ in cpu], [c["total_us_per_job"] for _, c in cpu],
+                  color=[_color(s) for s, _ in cpu])  # fmt: skip
+    labels = [
+        f"{_label(c['total_us_per_job'])}\n({_label(c['client_us_per_job'])}"
+        f" + {_label(c['server_us_per_job'])})"
+        for _, c in cpu
+    ]
+    ax.bar_label(bars, labels=labels, fontsize=7)
+    if cpu:
+        ax.set_yscale("log")
+    ax.set_title("drain, CPU us/job, workers + server (lower is better)", fontsize=10)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    ax.legend(fontsize=7)
+    ax.margins(y=0.3)
 
     ax = flat[7]  # best drain throughput at each process count
     for s in systems:
@@ -75,8 +81,8 @@ def draw(
                 points[p] = max(points.get(p, 0.0), r["jobs_per_s"])
         if points:
             xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=s,
-                    color="tab:orange" if s == "baton" else None)  # fmt: skip
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=s, color=LINE_COLORS.get(s))
+            ax.set_xticks(xs)
     ax.set_title("drain sweep: best jobs/s by worker processes", fontsize=10)
     ax.set_xlabel("worker processes", fontsize=8)
     if ax.get_lines():

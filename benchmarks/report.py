@@ -318,10 +318,14 @@ def summary(
             continue
         pick = max if col.higher_is_better else min
         peer = pick(peers, key=lambda s: peers[s])
-        where = setting_label(peer, chosen[peer]["processes"], chosen[peer]["concurrency"])
+        where = ""
+        if col.workload == "drain" and peer in chosen:  # the setting the figure was taken at
+            where = (
+                f" ({setting_label(peer, chosen[peer]['processes'], chosen[peer]['concurrency'])})"
+            )
         parts.append(
             f"{col.label}: baton {_fmt(baton, col.digits)}, best peer {peer} "
-            f"{_fmt(peers[peer], col.digits)} ({where}), {baton / peers[peer]:.2f}x"
+            f"{_fmt(peers[peer], col.digits)}{where}, {baton / peers[peer]:.2f}x"
         )
     p99 = dig(by_key.get(("baton", "latency"), {}), ("p99_ms",))
     if isinstance(p99, int | float):
