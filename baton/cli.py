@@ -569,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         error = _expected(exc)
+        if error is None and args.log_json and isinstance(exc, Exception):
+            log.exception("cli.crashed", command=args.command)  # JSON, traceback included
+            return 1
         if error is None:
             raise
         if args.log_json:  # the one line is a log record

@@ -215,7 +215,8 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     warning and above (or ``level`` if higher).
 
     This is an application's choice, made once at start: it sets the root logger and
-    the ``baton`` logger's level. A second call replaces the first one's handler.
+    the ``baton`` logger's level, and routes Python's warnings through logging. A second
+    call replaces the first one's handler.
 
     :raises ValueError: if ``level`` is not a level name.
     """
@@ -229,4 +230,5 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     handler.setFormatter(formatter(json=json))
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.WARNING))
+    logging.captureWarnings(True)  # Python's warnings too, as py.warnings records
     logging.getLogger("baton").setLevel(numeric)

@@ -49,6 +49,7 @@ def _cli_logging_undone() -> Iterator[None]:
         root.removeHandler(handler)
     root.setLevel(levels[0])
     own.setLevel(levels[1])
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")

@@ -211,6 +211,21 @@ def test_worker_log_json_is_json_on_every_line_psycopg_included(dsn: str) -> Non
     assert "worker.stopped" in [r["event"] for r in records]
 
 
+def test_an_unexpected_error_under_log_json_is_a_json_record(dsn: str,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "crashing.py").write_text('raise RuntimeError("broken at import")\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "baton", "worker", "--app", "crashing:app", "--dsn", dsn,
+         "--log-json"],
+        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "cli.crashed" and record["level"] == "error"
+    assert "RuntimeError: broken at import" in record["exception"]
+
+
 def test_human_lines_coloured_only_on_a_terminal(dsn: str) -> None:
     command = [sys.executable, "-m", "baton", "migrate", "--dsn", dsn]
     piped = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
