@@ -3,6 +3,7 @@ archive."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ class Maintenance:
         self._archive_from: datetime | str | None = None
         """The oldest job found due for the archive (see ``jobs_archive_day``); ``None``
         at first: a minute before the newest archived job."""
-        self._archive_rescan_at = anyio.current_time() + ARCHIVE_RESCAN
+        self._archive_rescan_at = time.monotonic() + ARCHIVE_RESCAN  # no event loop yet
         """When (monotonic) the next archive pass reads from the first finished job again,
         for a job skipped meanwhile (locked by a hand-made cancel, or committed late)."""
         self.metrics = metrics.Advancer(worker.app)
