@@ -101,6 +101,14 @@ async def test_pages_render(app: baton.Baton) -> None:
         assert "RuntimeError: no luck" in page.text and "Traceback" in page.text
         page = await http.get(f"/workflows/{wf.id}/steps/ask_small")
         assert "0.0006" in page.text and "why?" in page.text
+        page = await http.get(f"/workflows/{wf.id}")
+        assert 'cost <span class="cost">0.00060000</span>' in page.text
+        assert "unpriced" in page.text  # the step whose model has no price
+        for missing in ("/jobs/999999", f"/jobs/{2**64}", f"/workflows/{uuid.uuid4()}",
+                        "/workflows/not-a-uuid", f"/workflows/{wf.id}/steps/nope"):
+            assert (await http.get(missing)).status_code == 404, missing
+        for bad in ("/jobs?state=lost", "/workflows?state=lost", "/jobs?before=x"):
+            assert (await http.get(bad)).status_code == 400, bad
 
 
 async def test_metrics_are_served(app: baton.Baton) -> None:

@@ -126,6 +126,15 @@ class WorkflowDetail:
     workflow: WorkflowInfo
     steps: list[StepRow]
     truncated: bool = False
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per step that recorded usage: ``cost`` (None when nothing was priced), ``tokens``
+    and ``unpriced`` calls."""
+
+    @property
+    def total_cost(self) -> Decimal | None:
+        """What the priced calls of every step cost (None when none was priced)."""
+        costs = [c["cost"] for c in self.costs.values() if c["cost"] is not None]
+        return sum(costs, Decimal(0)) if costs else None
 
 
 @dataclass
@@ -239,7 +248,9 @@ def workflow(q: Queries, workflow_id: uuid.UUID) -> Op[WorkflowDetail]:
     info = yield from _workflow_row(q, workflow_id)
     steps = yield from _rows(q, "dashboard_workflow_steps",
                              {"id": workflow_id, "limit": MAX_STEPS + 1}, class_row(StepRow))
-    return WorkflowDetail(info, steps[:MAX_STEPS], truncated=len(steps) > MAX_STEPS)
+    costs = yield from _rows(q, "dashboard_workflow_costs", {"id": workflow_id}, dict_row)
+    return WorkflowDetail(info, steps[:MAX_STEPS], truncated=len(steps) > MAX_STEPS,
+                          costs={row["step_name"]: row for row in costs})
 
 
 def step(q: Queries, workflow_id: uuid.UUID, name: str, *, limit: int = 100
@@ -261,8 +272,3 @@ def step(q: Queries, workflow_id: uuid.UUID, name: str, *, limit: int = 100
     logs = yield from _rows(q, "dashboard_step_logs", params, class_row(LogRow))
     return StepDetail(info, node, found[0] if found else None, stats, logs)
 
-
-def step_states(q: Queries, workflow_id: uuid.UUID) -> Op[list[StepRow]]:
-    """Read the current state of a workflow's steps (what a live page starts from)."""
-    return (yield from _rows(q, "dashboard_workflow_steps",
-                             {"id": workflow_id, "limit": MAX_STEPS}, class_row(StepRow)))

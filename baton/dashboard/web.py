@@ -165,6 +165,13 @@ def _workflow_id(request: Request) -> uuid.UUID:
         raise WorkflowNotFound(str(request.path_params["workflow_id"])) from None
 
 
+def _job_id(request: Request) -> int:
+    job_id: int = request.path_params["job_id"]
+    if job_id >= 2**63:  # beyond bigint: no such job
+        raise JobNotFound(job_id)
+    return job_id
+
+
 def _opt(request: Request, name: str) -> str | None:
     value = request.query_params.get(name, "").strip()
     return value or None
@@ -237,8 +244,6 @@ class EventStream(Response):
                         log.warning("dashboard.stream_failed", workflow_id=str(self.workflow_id),
                                     error=str(exc))
                     tg.cancel_scope.cancel()
-        except OSError:  # the browser went away mid-write
-            pass
         finally:
             board.streams -= 1
 
@@ -279,12 +284,11 @@ def routes(board: Dashboard) -> list[BaseRoute]:
                           states=[*reads.UNFINISHED, *reads.FINISHED])
 
     async def job(request: Request) -> Response:
-        detail = await board.read(reads.job(q, request.path_params["job_id"]),
-                                  "dashboard job")
+        detail = await board.read(reads.job(q, _job_id(request)), "dashboard job")
         return board.page(request, "job.html", detail=detail, job=detail.job)
 
     async def job_action(request: Request) -> Response:
-        job_id: int = request.path_params["job_id"]
+        job_id = _job_id(request)
         action: str = request.path_params["action"]
         if await _form(request) is None:
             return board.problem(request, 403, "refused: not a form of this dashboard")

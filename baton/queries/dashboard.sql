@@ -97,6 +97,14 @@ WHERE n.workflow_id = %(id)s
 ORDER BY n.job_id
 LIMIT %(limit)s
 
+-- name: dashboard_workflow_costs
+-- What each step of one workflow spent, over all its calls (step_stats_workflow_idx).
+SELECT step_name, sum(cost) AS cost, sum(input_tokens + output_tokens) AS tokens,
+    count(*) FILTER (WHERE cost IS NULL) AS unpriced
+FROM {schema}.step_stats
+WHERE workflow_id = %(id)s
+GROUP BY step_name
+
 -- name: dashboard_step_get
 -- One step of a workflow with its job and its result.
 SELECT n.name AS step_name, n.step AS function, n.deps, n.model, n.group_name, n.job_id,
