@@ -18,8 +18,12 @@ Each round runs, on each database in turn (the order alternates between rounds):
 - ``drain``: one in-process worker (concurrency ``--concurrency``, its maintenance loop
   running as leader) runs them, in jobs/s from the worker's start to the last job's end.
 
-The jobs of a round stay in the table (finished), as they would in production. Prints one
-JSON line with every figure, the medians and the ratio full/empty.
+Three phases: rounds with the archive off (``archive_after=None``: the big table as it
+was), then the archive catching up on the full database (the leader's pass, ``--archive-limit``
+jobs at a time, without the pause between passes; then ``VACUUM`` of jobs), then rounds
+with the archive on (``archive_after=3600``, the default). The jobs of a round stay (finished),
+as they would in production. Prints one JSON line with every figure, the medians and the
+ratio full/empty of each phase.
 """
 
 from __future__ import annotations
