@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import baton
 from baton.migrations import migrate_down, migrate_up
@@ -181,3 +183,15 @@ def test_reverting_the_migration_brings_archived_jobs_back(dsn: str) -> None:
     assert sql_rows(dsn, "SELECT to_regclass('baton.jobs_archive')") == [(None,)]
     migrate_up(dsn)
     assert sql_rows(dsn, "SELECT count(*) FROM baton.jobs_all") == [(1,)]
+
+
+def test_the_migration_runs_beside_a_live_writer(dsn: str) -> None:
+    """Migration 16 takes no lock on jobs that a writer holding rows of it would block."""
+    migrate_down(dsn, target=15)
+    with psycopg.connect(dsn) as writer:
+        writer.execute("INSERT INTO baton.jobs (step) VALUES ('x')")
+        writer.execute("UPDATE baton.jobs SET priority = 1")  # holds ROW EXCLUSIVE, open
+        impatient = make_conninfo(dsn, options="-c lock_timeout=2000")
+        assert migrate_up(impatient, target=16) == [16]
+        writer.rollback()
+    migrate_up(dsn)
