@@ -21,6 +21,7 @@ from baton.migrations import migrate_up
 from baton.worker import Worker, WorkerSettings
 from benchmarks.peers import baton_workflows
 from benchmarks.peers.common import Peer, main, noop_job
+from benchmarks.peers.fleet import WorkerFleet
 
 SCHEMA = "baton"
 # Connections for the app pool: a worker's producer, completer and heartbeat share it and
@@ -60,7 +61,19 @@ class BatonPeer(Peer):
             "flush_max": s.flush_max,
             "poll_interval": s.poll_interval,
             "log_level": "warning",
+            "worker_processes": "N x Worker in the worker role"
+            if os.environ.get("BENCH_BATON_CLI", "1") == "0"
+            else "baton worker --processes N",
         }
+
+    def fleet(self, workload: str, processes: int, board_dir: str) -> WorkerFleet:
+        """``baton worker --processes N``, as deployed (``BENCH_BATON_CLI=0``: N runs of
+        this module in the worker role, as for the peers)."""
+        if os.environ.get("BENCH_BATON_CLI", "1") == "0":
+            return super().fleet(workload, processes, board_dir)
+        from benchmarks.peers.baton_cli import CliFleet
+
+        return CliFleet(self, workload, processes, board_dir)
 
     async def open(self) -> None:
         await self.app.open()

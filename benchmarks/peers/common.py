@@ -36,6 +36,7 @@ from benchmarks.peers.fleet import (
     STARTED,
     Board,
     Fleet,
+    WorkerFleet,
     read_command,
     tree_cpu_seconds,
     wait_for_calls,
@@ -166,6 +167,11 @@ class Peer(ABC):
         """Library settings used, reported in the result's ``extra``."""
         return {}
 
+    def fleet(self, workload: str, processes: int, board_dir: str) -> WorkerFleet:
+        """The worker processes for ``drain`` and ``latency``: by default ``processes``
+        runs of this peer's module in the worker role."""
+        return Fleet(self.system, self.dsn, workload, processes, self.concurrency, board_dir)
+
 
 def emit(line: str, stream: TextIO | None = None) -> None:
     """Write one line to stdout (or ``stream``) and flush."""
@@ -225,7 +231,9 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
-def _mean_rss(pids: Sequence[int]) -> float | None:
+def _mean_rss(board_dir: str) -> float | None:
+    """Mean RSS of the processes that run jobs (each board is named by its pid)."""
+    pids = [int(e.name) for e in os.scandir(board_dir) if e.name.isdigit()]
     vals = [v for p in pids if (v := _rss_mb(p)) is not None]
     return round(sum(vals) / len(vals), 1) if vals else None
 
@@ -237,11 +245,11 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
         await _bounded(peer.enqueue_batch(ids), args.timeout, "pre-enqueue")
     postmaster = await dbstats.postmaster_pid(peer.dsn)
     with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
-        fleet = Fleet(peer.system, peer.dsn, "drain", args.processes, peer.concurrency, board)
+        fleet = peer.fleet("drain", args.processes, board)
         try:
             await fleet.start(120)
             before = await dbstats.snapshot(peer.dsn, args.settle)
-            rss_start = _mean_rss(fleet.pids)
+            rss_start = _mean_rss(board)
             client0 = tree_cpu_seconds(fleet.pids)
             server0 = dbstats.postmaster_cpu_seconds(postmaster)
             t0 = time.monotonic()
@@ -253,7 +261,7 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
             t1 = done or time.monotonic()
             client1 = tree_cpu_seconds(fleet.pids)
             server1 = dbstats.postmaster_cpu_seconds(postmaster)
-            rss_end = _mean_rss(fleet.pids)
+            rss_end = _mean_rss(board)
             if done is None:
                 res.error = f"{await peer.pending()} jobs unfinished 60 s after all started"
             after = await dbstats.snapshot(peer.dsn, args.settle)
@@ -279,7 +287,7 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
     _fleet_outcome(res, fleet, n)
 
 
-def _fleet_outcome(res: Result, fleet: Fleet, n: int) -> None:
+def _fleet_outcome(res: Result, fleet: WorkerFleet, n: int) -> None:
     calls = sum(int(r.get("calls", 0)) for r in fleet.results)
     res.extra["processes"] = fleet.processes
     res.extra["bodies_run"] = calls
@@ -295,7 +303,7 @@ async def _run_latency(peer: Peer, res: Result, args: argparse.Namespace) -> Non
     n = args.n
     enq: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
-        fleet = Fleet(peer.system, peer.dsn, "latency", args.processes, peer.concurrency, board)
+        fleet = peer.fleet("latency", args.processes, board)
         try:
             await fleet.start(120)
             await fleet.go()

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 READY = "BENCH-READY"
 STARTED = "BENCH-STARTED"
@@ -67,6 +67,8 @@ class Boards:
     def __init__(self, directory: str) -> None:
         self._maps: list[mmap.mmap] = []
         for entry in os.scandir(directory):
+            if not entry.name.isdigit():
+                continue
             with open(entry.path, "rb") as fh:
                 self._maps.append(mmap.mmap(fh.fileno(), _BOARD.size, access=mmap.ACCESS_READ))
 
@@ -104,6 +106,21 @@ def tree_cpu_seconds(roots: Sequence[int]) -> float:
         wanted |= more
         grew = bool(more)
     return sum(ticks.get(pid, 0) for pid in wanted) / _TICKS
+
+
+class WorkerFleet(Protocol):
+    """What the coordinator needs of a system's worker processes."""
+
+    processes: int
+    boards: Boards | None
+    results: list[dict[str, Any]]
+
+    @property
+    def pids(self) -> list[int]: ...
+    async def start(self, timeout: float) -> None: ...
+    async def go(self) -> None: ...
+    async def started(self, timeout: float) -> None: ...
+    async def stop(self, timeout: float = 60.0) -> None: ...
 
 
 class Fleet:
