@@ -39,6 +39,9 @@ WITH due AS (
     WHERE finalized_at < LEAST(now() - make_interval(secs => %(max_age)s),
                                %(day_end)s::timestamptz)
       AND finalized_at >= %(since)s::timestamptz
+      -- Only jobs the metrics counters have counted (baton.metrics reads jobs alone).
+      AND finalized_at < COALESCE((SELECT m.counted_until FROM {schema}.metrics_sources AS m
+                                   WHERE m.source = 'jobs'), 'infinity')
       AND workflow_id IS NULL AND idempotency_key IS NULL
       AND (unique_key IS NULL OR NOT (state = ANY(unique_states)))
     ORDER BY finalized_at

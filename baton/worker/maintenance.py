@@ -211,14 +211,13 @@ class Maintenance:
         that retention (``prune_after``) has passed; return what was done.
 
         A batch is at most ``archive_limit`` jobs of one day (the oldest due), moved in one
-        statement (``jobs_archive_move``); the metrics counters are advanced past them
-        first. Logs ``maintenance.archived`` with the counts when it did anything.
+        statement (``jobs_archive_move``) once the metrics counters have counted them.
+        Logs ``maintenance.archived`` with the counts when it did anything.
         """
         settings = self.worker.settings
         done: dict[str, Any] = {}
         if settings.archive_after is not None:
             age = settings.archive_after
-            await self.metrics.before_prune(age)
             if anyio.current_time() >= self._archive_rescan_at:
                 self._archive_from = "-infinity"
                 self._archive_rescan_at = anyio.current_time() + ARCHIVE_RESCAN
@@ -226,6 +225,7 @@ class Maintenance:
                                    {"max_age": age, "since": self._archive_from})
             if day:
                 [(self._archive_from, day_end)] = day
+                await self.metrics.before_prune(age)  # count them before they leave jobs
                 [(moved,)] = await self._rows("jobs_archive_move", {
                     "max_age": age, "since": self._archive_from, "day_end": day_end,
                     "limit": settings.archive_limit})
