@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--leader-ttl", type=float, default=float(_env("LEADER_TTL", 10.0)),
                         help="seconds a leader's lease lasts unrenewed; after a leader dies, "
                              "another takes over within it [BATON_LEADER_TTL]")
-    worker.add_argument("--processes", default=_env("PROCESSES", "1"),
+    worker.add_argument("--processes", default=_env("PROCESSES", "1"), metavar="N",
                         help="worker processes to run under a supervisor that restarts "
                              "them, or 'auto' for one per core; default 1 [BATON_PROCESSES]")
     worker.add_argument("--prune-after", type=float,
