@@ -5,8 +5,8 @@
 -- the quoted schema name.
 --
 -- Why: with ten million finished rows in jobs, every page of that history keeps some free
--- space, so each new job lands in a different old page: batch enqueue ran at about a third
--- of its speed on an empty table and the drain lost a quarter (docs/retention.md,
+-- space, so each new job lands in a different old page: batch enqueue ran at a third of
+-- its speed on an empty table and the drain at two thirds (docs/retention.md,
 -- benchmarks/bigtable.py).
 --
 -- Lock: this file only creates new objects (the archive, its indexes while it is empty,
@@ -14,7 +14,8 @@
 -- so it runs on a live install of any size. Rows move afterwards, in batches, by the
 -- maintenance leader (jobs_archive_move), each batch one short transaction.
 --
--- A later migration that adds a column to jobs adds it here too and replaces jobs_all.
+-- A later migration that adds a column to jobs adds it to jobs_archive too, and to the
+-- queries of baton/queries/archive.sql and job_retry, and replaces jobs_all.
 
 -- migrate:up
 CREATE TABLE IF NOT EXISTS {schema}.jobs_archive (
