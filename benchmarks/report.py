@@ -173,6 +173,7 @@ class Column:
 
 
 HEADLINE = (
+    Column("drain jobs", "drain", ("n",), None, 0),
     Column("drain jobs/s", "drain", ("jobs_per_s",), True, 0, ">= 2.5x", ("ratio>=", 2.5)),
     Column("CPU us/job client", "drain", ("extra", "cpu", "client_us_per_job"), False),
     Column("CPU us/job server", "drain", ("extra", "cpu", "server_us_per_job"), False),
