@@ -4,6 +4,7 @@ steps without a reload, the action buttons, and user data that must stay text.""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,6 +103,8 @@ async def test_workflow_steps_turn_completed_live(app: baton.Baton, base_url: st
                 "completed")
         await expect(page.locator("#wf-state")).to_have_text("completed", timeout=WAIT_MS)
         await expect(page.locator("#wf-progress")).to_have_text("4 / 4")
+        finished = page.locator('tr[data-step="join"] .cell-finished')
+        await expect(finished).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
         assert await page.evaluate("window.__same_page") is True, "the page was reloaded"
 
 

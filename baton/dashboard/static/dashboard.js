@@ -40,6 +40,26 @@ function live(url) {
     progress.textContent = settled + " / " + steps.size;
   }
 
+  function clock(timestamp) {
+    const at = new Date(timestamp);
+    return Number.isNaN(at.getTime()) ? "" : at.toISOString().slice(11, 19);
+  }
+
+  function stamp(name, state, timestamp) {
+    const step = steps.get(name);
+    if (!step || !timestamp) return;
+    for (const el of step.els) {
+      const started = el.querySelector(".cell-started");
+      const finished = el.querySelector(".cell-finished");
+      if (state === "executing" && started) {
+        started.textContent = clock(timestamp);
+        if (finished) finished.textContent = "-";
+      } else if (FINAL.has(state) && finished) {
+        finished.textContent = clock(timestamp);
+      }
+    }
+  }
+
   function show(name, state, attempt, error) {
     const step = steps.get(name);
     if (!step) {
@@ -98,6 +118,9 @@ function live(url) {
   source.addEventListener("workflow_step_updated", (message) => {
     const e = JSON.parse(message.data);
     apply(e.step_name, e.state, e.attempt, e.job_id, e.error, false);
+    if (steps.has(e.step_name) && steps.get(e.step_name).state === e.state) {
+      stamp(e.step_name, e.state, e.timestamp);
+    }
     countSettled();
   });
   source.addEventListener("workflow_finished", (message) => {
