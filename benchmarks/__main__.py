@@ -103,8 +103,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true")
     p.add_argument(
         "--write-docs",
-        action="store_true",
-        help="put this run's tables into docs/benchmarks.md (not with --small)",
+        nargs="?",
+        type=Path,
+        const=ROOT / "docs" / "benchmarks.md",
+        metavar="PAGE",
+        help="put this run's tables into docs/benchmarks.md, or PAGE (not with --small)",
     )
     return p.parse_args()
 
@@ -342,8 +345,8 @@ def finish(
         emit(f"chart: {args.chart}")
     if args.write_docs and not args.small:
         meta["summary"] = report.summary(results, systems, meta["chosen"])
-        report.write_docs(ROOT / "docs" / "benchmarks.md", text, meta, out.name)
-        emit("docs: docs/benchmarks.md")
+        report.write_docs(args.write_docs, text, meta, out.name)
+        emit(f"docs: {args.write_docs}")
     if any(r.get("error") for r in results + sweep):
         sys.exit(1)  # a run failed: the figures above are incomplete
 
