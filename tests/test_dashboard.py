@@ -66,6 +66,7 @@ def serving(web: Any) -> Iterator[str]:
 async def app(dsn: str) -> AsyncIterator[baton.Baton]:
     dash.reset()
     async with bound(dash.app, dsn) as bound_app:
+        bound_app.pricing = dash.PRICING  # bound() leaves an app unpriced after each test
         yield bound_app
     dash.reset()
 

@@ -51,6 +51,7 @@ async def browser() -> AsyncIterator[Browser]:
 async def app(dsn: str) -> AsyncIterator[baton.Baton]:
     dash.reset()
     async with bound(dash.app, dsn) as bound_app:
+        bound_app.pricing = dash.PRICING  # bound() leaves an app unpriced after each test
         yield bound_app
     dash.reset()
 
