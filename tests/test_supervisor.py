@@ -366,3 +366,36 @@ def test_exit_status_says_how_the_children_stopped(
     command = [sys.executable, "-c", STAND_IN, str(child_status), str(tmp_path / "first")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert supervisor.Supervisor(2, command, env=env).run() == status
+
+
+HELD_OPEN = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+holder = os.fork()
+if holder == 0:  # keeps the ready pipe open after this child ends, as a forked pool would
+    signal.sigwait({signal.SIGTERM})
+    os._exit(0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(holder))
+os.kill(os.getppid(), signal.SIGTERM)  # the supervisor stops before this child is ready
+signal.sigwait({signal.SIGTERM})
+"""
+
+SUPERVISE = """
+import sys
+from baton.worker.supervisor import Supervisor
+sys.exit(Supervisor(1, sys.argv[1:]).run())
+"""
+
+
+def test_a_ready_pipe_held_open_by_another_process_does_not_block_it(tmp_path: Path) -> None:
+    holder = tmp_path / "holder"
+    child = [sys.executable, "-c", HELD_OPEN, str(holder)]
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISE, *child], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        reap(proc)
+        if holder.exists():
+            os.kill(int(holder.read_text()), signal.SIGKILL)

@@ -253,6 +253,8 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         ready_r, ready_w = os.pipe()
+        # Never wait on it: a process the child forked may hold the other end open.
+        os.set_blocking(ready_r, False)
         env = {**self.env, ENV_SUPERVISOR_PID: str(os.getpid()), ENV_READY_FD: str(ready_w)}
         try:
             proc = subprocess.Popen(self.command, env=env, pass_fds=(ready_w,),
