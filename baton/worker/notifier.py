@@ -19,11 +19,8 @@ log = get_logger("baton.notifier")
 
 Handler = Callable[[str], None]
 
-APPLICATION_NAME = "baton-notifier"
-"""The ``application_name`` of a worker's LISTEN connection (see ``pg_stat_activity``)."""
-
 _SESSION: dict[str, Any] = {
-    "autocommit": True, "application_name": APPLICATION_NAME,
+    "autocommit": True,  # its application_name is the URL's (or PGAPPNAME): the user's
     # A peer that vanished without a word (a failover, a dropped NAT entry) is noticed
     # within about 25 s, and the notifier reconnects instead of hearing nothing.
     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
