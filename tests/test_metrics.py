@@ -253,6 +253,21 @@ async def test_an_advance_under_way_is_left_to_finish(metered: baton.Baton) -> N
     assert stored == 1
 
 
+def test_the_horizon_is_no_later_than_the_advance_began(dsn: str) -> None:
+    """A transaction that begins while the horizon is read is missing from the read of
+    pg_stat_activity, yet dated (its now()) before a clock read after it: were the horizon
+    that clock, such a transaction's finishes, committed after the advance, would fall
+    behind the watermark uncounted. So the horizon is at most the advance's own start."""
+    q = baton.Baton(dsn=dsn).sql
+    with psycopg.connect(dsn) as conn:
+        conn.execute(q["metrics_read_committed"])
+        for _ in range(3):
+            [(horizon,)] = conn.execute(q["metrics_horizon"],
+                                        {"max_lag": metrics.MAX_LAG, "through_age": None})
+            [(began,)] = conn.execute("SELECT now()")
+            assert horizon <= began
+
+
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [plan]
     for child in plan.get("Plans", []):

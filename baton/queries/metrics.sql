@@ -14,13 +14,15 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
 -- name: metrics_horizon
 -- How far the counters may be advanced: every row finished before the horizon has
 -- committed. A row's finish time is its transaction's now(), so a transaction still open
--- holds the horizon at its start; then nothing later than a clock reading taken before the
--- rows are read. Transactions open longer than %(max_lag)s seconds are not waited for (a
--- finish they commit later, dated before the horizon, is not counted), nor rows older than
--- %(through_age)s seconds (they are about to be pruned: count them first). Sessions of
--- other roles show no xact_start without pg_read_all_stats, and are not waited for.
+-- holds the horizon at its start; then nothing later than this transaction's own start (a
+-- clock read here, after pg_stat_activity, would pass a transaction that began while it
+-- was read, whose finishes, dated before that clock, would never be counted). Transactions
+-- open longer than %(max_lag)s seconds are not waited for (a finish they commit later,
+-- dated before the horizon, is not counted), nor rows older than %(through_age)s seconds
+-- (they are about to be pruned: count them first). Sessions of other roles show no
+-- xact_start without pg_read_all_stats, and are not waited for.
 SELECT GREATEST(
-    LEAST(clock_timestamp(), COALESCE(min(a.xact_start), 'infinity')),
+    LEAST(now(), COALESCE(min(a.xact_start), 'infinity')),
     clock_timestamp() - make_interval(secs => %(max_lag)s),
     clock_timestamp() - make_interval(secs => %(through_age)s))
 FROM pg_stat_activity AS a
