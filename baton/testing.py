@@ -47,14 +47,8 @@ async def running_worker(app: Baton, **settings: Any) -> AsyncIterator[Worker]:
     An error raised in the block stops the worker as the block's end would, then comes out
     as itself (a failed assertion, a ``TimeoutError``), not inside an exception group.
     """
-    failure: Exception | None = None
     async with Worker(app, WorkerSettings(**{**FAST_SETTINGS, **settings})) as worker:
-        try:
-            yield worker
-        except Exception as exc:  # cancellation still reaches the worker's task group
-            failure = exc
-    if failure is not None:
-        raise failure
+        yield worker
 
 
 async def _poll(

@@ -257,3 +257,16 @@ async def test_leader_is_elected_once(app: baton.Baton) -> None:
                 await anyio.sleep(0.01)
         assert [one.maintenance.is_leader, two.maintenance.is_leader].count(True) == 1
     assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
+
+
+async def test_an_error_in_the_worker_block_stops_it_gracefully_and_comes_out_as_itself(
+    app: baton.Baton,
+) -> None:
+    job_id = await app.enqueue(basic.echo.new(value="before"))
+    settings = baton.WorkerSettings(queues={"default": 2}, poll_interval=0.2)
+    with pytest.raises(LookupError, match="in the block"):
+        async with baton.Worker(app, settings) as worker:
+            await wait_for_job(app, job_id, "completed")
+            raise LookupError("in the block")
+    assert worker.stopped.is_set()  # the graceful stop ran to its end: not cancelled
+    assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]

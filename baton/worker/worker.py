@@ -115,11 +115,19 @@ class Worker:
             raise
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        """Stop gracefully and wait until the worker has stopped."""
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: Any) -> bool | None:
+        """Stop gracefully and wait until the worker has stopped.
+
+        An error raised in the block (a failed assertion, a ``TimeoutError``) stops the
+        worker the same way, then comes out as itself, not inside an exception group;
+        cancellation still cancels the worker."""
         self.stop()
         assert self._tg is not None
-        return await self._tg.__aexit__(*exc)
+        if isinstance(exc, Exception):
+            await self._tg.__aexit__(None, None, None)
+            return None
+        return await self._tg.__aexit__(exc_type, exc, tb)
 
     def stop(self) -> None:
         """Ask the worker to shut down gracefully."""
