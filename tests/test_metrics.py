@@ -268,6 +268,21 @@ def test_the_horizon_is_no_later_than_the_advance_began(dsn: str) -> None:
             assert horizon <= began
 
 
+async def test_a_run_time_on_a_bucket_bound_is_in_that_bucket(metered: baton.Baton) -> None:
+    """Prometheus buckets hold the values up to and including their bound (``le``)."""
+    sql_rows(metered.dsn, """
+        INSERT INTO baton.jobs (state, queue, step, attempt, attempted_at, finalized_at)
+        VALUES ('completed', 'default', 's', 1, now() - interval '1 second', now()),
+               ('completed', 'default', 's', 1, now(), now())
+        RETURNING id""")
+    samples = parse(await metrics.scrape(metered))
+
+    def bucket(le: str) -> float:
+        return value(samples, "baton_job_duration_seconds_bucket", queue="default", le=le)
+
+    assert (bucket("0.005"), bucket("0.5"), bucket("1"), bucket("+Inf")) == (1, 1, 2, 2)
+
+
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [plan]
     for child in plan.get("Plans", []):

@@ -71,7 +71,10 @@ WITH finished AS MATERIALIZED (
     FROM {schema}.jobs
     WHERE finalized_at >= %(since)s AND finalized_at < %(until)s::timestamptz
 ), timed AS (
-    SELECT queue, seconds, width_bucket(seconds, %(bounds)s::float8[]) + 1 AS bucket
+    -- The first bound at or above the run time (le: a run time on a bound is in its bucket).
+    SELECT queue, seconds,
+        (SELECT count(*) FROM unnest(%(bounds)s::float8[]) AS b WHERE b < seconds)::int + 1
+            AS bucket
     FROM finished
     WHERE seconds IS NOT NULL
 )
