@@ -351,7 +351,7 @@ def _outcome(reply: Reply, pid: int) -> Any:
 
 def serve(parent: int) -> None:
     """Run requests from the worker until it closes the pipe (the child's main loop)."""
-    _die_with(parent)
+    die_with(parent, signal.SIGKILL)
     reader = os.fdopen(os.dup(0), "rb")
     writer = os.fdopen(os.dup(1), "wb")
     null = os.open(os.devnull, os.O_RDONLY)
@@ -370,14 +370,15 @@ def serve(parent: int) -> None:
         _send(writer, _reply_bytes(_run(body)))
 
 
-def _die_with(parent: int) -> None:
-    """Ask Linux to kill this process when the worker dies; exit if it already has."""
+def die_with(parent: int, sig: int) -> None:
+    """Ask Linux to send ``sig`` to this process when ``parent`` (this process's parent)
+    dies; exit if it already has."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:

@@ -37,6 +37,7 @@ import anyio
 
 from baton.errors import ConfigurationError, WorkerStartError
 from baton.logs import get_logger
+from baton.worker.processes import die_with
 
 log = get_logger("baton.supervisor")
 
@@ -373,7 +374,7 @@ def under_supervisor() -> Callable[[anyio.Event], Coroutine[Any, Any, None]] | N
         return None
     ready_fd = int(fd_text)
     os.set_inheritable(ready_fd, False)
-    _die_with(int(pid))
+    die_with(int(pid), signal.SIGTERM)  # a graceful stop, as for the supervisor's SIGTERM
 
     async def notify(started: anyio.Event) -> None:
         try:
@@ -385,18 +386,3 @@ def under_supervisor() -> Callable[[anyio.Event], Coroutine[Any, Any, None]] | N
                 os.close(ready_fd)
 
     return notify
-
-
-def _die_with(supervisor: int) -> None:
-    """Ask Linux to send SIGTERM (a graceful stop) to this process when the supervisor
-    dies; exit if it already has."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != supervisor:
-        os._exit(0)
