@@ -18,7 +18,7 @@ import pytest
 
 import baton
 from baton.errors import ConfigurationError
-from baton.job import JobState
+from baton.job import JobSpec, JobState
 from baton.testing import wait_for_job, wait_for_jobs
 from baton.worker import supervisor
 from tests.apps import supervised
@@ -106,6 +106,20 @@ def worker_pid(worker_id: str) -> int:
 
 async def wait_status(proc: subprocess.Popen[str], timeout: float = 60) -> int:
     return await anyio.to_thread.run_sync(lambda: proc.wait(timeout=timeout))
+
+
+async def start_running(app: baton.Baton, job: JobSpec
+                        ) -> tuple[subprocess.Popen[str], Logs, int]:
+    """Start two worker processes, then ``job``; return once a worker runs it."""
+    proc, logs = start(app.dsn, "--processes", "2")
+    try:
+        await logs.wait_for("supervisor.child_ready", 2)
+        job_id = await app.enqueue(job)
+        await wait_for_job(app, job_id, "executing", timeout=30)
+    except BaseException:
+        reap(proc)
+        raise
+    return proc, logs, job_id
 
 
 # -- without a database ------------------------------------------------------------------
@@ -196,11 +210,8 @@ async def test_sigterm_stops_every_child_after_its_running_job_finishes(
 ) -> None:
     app = supervised_app
     gate = tmp_path / "go"
-    proc, logs = start(app.dsn, "--processes", "2")
+    proc, logs, job_id = await start_running(app, supervised.until_file.new(path=str(gate)))
     try:
-        await logs.wait_for("supervisor.child_ready", 2)
-        job_id = await app.enqueue(supervised.until_file.new(path=str(gate)))
-        await wait_for_job(app, job_id, "executing", timeout=30)
         proc.send_signal(signal.SIGTERM)
         await logs.wait_for("worker.stopping", 2)  # both children are winding down
         assert (await app.get_job(job_id)).state is JobState.EXECUTING
@@ -218,11 +229,8 @@ async def test_sigterm_stops_every_child_after_its_running_job_finishes(
 
 async def test_second_signal_kills_the_children(supervised_app: baton.Baton) -> None:
     app = supervised_app
-    proc, logs = start(app.dsn, "--processes", "2")
+    proc, logs, job_id = await start_running(app, supervised.hold_first_attempt.new())
     try:
-        await logs.wait_for("supervisor.child_ready", 2)
-        job_id = await app.enqueue(supervised.hold_first_attempt.new())
-        await wait_for_job(app, job_id, "executing", timeout=30)
         proc.send_signal(signal.SIGINT)
         await logs.wait_for("worker.stopping", 2)
         proc.send_signal(signal.SIGINT)
@@ -313,11 +321,8 @@ async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
 ) -> None:
     app = supervised_app
     gate = tmp_path / "go"
-    proc, logs = start(app.dsn, "--processes", "2")
+    proc, logs, job_id = await start_running(app, supervised.until_file.new(path=str(gate)))
     try:
-        await logs.wait_for("supervisor.child_ready", 2)
-        job_id = await app.enqueue(supervised.until_file.new(path=str(gate)))
-        await wait_for_job(app, job_id, "executing", timeout=30)
         proc.kill()
         assert await wait_status(proc) == -signal.SIGKILL
         await logs.wait_for("worker.stopping", 2)  # the kernel's SIGTERM, not a kill
