@@ -404,3 +404,44 @@ def test_a_ready_pipe_held_open_by_another_process_does_not_block_it(tmp_path: P
         reap(proc)
         if holder.exists():
             os.kill(int(holder.read_text()), signal.SIGKILL)
+
+
+FLAPPING = """
+import os, signal, sys
+import anyio
+from baton.worker.supervisor import under_supervisor
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+notify = under_supervisor()
+assert notify is not None
+
+
+async def ready() -> None:
+    started = anyio.Event()
+    started.set()
+    await notify(started)
+
+anyio.run(ready)
+with open(sys.argv[1], "a") as starts:
+    starts.write("x")
+if os.path.getsize(sys.argv[1]) < 3:
+    sys.exit(1)  # the first two end just after they said ready
+os.kill(os.getppid(), signal.SIGTERM)
+signal.sigwait({signal.SIGTERM})
+"""
+
+
+@pytest.mark.parametrize(("stable_after", "delays"), [(3600.0, [0.5, 1.0]), (0.0, [0.5, 0.5])])
+def test_restart_waits_double_until_a_worker_ran_long_enough(
+    stable_after: float, delays: list[float], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor, "STABLE_AFTER", stable_after)
+    command = [sys.executable, "-c", FLAPPING, str(tmp_path / "starts")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with caplog.at_level("INFO", logger="baton.supervisor"):
+        assert supervisor.Supervisor(1, command, env=env).run() == 0
+    restarting = [r.msg for r in caplog.records if isinstance(r.msg, dict)
+                  and r.msg.get("event") == "supervisor.child_restarting"]
+    assert [event["delay"] for event in restarting] == delays
+    assert [event["failed_starts"] for event in restarting] == [0, 0]
