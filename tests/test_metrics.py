@@ -283,6 +283,24 @@ async def test_a_run_time_on_a_bucket_bound_is_in_that_bucket(metered: baton.Bat
     assert (bucket("0.005"), bucket("0.5"), bucket("1"), bucket("+Inf")) == (1, 1, 2, 2)
 
 
+async def test_a_read_only_server_is_scraped_without_advancing(metered: baton.Baton) -> None:
+    job_id = await metered.enqueue(ok.new())
+    assert await metered.cancel(job_id)
+    [(before,)] = sql_rows(metered.dsn, "SELECT min(counted_until) FROM baton.metrics_sources")
+    replica = baton.Baton(dsn=psycopg.conninfo.make_conninfo(
+        metered.dsn, options="-c default_transaction_read_only=on"))  # as a standby is
+    try:
+        samples = parse(await metrics.scrape(replica))
+        sync = parse(await anyio.to_thread.run_sync(metrics.scrape_sync, replica))
+    finally:
+        await replica.close()
+    for read in (samples, sync):  # read past the watermark, which stayed where it was
+        assert value(read, "baton_jobs_finished_total", queue="default", step=ok.name,
+                     state="cancelled") == 1
+    assert sql_rows(metered.dsn, "SELECT min(counted_until) FROM baton.metrics_sources"
+                    ) == [(before,)]
+
+
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [plan]
     for child in plan.get("Plans", []):
