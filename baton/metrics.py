@@ -160,9 +160,21 @@ async def advance(app: Baton, *, through_age: float | None = None) -> bool:
     async with app.connection() as conn:
         horizon = await ops.run_async(conn, advance_op(app.sql, through_age=through_age),
                                       "advance metrics")
+    return _advanced(horizon)
+
+
+def _advanced(horizon: datetime | None) -> bool:
     if horizon is not None:
         log.debug("metrics.advanced", counted_until=horizon.isoformat())
     return horizon is not None
+
+
+def _unless_read_only(exc: DatabaseError) -> None:
+    """Re-raise ``exc`` (an advance that failed) unless the server is read-only: then the
+    scrape reads without advancing."""
+    if exc.sqlstate != _READ_ONLY:
+        raise exc
+    log.debug("metrics.advance_skipped", reason="read-only server")
 
 
 class Advancer:
@@ -201,9 +213,7 @@ async def collect(app: Baton, *, advance_first: bool = True) -> Reading:
         try:
             await advance(app)
         except DatabaseError as exc:
-            if exc.sqlstate != _READ_ONLY:
-                raise
-            log.debug("metrics.advance_skipped", reason="read-only server")
+            _unless_read_only(exc)
     async with app.connection() as conn:
         return await ops.run_async(conn, read_op(app.sql), "read metrics")
 
@@ -213,11 +223,9 @@ def collect_sync(app: Baton, *, advance_first: bool = True) -> Reading:
     if advance_first:
         try:
             with app.connection_sync() as conn:
-                ops.run_sync(conn, advance_op(app.sql), "advance metrics")
+                _advanced(ops.run_sync(conn, advance_op(app.sql), "advance metrics"))
         except DatabaseError as exc:
-            if exc.sqlstate != _READ_ONLY:
-                raise
-            log.debug("metrics.advance_skipped", reason="read-only server")
+            _unless_read_only(exc)
     with app.connection_sync() as conn:
         return ops.run_sync(conn, read_op(app.sql), "read metrics")
 
