@@ -265,6 +265,13 @@ async def test_writes_through_sync_twins(app: baton.Baton) -> None:
         await _in_thread(app.set_budget_sync, wf.id, 5)
         assert [b.budget_usd for b in await app.budgets(wf.id)] == [5]
         exercised |= {"set_budget"}
+    if hasattr(app, "cancel_workflow"):
+        stopped = baton.Workflow("stopped")
+        stopped.add("only", kept.forgetful.new(x=9))
+        stopped_id = await _in_thread(app.insert_sync, stopped)
+        assert await _in_thread(app.cancel_workflow_sync, stopped_id) == ["only"]
+        assert (await app.get_workflow(stopped_id)).state == "failed"
+        exercised |= {"cancel_workflow"}
     await _in_thread(app.close_sync)
     reads = {"result", "results", "get_workflow", "result_of", "get_job", "list_queues",
              "queue_limits", "budgets"}  # test_each_sync_twin_answers_as_its_coroutine_does
