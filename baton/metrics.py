@@ -63,7 +63,7 @@ SOURCES: dict[str, str] = {
 }
 """Each watermarked table and the query of what its rows add to the counters."""
 
-LIVE_STATES = ("available", "scheduled", "executing", "retryable")
+LIVE_STATES = ("available", "scheduled", "executing", "retryable", "pending")
 
 _READ_ONLY = "25006"
 """SQLSTATE of a write on a read-only server or transaction (a replica)."""
@@ -145,7 +145,7 @@ def read_op(q: Queries) -> Op[Reading]:
                                                _delta_params(source, marks[source], "infinity"))):
             reading.add(name, labels, value)
     reading.live = [(queue, state, int(jobs), oldest)
-                    for queue, state, jobs, oldest in (yield Stmt(q["metrics_jobs_live"], {}))]
+                    for queue, state, jobs, oldest in (yield Stmt(q["jobs_live_counts"], {}))]
     [(running, workers)] = yield Stmt(q["metrics_gauges"], {})
     reading.workflows_running, reading.workers = int(running), int(workers)
     return reading
@@ -301,8 +301,8 @@ def families(reading: Reading) -> list[Family]:
 
 def _gauges(reading: Reading) -> list[Family]:
     jobs = Family("baton_jobs", "gauge",
-                  "Jobs in a live state (available, scheduled, executing, retryable), by "
-                  "queue.")
+                  "Jobs in a live state (available, scheduled, executing, retryable, and "
+                  "pending: workflow steps held for their dependencies), by queue.")
     oldest = Family("baton_queue_oldest_available_seconds", "gauge",
                     "How long the oldest available job of each queue has waited to run.")
     counts = {(queue, state): n for queue, state, n, _ in reading.live}

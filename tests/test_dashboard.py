@@ -258,7 +258,7 @@ async def test_counts_are_read_from_indexes(app: baton.Baton) -> None:
     async with app.connection() as conn:
         await conn.execute("SET LOCAL enable_seqscan = off")
         cur = await conn.execute(
-            b"EXPLAIN " + app.sql["dashboard_queue_counts"].as_bytes(conn))
+            b"EXPLAIN " + app.sql["jobs_live_counts"].as_bytes(conn))
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert "Seq Scan on jobs" not in plan, plan
     for index in ("jobs_fetch_idx", "jobs_stage_idx", "jobs_executing_idx",

@@ -354,7 +354,7 @@ def test_every_scrape_read_uses_an_index_on_a_large_table(dsn: str) -> None:
             "SELECT counted_until FROM baton.metrics_sources WHERE source = 'jobs'").fetchall()
         statements = [(name, metrics._delta_params(source, since, "infinity"))
                       for source, name in metrics.SOURCES.items()]
-        statements += [("metrics_jobs_live", {}), ("metrics_gauges", {})]
+        statements += [("jobs_live_counts", {}), ("metrics_gauges", {})]
         scanned: dict[str, list[str]] = {}
         for name, params in statements:
             [(plan,)] = conn.execute(
@@ -370,7 +370,7 @@ def test_every_scrape_read_uses_an_index_on_a_large_table(dsn: str) -> None:
         assert any("workflows_finished_idx" in s for s in scanned["metrics_workflows_delta"])
         assert any("step_stats_time_idx" in s for s in scanned["metrics_usage_delta"])
         for index in ("jobs_fetch_idx", "jobs_stage_idx", "jobs_executing_idx"):
-            assert any(index in s for s in scanned["metrics_jobs_live"]), scanned
+            assert any(index in s for s in scanned["jobs_live_counts"]), scanned
         assert any("workflows_running_idx" in s for s in scanned["metrics_gauges"]), scanned
 
 
@@ -448,3 +448,14 @@ def test_the_text_format_escapes_labels_and_accumulates_buckets() -> None:
     assert value(samples, "baton_job_duration_seconds_count", queue="q") == 4
     assert value(samples, "baton_job_duration_seconds_sum", queue="q") == 7.25
     assert text.endswith("\n") and "# TYPE baton_job_duration_seconds histogram" in text
+
+
+async def test_held_workflow_steps_are_counted_as_pending(metered: baton.Baton) -> None:
+    wf = baton.Workflow("held")
+    wf.add("first", ok.new().options(schedule_in=3600))
+    wf.add("second", ok.new(), deps=["first"])
+    await metered.insert(wf)
+    samples = parse(await metrics.scrape(metered))
+    assert value(samples, "baton_jobs", queue="default", state="scheduled") == 1
+    assert value(samples, "baton_jobs", queue="default", state="pending") == 1
+    assert value(samples, "baton_workflows_running") == 1

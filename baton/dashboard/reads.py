@@ -164,7 +164,7 @@ def overview(q: Queries, registered: Sequence[str] = ()) -> Op[Overview]:
     """Read the front page: every known queue (with ``registered``, the queues of the
     app's steps), its unfinished jobs by state and recent throughput."""
     queues: dict[str, QueueRow] = {name: QueueRow(name) for name in registered}
-    for row in (yield from _rows(q, "dashboard_queue_counts", {}, dict_row)):
+    for row in (yield from _rows(q, "jobs_live_counts", {}, dict_row)):
         entry = queues.setdefault(row["queue"], QueueRow(row["queue"]))
         entry.counts[row["state"]] = int(row["jobs"])
         if row["oldest_seconds"] is not None:

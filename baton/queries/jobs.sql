@@ -384,3 +384,32 @@ SELECT id, hostname, pid, queues, started_at, heartbeat_at
 FROM {schema}.worker_registry
 WHERE expires_at > now()
 ORDER BY started_at
+
+-- name: jobs_live_counts
+-- Unfinished jobs per queue and state, each state read from the partial index that holds
+-- only it: available (jobs_fetch_idx), scheduled and retryable (jobs_stage_idx), executing
+-- (jobs_executing_idx); pending steps through the running workflows (workflows_running_idx,
+-- then each step's node and job by key). The oldest available job's wait comes with it.
+-- The dashboard's overview and the metrics read it; no state is counted from the table.
+SELECT queue, 'available' AS state, count(*) AS jobs,
+    GREATEST(EXTRACT(EPOCH FROM now() - min(scheduled_at))::float8, 0) AS oldest_seconds
+FROM {schema}.jobs
+WHERE state = 'available'
+GROUP BY queue
+UNION ALL
+SELECT queue, state, count(*), NULL
+FROM {schema}.jobs
+WHERE state IN ('scheduled', 'retryable')
+GROUP BY queue, state
+UNION ALL
+SELECT queue, 'executing', count(*), NULL
+FROM {schema}.jobs
+WHERE state = 'executing'
+GROUP BY queue
+UNION ALL
+SELECT j.queue, 'pending', count(*), NULL
+FROM {schema}.workflows AS w
+JOIN {schema}.nodes AS n ON n.workflow_id = w.id
+JOIN {schema}.jobs AS j ON j.id = n.job_id
+WHERE w.finished_at IS NULL AND j.state = 'pending'
+GROUP BY j.queue

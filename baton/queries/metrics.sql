@@ -143,25 +143,6 @@ FROM used
 WHERE cost IS NOT NULL
 GROUP BY model
 
--- name: metrics_jobs_live
--- Jobs in the live states by queue, each state through its own partial index, and how long
--- the oldest available job of each queue has waited.
-SELECT queue, 'available' AS state, count(*) AS jobs,
-    GREATEST(EXTRACT(EPOCH FROM now() - min(scheduled_at))::float8, 0) AS oldest_seconds
-FROM {schema}.jobs
-WHERE state = 'available'
-GROUP BY queue
-UNION ALL
-SELECT queue, state, count(*), NULL
-FROM {schema}.jobs
-WHERE state IN ('scheduled', 'retryable')
-GROUP BY queue, state
-UNION ALL
-SELECT queue, 'executing', count(*), NULL
-FROM {schema}.jobs
-WHERE state = 'executing'
-GROUP BY queue
-
 -- name: metrics_gauges
 -- Running workflows (through workflows_running_idx) and live workers.
 SELECT
