@@ -18,7 +18,7 @@ from baton.errors import JobNotFound, NoSuchStepError, WorkflowNotFound
 from baton.job import Job, JobState
 from baton.ops import Op, Stmt
 from baton.periodic import ScheduleInfo, list_schedules
-from baton.query import JobSummary, WorkerInfo
+from baton.query import JobSummary, StepView, WorkerInfo
 from baton.workflows import WorkflowInfo
 
 T = TypeVar("T")
@@ -36,24 +36,6 @@ class JobRow(JobSummary):
     """A job in a listing, with its last error."""
 
     last_error: str | None = None
-
-
-class StepRow(BaseModel):
-    """A step of a workflow as its page shows it."""
-
-    step_name: str
-    function: str
-    state: str | None
-    attempt: int | None
-    max_attempts: int | None
-    deps: list[str]
-    model: str | None
-    has_result: bool
-    last_error: str | None
-    job_id: int
-    attempted_at: datetime | None
-    finalized_at: datetime | None
-    group_name: str | None
 
 
 class StatRow(BaseModel):
@@ -124,7 +106,7 @@ class WorkflowDetail:
     """One workflow with its steps."""
 
     workflow: WorkflowInfo
-    steps: list[StepRow]
+    steps: list[StepView]
     truncated: bool = False
     costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per step that recorded usage: ``cost`` (None when nothing was priced), ``tokens``
@@ -247,7 +229,7 @@ def workflow(q: Queries, workflow_id: uuid.UUID) -> Op[WorkflowDetail]:
     """
     info = yield from _workflow_row(q, workflow_id)
     steps = yield from _rows(q, "dashboard_workflow_steps",
-                             {"id": workflow_id, "limit": MAX_STEPS + 1}, class_row(StepRow))
+                             {"id": workflow_id, "limit": MAX_STEPS + 1}, class_row(StepView))
     costs = yield from _rows(q, "dashboard_workflow_costs", {"id": workflow_id}, dict_row)
     return WorkflowDetail(info, steps[:MAX_STEPS], truncated=len(steps) > MAX_STEPS,
                           costs={row["step_name"]: row for row in costs})

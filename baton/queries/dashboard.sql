@@ -59,10 +59,13 @@ ORDER BY finished_at DESC, id DESC
 LIMIT %(limit)s
 
 -- name: dashboard_workflow_steps
--- The steps of one workflow (nodes by key, each job by key), at most %(limit)s of them.
+-- The steps of one workflow (nodes by key, each job by key), at most %(limit)s of them, as
+-- baton.query.StepView reads them.
 SELECT n.name AS step_name, n.step AS function, j.state, j.attempt, j.max_attempts, n.deps,
     n.model, n.has_result, j.errors -> -1 ->> 'error' AS last_error, n.job_id,
-    j.attempted_at, j.finalized_at, n.group_name
+    j.attempted_at, j.finalized_at, n.group_name,
+    (SELECT sum(st.cost) FROM {schema}.step_stats AS st
+     WHERE st.workflow_id = n.workflow_id AND st.step_name = n.name) AS cost
 FROM {schema}.nodes AS n
 LEFT JOIN {schema}.jobs AS j ON j.id = n.job_id
 WHERE n.workflow_id = %(id)s
