@@ -214,7 +214,6 @@ def connect_sync(dsn: str, timeout: float, **kwargs: Any) -> psycopg.Connection[
         delay = _next_delay(delay)
 
 
-
 # -- connection settings -----------------------------------------------------------------
 
 ENV_LISTEN_URL = "BATON_LISTEN_URL"

@@ -38,8 +38,6 @@ _LOG_EVENTS = {
 }
 
 
-
-
 async def _send(conn: psycopg.AsyncConnection[Any], stmts: list[Stmt]
                 ) -> psycopg.AsyncCursor[Any] | None:
     """Send ``stmts`` in pipeline mode; return the cursor of the last (its rows unread)."""

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 log = get_logger("baton.worker")
 
 READ_TIMEOUT = 2.0
-"""The longest a periodic read of the settings may hold up the worker's shutdown."""
+"""The longest a periodic read of the settings may take (and hold up the worker's
+shutdown)."""
 
 
 class QueueControls:
@@ -103,9 +104,11 @@ class QueueControls:
             with anyio.move_on_after(interval):
                 await self._refresh.wait()
             self._refresh = anyio.Event()
-            # A read is not cut off by the worker's shutdown: a query cancelled mid-way
-            # makes the pool throw its connection away and open another as the loop ends.
-            with anyio.move_on_after(READ_TIMEOUT, shield=True):
+            if self.worker.passes.closing:
+                continue  # the worker is stopping: no read starts now
+            # A read is not cut off by the worker's shutdown (see baton.worker.passes), and
+            # takes at most READ_TIMEOUT.
+            with self.worker.passes.shielded(), anyio.move_on_after(READ_TIMEOUT):
                 try:
                     await self.load()
                 except (psycopg.Error, DatabaseError) as exc:

@@ -91,8 +91,9 @@ class Worker:
         self.scheduler = Scheduler(self)
         """Defines the app's schedules; enqueues their ticks while this worker leads."""
         self.queue_controls = QueueControls(self)
-        self.passes = Passes()
         """Pause and scale of this worker's queues, from the ``queues`` table."""
+        self.passes = Passes()
+        """The periodic services' database passes, which the shutdown lets end."""
         self._heartbeat: Heartbeat | None = None
         self.started = anyio.Event()
         self.stopped = anyio.Event()
