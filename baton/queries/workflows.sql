@@ -58,7 +58,13 @@ WITH input AS (
     SELECT t.workflow_id, t.name, t.outcome
     FROM jsonb_to_recordset(%(rows)s::jsonb)
         AS t(workflow_id uuid, name text, outcome text, job_id bigint)
-    JOIN {schema}.jobs AS j ON j.id = t.job_id AND j.state = t.outcome
+    -- One primary-key probe per step (OFFSET 0 keeps it a nested loop): a hash join read
+    -- all of jobs, 2 ms of a 400-step settlement in a 1 -> 10,000 -> 1 workflow.
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM {schema}.jobs AS j
+        WHERE j.id = t.job_id AND j.state = t.outcome
+        OFFSET 0
+    ) AS j
 ), new AS (
     INSERT INTO {schema}.completions (workflow_id, name, outcome)
     SELECT workflow_id, name, outcome FROM input
@@ -127,22 +133,16 @@ FROM woken
 LEFT JOIN tally AS t ON t.state <> 'running'
 
 -- name: node_gates
--- What steps need before they run: their node, their workflow's flags, their dependencies.
+-- What steps need before they run: their node, their workflow's flags, how many
+-- dependencies they have, the fan-out groups of those, and the dependencies that did
+-- not complete (or whose rows are gone), in detail. A dependency that completed needs no
+-- more than its result (node_dep_results): the 1 -> 10,000 -> 1 fan-in's last step read
+-- its gate in 123 ms with every dependency in detail, 50 ms like this.
 SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value' AS result, n.deps, n.model,
     n.min_success,
     COALESCE(n.ignore_cancelled, w.ignore_cancelled) AS ignore_cancelled,
     COALESCE(n.ignore_discarded, w.ignore_discarded) AS ignore_discarded,
-    w.label, w.debug,
-    COALESCE((
-        SELECT jsonb_agg(jsonb_build_object(
-            'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL,
-            'has_result', COALESCE(d.has_result, false),
-            'group', d.group_name, 'model', d.model) ORDER BY e.dep)
-        FROM {schema}.edges AS e
-        LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
-        LEFT JOIN {schema}.completions AS c
-            ON c.workflow_id = e.workflow_id AND c.name = e.dep
-        WHERE e.workflow_id = n.workflow_id AND e.node = n.name), '[]'::jsonb) AS dependencies
+    w.label, w.debug, x.dep_count, x.groups, x.dependencies
 FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
 -- One primary-key lookup per step, whatever the statistics say: OFFSET 0 keeps the planner
 -- from joining all of a workflow's nodes and filtering them by name.
@@ -152,11 +152,25 @@ CROSS JOIN LATERAL (
     OFFSET 0
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+CROSS JOIN LATERAL (
+    SELECT count(*)::integer AS dep_count,
+        COALESCE(array_agg(DISTINCT d.group_name)
+                 FILTER (WHERE d.group_name IS NOT NULL), '{}') AS groups,
+        COALESCE(jsonb_agg(jsonb_build_object(
+                     'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL)
+                 ORDER BY e.dep)
+                 FILTER (WHERE d.name IS NULL OR c.outcome IS DISTINCT FROM 'completed'),
+                 '[]') AS dependencies
+    FROM {schema}.edges AS e
+    LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
+    LEFT JOIN {schema}.completions AS c ON c.workflow_id = e.workflow_id AND c.name = e.dep
+    WHERE e.workflow_id = n.workflow_id AND e.node = n.name
+) AS x
 
 -- name: node_dep_results
 -- The results of the steps' dependencies, each once however many of the steps share it
--- (as JSON text: every step parses its own copy).
-SELECT d.workflow_id, d.name, (d.result -> 'value')::text AS result
+-- (as JSON text: every step parses its own copy), with the fan-out group and model of each.
+SELECT d.workflow_id, d.name, d.group_name, d.model, (d.result -> 'value')::text AS result
 FROM (
     SELECT DISTINCT e.workflow_id, e.dep
     FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)

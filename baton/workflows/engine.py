@@ -28,7 +28,7 @@ from baton.ops import Op, Rows, Stmt
 from baton.worker.engine import PLAIN, Payload, Write
 from baton.worker.executor import FetchedJob, Outcome
 from baton.workflows import announce, budgets, settle
-from baton.workflows.gate import Dep, decide, gather_results
+from baton.workflows.gate import Dep, Found, decide, gather_results
 from baton.workflows.store import dump_result
 
 if TYPE_CHECKING:
@@ -40,6 +40,33 @@ log = get_logger("baton.workflow")
 
 DEFER_SECONDS = 1.0
 """How long a step whose gate could not be read waits before it is tried again."""
+
+
+@dataclass(slots=True)
+class Results:
+    """The dependencies' results loaded by one claim, shared by its steps: by workflow and
+    name, the step's fan-out group and model and the result's JSON text; and the names of
+    each group's members among them."""
+
+    rows: dict[tuple[uuid.UUID, str], tuple[str | None, str | None, str]]
+    members: dict[tuple[uuid.UUID, str], list[str]]
+
+    def gather(self, gate: Gate, unfinished: list[Dep]) -> dict[str, Any]:
+        """What ``ctx.results`` holds for ``gate``'s step, parsed for it alone (a step may
+        change what it gets); the results of ``unfinished`` dependencies are left out."""
+        skip = {d.name for d in unfinished}
+        wid = gate.workflow_id
+
+        def found(name: str) -> Found | None:
+            row = self.rows.get((wid, name))
+            if row is None or name in skip:
+                return None
+            return Found(name, row[0], row[1], from_json(row[2]))
+
+        groups = set(gate.groups)
+        members = {g: [f for n in self.members.get((wid, g), ()) if (f := found(n))]
+                   for g in gate.deps if g in groups}
+        return gather_results(gate.deps, groups, found, members)
 
 
 @dataclass(slots=True)
@@ -57,17 +84,12 @@ class Gate:
     ignore_discarded: bool
     label: str
     debug: bool
+    dep_count: int
+    groups: list[str]
+    """The fan-out groups of its dependencies."""
     dependencies: list[dict[str, Any]]
-    results: dict[tuple[uuid.UUID, str], str] = field(default_factory=dict)
-    """The JSON text of the dependencies' results, shared by the steps of one claim."""
-
-
-def _result(gate: Gate, dep: dict[str, Any]) -> Any:
-    """A dependency's result, parsed for this step alone (a step may change what it gets)."""
-    if not (dep["has_result"] and dep["outcome"] == "completed"):
-        return None
-    text = gate.results.get((gate.workflow_id, dep["name"]))
-    return None if text is None else from_json(text)
+    """Its dependencies that did not complete (or whose rows are gone)."""
+    results: Results = field(default_factory=lambda: Results({}, {}))
 
 
 _GATE_ROW = class_row(Gate)
@@ -101,8 +123,11 @@ class WorkflowEngine:
             await results.execute(q["node_dep_results"], params, prepare=True)
             found: dict[tuple[uuid.UUID | None, str], Gate] = {
                 (g.workflow_id, g.name): g for g in await cur.fetchall()}
-            texts: dict[tuple[uuid.UUID, str], str] = {
-                (w, name): text for w, name, text in await results.fetchall()}
+            texts = Results({}, {})
+            for w, name, group, model, text in await results.fetchall():
+                texts.rows[w, name] = (group, model, text)
+                if group is not None:
+                    texts.members.setdefault((w, group), []).append(name)
         events = []
         for job in steps:
             gate = job.gate = found.get((job.workflow_id, job.workflow_step or ""))
@@ -133,8 +158,9 @@ class WorkflowEngine:
             log.info("workflow.step_result_reused", workflow_id=str(job.workflow_id),
                      step_name=gate.name, job_id=job.id)
             return Outcome(job, JobState.COMPLETED, result=gate.result, has_result=True)
-        deps = [Dep(**d, result=_result(gate, d)) for d in gate.dependencies]
-        decision = decide(deps, ignore_cancelled=gate.ignore_cancelled,
+        unfinished = [Dep(**d) for d in gate.dependencies]
+        decision = decide(unfinished, total=gate.dep_count,
+                          ignore_cancelled=gate.ignore_cancelled,
                           ignore_discarded=gate.ignore_discarded, min_success=gate.min_success)
         if decision.action == "wait":
             # Held again: its dependency's settlement releases it (the sweep backstops).
@@ -156,7 +182,7 @@ class WorkflowEngine:
                      step_name=gate.name, reason=decision.reason)
             return Outcome(job, JobState.CANCELLED, error=_reason(job, decision.reason))
         if ctx is not None:
-            ctx.results = gather_results(ctx.deps, deps)
+            ctx.results = gate.results.gather(gate, unfinished)
         outcome = await self.executor.run(job, ctx)
         if outcome.state is JobState.COMPLETED and outcome.result is not None:
             try:

@@ -6,7 +6,7 @@ import pytest
 
 import baton
 from baton.dag import model_slug, topological_order
-from baton.workflows.gate import Dep, decide, gather_results
+from baton.workflows.gate import Dep, Found, decide, gather_results
 
 app = baton.Baton()
 
@@ -59,7 +59,7 @@ def test_builder_errors() -> None:
 
 
 def test_gate_decisions() -> None:
-    done = Dep("a", "completed", has_result=True, result=1)
+    done = Dep("a", "completed")
     cancelled = Dep("b", "cancelled")
     discarded = Dep("c", "discarded")
     waiting = Dep("d", None)
@@ -76,14 +76,16 @@ def test_gate_decisions() -> None:
     assert decide([pruned], ignore_cancelled=True, ignore_discarded=True).action == "cancel"
     assert decide([done, cancelled], min_success=1, **flags).action == "run"
     assert "only 1 of 2" in decide([done, cancelled], min_success=2, **flags).reason
+    # Given only the dependencies that did not complete, and how many there are in all.
+    assert decide([cancelled], min_success=2, total=3, **flags).action == "run"
+    assert "only 1 of 2" in decide([cancelled], min_success=2, total=2, **flags).reason
 
 
 def test_gathered_results_leave_out_missing() -> None:
-    deps = [Dep("a", "completed", has_result=True, result={"x": 1}),
-            Dep("quiet", "completed"),
-            Dep("g_m1", "completed", has_result=True, result="one", group="g", model="m1"),
-            Dep("g_m2", "discarded", group="g", model="m2")]
-    assert gather_results(["a", "quiet", "g"], deps) == {"a": {"x": 1}, "g": {"m1": "one"}}
+    found = {"a": Found("a", None, None, {"x": 1}), "g_m1": Found("g_m1", "g", "m1", "one")}
+    members = {"g": [found["g_m1"]], "empty": []}
+    gathered = gather_results(["a", "quiet", "g", "empty"], {"g", "empty"}, found.get, members)
+    assert gathered == {"a": {"x": 1}, "g": {"m1": "one"}, "empty": {}}
 
 
 def test_llm_step_preset() -> None:
