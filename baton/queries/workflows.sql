@@ -143,13 +143,11 @@ SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value' AS result, n.dep
     COALESCE(n.ignore_cancelled, w.ignore_cancelled) AS ignore_cancelled,
     COALESCE(n.ignore_discarded, w.ignore_discarded) AS ignore_discarded,
     w.label, w.debug, x.dep_count, x.groups, x.dependencies
-FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
--- One primary-key lookup per step, whatever the statistics say: OFFSET 0 keeps the planner
--- from joining all of a workflow's nodes and filtering them by name.
+FROM jsonb_array_elements_text(%(job_ids)s::jsonb) AS t(job_id)
+-- One index lookup per step, whatever the statistics say: OFFSET 0 keeps the planner from
+-- joining all of the nodes and filtering them.
 CROSS JOIN LATERAL (
-    SELECT * FROM {schema}.nodes AS n
-    WHERE n.workflow_id = t.workflow_id AND n.name = t.name
-    OFFSET 0
+    SELECT * FROM {schema}.nodes AS n WHERE n.job_id = t.job_id::bigint OFFSET 0
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
 CROSS JOIN LATERAL (
@@ -173,8 +171,9 @@ CROSS JOIN LATERAL (
 SELECT d.workflow_id, d.name, d.group_name, d.model, (d.result -> 'value')::text AS result
 FROM (
     SELECT DISTINCT e.workflow_id, e.dep
-    FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[]) AS t(workflow_id, name)
-    JOIN {schema}.edges AS e ON e.workflow_id = t.workflow_id AND e.node = t.name
+    FROM jsonb_array_elements_text(%(job_ids)s::jsonb) AS t(job_id)
+    JOIN {schema}.nodes AS n ON n.job_id = t.job_id::bigint
+    JOIN {schema}.edges AS e ON e.workflow_id = n.workflow_id AND e.node = n.name
 ) AS x
 JOIN {schema}.nodes AS d ON d.workflow_id = x.workflow_id AND d.name = x.dep
 WHERE d.has_result

@@ -71,7 +71,7 @@ class Results:
 
 @dataclass(slots=True)
 class Gate:
-    """What a claimed step needs before it runs: a ``node_gates`` row, read by name."""
+    """What a claimed step needs before it runs: a ``node_gates`` row, found by job id."""
 
     workflow_id: uuid.UUID
     name: str
@@ -112,8 +112,10 @@ class WorkflowEngine:
         if not steps:
             return []
         q = self.app.sql
-        params = {"workflow_ids": [j.workflow_id for j in steps],
-                  "names": [j.workflow_step for j in steps]}
+        # The steps by job id, in one JSON text: psycopg dumps a list parameter element by
+        # element, and the workflow ids and names of a 200-step claim took 4 % of a worker's
+        # time in a 1 -> 10,000 -> 1 workflow.
+        params = {"job_ids": json_text([j.id for j in steps])}
         # Dependency results come once per claim, not once per step that needs them: a
         # 1 -> 10,000 -> 1 workflow whose first step returns 100 kB ran at 2,300 steps/s
         # when each step's gate row carried that result.
