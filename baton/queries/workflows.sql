@@ -104,9 +104,14 @@ WITH input AS (
     RETURNING w.id, w.label, w.state, w.failed_steps, w.finished_at, w.run, w.total_steps,
         w.settled_steps, w.stop_reason, w.spent_usd
 ), hits AS (
+    -- Index probes per settled step (OFFSET 0): a hash join read every edge of the table.
     SELECT e.workflow_id, e.node, count(*)::integer AS n
-    FROM {schema}.edges AS e
-    JOIN new AS s ON e.workflow_id = s.workflow_id AND e.dep = s.name
+    FROM new AS s
+    CROSS JOIN LATERAL (
+        SELECT e.workflow_id, e.node FROM {schema}.edges AS e
+        WHERE e.workflow_id = s.workflow_id AND e.dep = s.name
+        OFFSET 0
+    ) AS e
     GROUP BY e.workflow_id, e.node
 ), counted AS (
     UPDATE {schema}.nodes AS d
@@ -134,7 +139,7 @@ LEFT JOIN tally AS t ON t.state <> 'running'
 
 -- name: node_gates
 -- What steps need before they run: their node, their workflow's flags, how many
--- dependencies they have, the fan-out groups of those, and the dependencies that did
+-- dependencies they have, which declared ones are fan-out groups, and the ones that did
 -- not complete (or whose rows are gone), in detail. A dependency that completed needs no
 -- more than its result (node_dep_results): the 1 -> 10,000 -> 1 fan-in's last step read
 -- its gate in 123 ms with every dependency in detail, 50 ms like this.
@@ -142,21 +147,26 @@ SELECT n.workflow_id, n.name, n.has_result, n.result -> 'value' AS result, n.dep
     n.min_success,
     COALESCE(n.ignore_cancelled, w.ignore_cancelled) AS ignore_cancelled,
     COALESCE(n.ignore_discarded, w.ignore_discarded) AS ignore_discarded,
-    w.label, w.debug, x.dep_count, x.groups, x.dependencies
-FROM jsonb_array_elements_text(%(job_ids)s::jsonb) AS t(job_id)
--- One index lookup per step, whatever the statistics say: OFFSET 0 keeps the planner from
--- joining all of the nodes and filtering them.
+    w.label, w.debug, x.dep_count, x.dependencies,
+    -- The declared dependencies that are fan-out groups: no step has their name.
+    ARRAY(SELECT g FROM unnest(n.deps) AS g
+          WHERE NOT EXISTS (SELECT 1 FROM {schema}.nodes AS m
+                            WHERE m.workflow_id = n.workflow_id AND m.name = g)) AS groups
+FROM jsonb_each(%(steps)s::jsonb) AS s(workflow_id, names)
+CROSS JOIN jsonb_array_elements_text(s.names) AS t(name)
+-- One primary-key lookup per step, whatever the statistics say: OFFSET 0 keeps the planner
+-- from joining all of a workflow's nodes and filtering them by name.
 CROSS JOIN LATERAL (
-    SELECT * FROM {schema}.nodes AS n WHERE n.job_id = t.job_id::bigint OFFSET 0
+    SELECT * FROM {schema}.nodes AS n
+    WHERE n.workflow_id = s.workflow_id::uuid AND n.name = t.name
+    OFFSET 0
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
+-- No ORDER BY or DISTINCT in here: each costs a sort per step.
 CROSS JOIN LATERAL (
     SELECT count(*)::integer AS dep_count,
-        COALESCE(array_agg(DISTINCT d.group_name)
-                 FILTER (WHERE d.group_name IS NOT NULL), '{}') AS groups,
         COALESCE(jsonb_agg(jsonb_build_object(
-                     'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL)
-                 ORDER BY e.dep)
+                     'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL))
                  FILTER (WHERE d.name IS NULL OR c.outcome IS DISTINCT FROM 'completed'),
                  '[]') AS dependencies
     FROM {schema}.edges AS e
@@ -168,15 +178,24 @@ CROSS JOIN LATERAL (
 -- name: node_dep_results
 -- The results of the steps' dependencies, each once however many of the steps share it
 -- (as JSON text: every step parses its own copy), with the fan-out group and model of each.
+-- Index probes all through (OFFSET 0): the planner, expecting a hundred steps of each
+-- JSON set function, read every edge and node of the table instead.
 SELECT d.workflow_id, d.name, d.group_name, d.model, (d.result -> 'value')::text AS result
 FROM (
     SELECT DISTINCT e.workflow_id, e.dep
-    FROM jsonb_array_elements_text(%(job_ids)s::jsonb) AS t(job_id)
-    JOIN {schema}.nodes AS n ON n.job_id = t.job_id::bigint
-    JOIN {schema}.edges AS e ON e.workflow_id = n.workflow_id AND e.node = n.name
+    FROM jsonb_each(%(steps)s::jsonb) AS s(workflow_id, names)
+    CROSS JOIN jsonb_array_elements_text(s.names) AS t(name)
+    CROSS JOIN LATERAL (
+        SELECT e.workflow_id, e.dep FROM {schema}.edges AS e
+        WHERE e.workflow_id = s.workflow_id::uuid AND e.node = t.name
+        OFFSET 0
+    ) AS e
 ) AS x
-JOIN {schema}.nodes AS d ON d.workflow_id = x.workflow_id AND d.name = x.dep
-WHERE d.has_result
+CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.nodes AS d
+    WHERE d.workflow_id = x.workflow_id AND d.name = x.dep AND d.has_result
+    OFFSET 0
+) AS d
 
 -- name: nodes_keep_results
 -- Keep steps' results, committed before their completion is written: a step retried after
