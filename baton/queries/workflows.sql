@@ -162,15 +162,18 @@ CROSS JOIN LATERAL (
     OFFSET 0
 ) AS n
 JOIN {schema}.workflows AS w ON w.id = n.workflow_id
--- No ORDER BY or DISTINCT in here: each costs a sort per step.
+-- No ORDER BY or DISTINCT in here: each costs a sort per step. Whether a dependency's
+-- rows still exist is asked only of those that did not complete (the FILTER comes first):
+-- one that completed counts as done, whatever became of its node since.
 CROSS JOIN LATERAL (
     SELECT count(*)::integer AS dep_count,
         COALESCE(jsonb_agg(jsonb_build_object(
-                     'name', e.dep, 'outcome', c.outcome, 'exists', d.name IS NOT NULL))
-                 FILTER (WHERE d.name IS NULL OR c.outcome IS DISTINCT FROM 'completed'),
-                 '[]') AS dependencies
+                     'name', e.dep, 'outcome', c.outcome,
+                     'exists', EXISTS (SELECT 1 FROM {schema}.nodes AS d
+                                       WHERE d.workflow_id = e.workflow_id
+                                         AND d.name = e.dep)))
+                 FILTER (WHERE c.outcome IS DISTINCT FROM 'completed'), '[]') AS dependencies
     FROM {schema}.edges AS e
-    LEFT JOIN {schema}.nodes AS d ON d.workflow_id = e.workflow_id AND d.name = e.dep
     LEFT JOIN {schema}.completions AS c ON c.workflow_id = e.workflow_id AND c.name = e.dep
     WHERE e.workflow_id = n.workflow_id AND e.node = n.name
 ) AS x
