@@ -95,8 +95,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-sweep", type=int, help="jobs per sweep run (default per system)")
     p.add_argument(
         "--fanout-scaling",
-        default="250",
+        default="250,10000",
         help="extra fanout sizes, to show statements grow linearly ('' for none)",
+    )
+    p.add_argument(
+        "--fanout-processes",
+        default="1,2",
+        help="worker processes for the extra fanout sizes (above 1: baton worker --processes)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
     p.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")
@@ -292,7 +297,9 @@ def main() -> None:
                     continue
                 if wl == "fanout" and not args.small:
                     for k in filter(None, args.fanout_scaling.split(",")):
-                        results.append(runner.run("baton", wl, int(k), conc, f"fanout@{k}"))
+                        for procs in map(int, filter(None, args.fanout_processes.split(","))):
+                            label = f"fanout@{k}" + (f"x{procs}" if procs > 1 else "")
+                            results.append(runner.run("baton", wl, int(k), conc, label, procs))
                 results.append(runner.run("baton", wl, sizes[wl], conc))
             phases["workflows"] = time.monotonic() - t0
     finish(

@@ -73,6 +73,8 @@ FIGURES = (
     Figure("fanout: wall s (median of runs)", "fanout", ("seconds",), None, digits=3),
     Figure("fanout: statements/step (net of idle)", "fanout",
            ("extra", "statements_net_per_step"), None, "flat in n", 2),
+    Figure("fanout: steps/s from the insert's commit (median of runs)", "fanout",
+           ("extra", "steps_per_s_after_insert"), None, ">= 10,000 at 10,000", 0),
     Figure("insert10k: await app.insert(wf) s", "insert10k", ("seconds",), None, "< 1 s", 3),
 )
 # fmt: on
@@ -105,7 +107,7 @@ def rows(results: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[list
     out = []
     for fig in FIGURES:
         keys = [fig.workload]
-        if fig.workload == "fanout" and "statements" in fig.label:
+        if fig.workload == "fanout" and ("statements" in fig.label or "steps/s" in fig.label):
             keys = [*labels, "fanout"]
         for key in keys:
             vals = [dig(by_key.get((s, key), {}), fig.path) for s in systems]

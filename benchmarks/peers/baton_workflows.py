@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
 import baton
 from benchmarks.peers import dbstats
 from benchmarks.peers.common import TRACKER, Result, percentile
+from benchmarks.peers.fleet import tree_cpu_seconds
 
 if TYPE_CHECKING:
     from benchmarks.peers.baton_peer import BatonPeer
@@ -88,38 +90,60 @@ async def _wait_finished(peer: BatonPeer, wf_id: Any, timeout: float) -> tuple[s
 
 
 async def _run_graph(peer: BatonPeer, res: Result, args: argparse.Namespace) -> None:
+    """Run the graph with the worker in this process, or with ``--processes`` above 1 in
+    ``baton worker --processes N`` (as deployed; the graph is inserted from here)."""
     await peer.setup()
     res.concurrency = peer.concurrency
     runs = FANOUT_RUNS if args.workload == "fanout" else 1
     steps = len(_build_graph(peer, args).nodes)
     TRACKER.reset(steps * runs)
-    await peer.start_worker()
-    wf_ids: list[Any] = []
-    walls: list[float] = []
-    states: list[str] = []
-    polls = 0
-    try:
-        idle0 = await dbstats.snapshot(peer.dsn)
-        await asyncio.sleep(IDLE_SAMPLE_S)
-        before = await dbstats.snapshot(peer.dsn)
-        idle = dbstats.delta(idle0, before)
-        idle_window = IDLE_SAMPLE_S + dbstats.SETTLE_S  # the sleep plus the settle
-        start = time.perf_counter()
-        for _ in range(runs):
-            wf = _build_graph(peer, args)
-            t0 = time.perf_counter()
-            wf_ids.append(await peer.app.insert(wf))
-            state, made = await _wait_finished(peer, wf_ids[-1], args.timeout)
-            walls.append(time.perf_counter() - t0)
-            states.append(state)
-            polls += made
-        elapsed = time.perf_counter() - start
-        d = dbstats.delta(before, await dbstats.snapshot(peer.dsn))
-    finally:
-        await peer.stop_worker()
+    with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
+        fleet = peer.fleet(args.workload, args.processes, board) if args.processes > 1 else None
+        if fleet is None:
+            await peer.start_worker()
+        else:
+            await fleet.start(120)
+            await fleet.go()
+        wf_ids: list[Any] = []
+        walls: list[float] = []
+        after_insert: list[float] = []
+        states: list[str] = []
+        polls = 0
+        try:
+            idle0 = await dbstats.snapshot(peer.dsn)
+            await asyncio.sleep(IDLE_SAMPLE_S)
+            before = await dbstats.snapshot(peer.dsn)
+            idle = dbstats.delta(idle0, before)
+            idle_window = IDLE_SAMPLE_S + dbstats.SETTLE_S  # the sleep plus the settle
+            client0 = tree_cpu_seconds(fleet.pids) if fleet is not None else None
+            start = time.perf_counter()
+            for _ in range(runs):
+                wf = _build_graph(peer, args)
+                t0 = time.perf_counter()
+                wf_ids.append(await peer.app.insert(wf))
+                inserted = time.perf_counter()
+                state, made = await _wait_finished(peer, wf_ids[-1], args.timeout)
+                walls.append(time.perf_counter() - t0)
+                after_insert.append(time.perf_counter() - inserted)
+                states.append(state)
+                polls += made
+            elapsed = time.perf_counter() - start
+            client_s = None if client0 is None else tree_cpu_seconds(fleet.pids) - client0
+            d = dbstats.delta(before, await dbstats.snapshot(peer.dsn))
+        finally:
+            if fleet is None:
+                await peer.stop_worker()
+            else:
+                await fleet.stop()
     window = elapsed + dbstats.SETTLE_S
     res.seconds = round(statistics.median(walls), 4)
     res.jobs_per_s = round(steps / res.seconds, 1)
+    # From the insert's commit to the workflow's end: the rate of the steps themselves.
+    res.extra["steps_per_s_after_insert"] = round(steps / statistics.median(after_insert), 1)
+    res.extra["after_insert_seconds"] = [round(w, 4) for w in after_insert]
+    res.extra["processes"] = args.processes
+    if client_s is not None:
+        res.extra["worker_cpu_ms"] = round(1000 * client_s, 1)
     handoffs: list[dict[str, float]] = []
     async with peer.app.connection() as conn:
         for wf_id in wf_ids:
@@ -140,7 +164,8 @@ async def _run_graph(peer: BatonPeer, res: Result, args: argparse.Namespace) -> 
         idle_statements_per_s=_rate(idle["statements"], idle_window),
         idle_xact_commits_per_s=_rate(idle["xact_commit"], idle_window),
         window_s=round(window, 3),
-        bodies_run=len(TRACKER.started),
+        bodies_run=len(TRACKER.started) if fleet is None
+        else sum(int(r.get("calls", 0)) for r in fleet.results),
         wal_bytes=d["lsn_bytes"],
         server_cpu_ms=None if d["cpu_s"] is None else round(1000 * d["cpu_s"], 1),
     )
