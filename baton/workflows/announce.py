@@ -28,7 +28,7 @@ Payload = dict[str, Any]
 class StepEvent(NamedTuple):
     """A step transition to announce (a tuple: one is built for every step attempt)."""
 
-    workflow_id: uuid.UUID
+    workflow_id: uuid.UUID | str
     label: str
     step_name: str
     """The step's name inside its workflow."""

@@ -34,7 +34,7 @@ Settled = tuple[uuid.UUID, str, str, int]
 def lock(q: Queries, workflow_ids: Iterable[uuid.UUID]) -> Stmt:
     """The statement that takes the locks settling steps of these workflows needs (in id
     order, so two transactions never deadlock); take them before touching job rows."""
-    return Stmt(q["workflows_lock"], {"ids": sorted({str(w) for w in workflow_ids})},
+    return Stmt(q["workflows_lock"], {"ids": sorted(str(w) for w in set(workflow_ids))},
                 rows=False)
 
 
