@@ -89,7 +89,7 @@ class Gate:
     debug: bool
     dep_count: int
     dependencies: list[dict[str, Any]]
-    """Its dependencies that did not complete (or whose rows are gone)."""
+    """Its dependencies that did not complete, with whether their rows still exist."""
     groups: list[str]
     """Its declared dependencies that are fan-out groups."""
     results: Results = field(default_factory=lambda: Results({}, {}))
