@@ -21,7 +21,12 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from baton.errors import ConfigurationError, DatabaseError, OutcomeUnknownError
+from baton.errors import (
+    ConfigurationError,
+    DatabaseError,
+    OutcomeUnknownError,
+    UniqueKeyTakenError,
+)
 from baton.logs import get_logger
 
 log = get_logger("baton.db")
@@ -109,6 +114,10 @@ def connection_lost(exc: BaseException | None) -> bool:
             and not isinstance(exc, PoolTimeout))
 
 
+_UNIQUE_KEY_INDEXES = {"jobs_unique_key_idx": "job", "workflows_unique_key_idx": "workflow"}
+"""The indexes that hold unique keys (migration 0011), and what holds a key in each."""
+
+
 def database_error(exc: psycopg.Error, action: str, *, maybe_done: bool = False
                    ) -> DatabaseError:
     """Return our error for the driver error ``exc`` (raise it ``from exc``).
@@ -118,6 +127,10 @@ def database_error(exc: psycopg.Error, action: str, *, maybe_done: bool = False
     """
     if maybe_done and connection_lost(exc):
         return OutcomeUnknownError(action, describe(exc))
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        index = exc.diag.constraint_name
+        if index in _UNIQUE_KEY_INDEXES:
+            return UniqueKeyTakenError(action, _UNIQUE_KEY_INDEXES[index])
     return DatabaseError(f"{action} failed: {describe(exc)}", sqlstate=exc.sqlstate)
 
 

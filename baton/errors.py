@@ -57,6 +57,20 @@ class OutcomeUnknownError(DatabaseError):
         )
 
 
+class UniqueKeyTakenError(DatabaseError):
+    """Another job or workflow holds the unique key this one needs to run again: a retry of
+    a finished unique job, or a resume of a finished unique workflow, while another holds
+    its key. Cancel the holder or wait for it to finish, then try again."""
+
+    def __init__(self, action: str, holder: str) -> None:
+        self.action = action
+        self.holder = holder
+        """``"job"`` or ``"workflow"``: what holds the key."""
+        super().__init__(
+            f"{action} refused: another {holder} holds its unique key; cancel that {holder} "
+            "or wait for it to finish, then try again", sqlstate="23505")
+
+
 class WorkerStartError(BatonError):
     """Worker processes keep exiting before they are ready; see their errors."""
 

@@ -168,9 +168,11 @@ async def test_retrying_a_finished_job_whose_key_is_taken_is_refused(app: baton.
     first = await app.enqueue(uniq.refresh.new(account=1))
     await drain_queue(app)
     await app.enqueue(uniq.refresh.new(account=1))  # holds the key now
-    with pytest.raises(baton.DatabaseError) as caught:
+    with pytest.raises(baton.UniqueKeyTakenError) as caught:
         await app.retry(first)
-    assert caught.value.sqlstate == "23505"
+    assert caught.value.sqlstate == "23505" and caught.value.holder == "job"
+    assert "another job holds its unique key" in str(caught.value)
+    assert isinstance(caught.value, baton.DatabaseError)
     assert (await app.get_job(first)).state == "completed"
 
 
@@ -354,9 +356,9 @@ async def test_resuming_a_workflow_whose_key_is_taken_is_refused(app: baton.Bato
         assert (await wait_for_workflow(app, first)).state == "failed"
     second = await app.insert(ingest("nightly", 1, unique=unique))  # holds the key now
     assert not second.duplicate
-    with pytest.raises(baton.DatabaseError) as caught:
+    with pytest.raises(baton.UniqueKeyTakenError) as caught:
         await app.resume(first)
-    assert caught.value.sqlstate == "23505"
+    assert caught.value.sqlstate == "23505" and caught.value.holder == "workflow"
     assert (await app.get_workflow(first)).state == "failed"
 
 
