@@ -65,13 +65,13 @@ def decide(
         return Decision("wait", f"waiting on {', '.join(d.name for d in waiting[:5])}")
     failed = [d for d in deps if d.outcome != "completed"]
     if min_success is not None:
-        done = (len(deps) if total is None else total) - len(failed)
+        total = len(deps) if total is None else total
+        done = total - len(failed)
         if done >= min_success:
             return Decision("run", failed=failed)
         return Decision(
             "cancel",
-            f"only {done} of {len(deps) if total is None else total} dependencies completed; "
-            f"{min_success} needed",
+            f"only {done} of {total} dependencies completed; {min_success} needed",
             failed,
         )
     blocking = [
