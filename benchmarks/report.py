@@ -17,6 +17,8 @@ class Figure:
     higher_is_better: bool | None  # None: informational, no ratio
     target: str = ""
     digits: int = 1
+    every_size: bool = False
+    """Also shown for each extra size of its workload (``fanout@250``, ``fanout@10000x2``)."""
 
 
 # fmt: off
@@ -72,9 +74,10 @@ FIGURES = (
            "<= 10 ms", 2),
     Figure("fanout: wall s (median of runs)", "fanout", ("seconds",), None, digits=3),
     Figure("fanout: statements/step (net of idle)", "fanout",
-           ("extra", "statements_net_per_step"), None, "flat in n", 2),
+           ("extra", "statements_net_per_step"), None, "flat in n", 2, every_size=True),
     Figure("fanout: steps/s from the insert's commit (median of runs)", "fanout",
-           ("extra", "steps_per_s_after_insert"), None, ">= 10,000 at 10,000", 0),
+           ("extra", "steps_per_s_after_insert"), None, ">= 10,000 at 10,000", 0,
+           every_size=True),
     Figure("insert10k: await app.insert(wf) s", "insert10k", ("seconds",), None, "< 1 s", 3),
 )
 # fmt: on
@@ -101,14 +104,15 @@ def ratio(fig: Figure, baton: Any, peers: Sequence[Any]) -> str:
 
 
 def rows(results: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[list[str]]:
-    """One row per figure (and per extra fanout size): label, systems..., ratio, target."""
+    """One row per figure (and per extra size of its workload): label, systems..., ratio,
+    target."""
     by_key = {(r["system"], r.get("label", r["workload"])): r for r in results}
-    labels = sorted({r.get("label", "") for r in results if "@" in r.get("label", "")})
     out = []
     for fig in FIGURES:
         keys = [fig.workload]
-        if fig.workload == "fanout" and ("statements" in fig.label or "steps/s" in fig.label):
-            keys = [*labels, "fanout"]
+        if fig.every_size:
+            sizes = {r.get("label", "") for r in results if r["workload"] == fig.workload}
+            keys = [*sorted(s for s in sizes if "@" in s), fig.workload]
         for key in keys:
             vals = [dig(by_key.get((s, key), {}), fig.path) for s in systems]
             if all(v is None for v in vals):
