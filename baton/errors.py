@@ -75,10 +75,11 @@ class WorkerStartError(BatonError):
     """Worker processes keep exiting before they are ready; see their errors."""
 
     def __init__(self, message: str | None = None, *, failed_starts: int = 0,
-                 status: int = 0) -> None:
+                 status: int | None = 0) -> None:
         self.failed_starts = failed_starts
         self.status = status
-        """The last child's exit code, or minus the number of the signal that ended it."""
+        """The last child's exit code, or minus the number of the signal that ended it;
+        ``None`` when the system would not start it (no process or pipe to be had)."""
         super().__init__(message)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import anyio.to_thread
 import pytest
 
 import baton
-from baton.errors import ConfigurationError
+from baton.errors import ConfigurationError, WorkerStartError
 from baton.job import JobSpec, JobState
 from baton.testing import wait_for_job, wait_for_jobs
 from baton.worker import supervisor
@@ -445,3 +446,49 @@ def test_restart_waits_double_until_a_worker_ran_long_enough(
                   and r.msg.get("event") == "supervisor.child_restarting"]
     assert [event["delay"] for event in restarting] == delays
     assert [event["failed_starts"] for event in restarting] == [0, 0]
+
+
+def test_a_child_the_system_will_not_start_is_retried_then_given_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor, "BACKOFF", 0.01)
+    gone = str(tmp_path / "python")  # an interpreter a deploy removed
+    with caplog.at_level("INFO", logger="baton.supervisor"), \
+            pytest.raises(WorkerStartError, match="could not be started") as raised:
+        supervisor.Supervisor(2, [gone, "-c", "pass"]).run()
+    assert raised.value.failed_starts == supervisor.MAX_FAILED_STARTS
+    assert raised.value.status is None
+    failed = [r.msg for r in caplog.records if isinstance(r.msg, dict)
+              and r.msg.get("event") == "supervisor.child_start_failed"]
+    assert len(failed) >= supervisor.MAX_FAILED_STARTS
+    assert all(gone in event["error"] for event in failed)
+
+
+class _Healing(supervisor.Supervisor):
+    """A supervisor whose child's interpreter comes back after the first failed start."""
+
+    def __init__(self, link: Path, command: list[str], env: dict[str, str]) -> None:
+        super().__init__(1, command, env=env)
+        self.link = link
+
+    def _start(self, slot: Any) -> None:
+        super()._start(slot)
+        if slot.child is None and not self.link.exists():
+            script = self.link.with_suffix(".new")
+            script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+            script.chmod(0o755)
+            script.rename(self.link)
+
+
+def test_a_child_that_could_not_be_started_is_started_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor, "BACKOFF", 0.01)
+    link = tmp_path / "python"
+    command = [str(link), "-c", FLAPPING, str(tmp_path / "starts")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with caplog.at_level("INFO", logger="baton.supervisor"):
+        assert _Healing(link, command, env).run() == 0  # the third start stops it cleanly
+    events = [r.msg["event"] for r in caplog.records if isinstance(r.msg, dict)]
+    assert events.count("supervisor.child_start_failed") == 1
+    assert events.count("supervisor.child_ready") == 3

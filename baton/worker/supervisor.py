@@ -10,7 +10,9 @@ never connects to the database and runs no jobs. It:
   doubles while the child of that slot keeps dying young (:data:`BACKOFF` up to
   :data:`MAX_BACKOFF`); a child that exits :data:`MAX_FAILED_STARTS` times in a row
   before it was ready (a bad deploy, an unmigrated schema) makes it give up: the other
-  children are stopped gracefully and ``baton worker`` exits with status 2 and a message;
+  children are stopped gracefully and ``baton worker`` exits with status 2 and a message.
+  A child the system will not start (no process or pipe to be had: too many open files
+  or processes, no memory, an interpreter removed by a deploy) counts as such a start;
 - forwards SIGTERM and SIGINT to the children, which stop gracefully (running jobs get
   their ``--shutdown-grace``), and exits once every child has; a second signal kills them.
 
@@ -253,6 +255,25 @@ class Supervisor:
     # -- children --------------------------------------------------------------------------
 
     def _start(self, slot: _Slot) -> None:
+        try:
+            proc, ready_r = self._spawn()
+        except OSError as exc:
+            # The system refused a process or a pipe (too many open files or processes,
+            # no memory, the interpreter gone in a deploy): a start that failed, retried
+            # after a backoff, rather than the end of every other child.
+            self._failed_to_start(slot, exc)
+            return
+        slot.child = _Child(proc, ready_r, started_at=time.monotonic())
+        slot.restart_at = None
+        self._selector.register(ready_r, selectors.EVENT_READ, slot)
+        if slot.restarts:
+            log.info("supervisor.child_restarted", slot=slot.index, pid=proc.pid,
+                     restarts=slot.restarts)
+        else:
+            log.info("supervisor.child_started", slot=slot.index, pid=proc.pid)
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Start one child; return it and the read end of its ready pipe."""
         ready_r, ready_w = os.pipe()
         # Never wait on it: a process the child forked may hold the other end open.
         os.set_blocking(ready_r, False)
@@ -265,14 +286,17 @@ class Supervisor:
             raise
         finally:
             os.close(ready_w)
-        slot.child = _Child(proc, ready_r, started_at=time.monotonic())
-        slot.restart_at = None
-        self._selector.register(ready_r, selectors.EVENT_READ, slot)
-        if slot.restarts:
-            log.info("supervisor.child_restarted", slot=slot.index, pid=proc.pid,
-                     restarts=slot.restarts)
-        else:
-            log.info("supervisor.child_started", slot=slot.index, pid=proc.pid)
+        return proc, ready_r
+
+    def _failed_to_start(self, slot: _Slot, exc: OSError) -> None:
+        slot.failed_starts += 1
+        slot.quick_deaths += 1
+        log.warning("supervisor.child_start_failed", slot=slot.index, error=str(exc),
+                    failed_starts=slot.failed_starts)
+        if slot.failed_starts >= MAX_FAILED_STARTS:
+            self._give_up(slot, None, reason=str(exc))
+            return
+        self._restart_later(slot, time.monotonic())
 
     def _on_ready(self, slot: _Slot) -> None:
         child = slot.child
@@ -328,20 +352,26 @@ class Supervisor:
         if slot.failed_starts >= MAX_FAILED_STARTS:
             self._give_up(slot, status)
             return
+        self._restart_later(slot, now)
+
+    def _restart_later(self, slot: _Slot, now: float) -> None:
         delay = backoff(slot.quick_deaths)
         slot.restarts += 1
         slot.restart_at = now + delay
         log.info("supervisor.child_restarting", slot=slot.index, delay=delay,
                  failed_starts=slot.failed_starts)
 
-    def _give_up(self, slot: _Slot, status: int) -> None:
+    def _give_up(self, slot: _Slot, status: int | None, *, reason: str | None = None) -> None:
+        """Stop for good: ``status`` is the last child's, or ``None`` when the system
+        would not start one (``reason`` says why)."""
+        last = (f"the last with status {_status_text(status)}" if status is not None
+                else f"the last could not be started: {reason}")
         self.gave_up = WorkerStartError(
             f"worker processes keep exiting before they are ready ({slot.failed_starts} in a "
-            f"row, the last with status {_status_text(status)}); see their errors above, "
-            "fix the cause, then start `baton worker` again",
-            failed_starts=slot.failed_starts, status=status)
+            f"row, {last}); see their errors above, fix the cause, then start `baton worker` "
+            "again", failed_starts=slot.failed_starts, status=status)
         log.error("supervisor.gave_up", slot=slot.index, failed_starts=slot.failed_starts,
-                  status=_status_text(status))
+                  status=None if status is None else _status_text(status), reason=reason)
         self._stop_children(signal.SIGTERM)
 
     def _restart_due(self) -> None:
