@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -11,6 +13,7 @@ from baton.logs import capture_logs
 from baton.testing import running_worker, wait_for_job, wait_for_jobs
 from baton.worker.completer import Completer
 from baton.worker.executor import FetchedJob, Outcome
+from baton.worker.producer import Producer
 from tests.apps import basic
 from tests.helpers import sql_rows
 
@@ -141,6 +144,32 @@ async def test_quick_jobs_never_exceed_the_limit(app: baton.Baton) -> None:
     async with running_worker(app, queues={"limited": 3}):
         await wait_for_jobs(app, ids, ["completed"])
     assert basic.PEAK["q"] == 3 and len(basic.CALLS["q"]) == 300
+
+
+async def test_fetched_jobs_wake_idle_slots_one_per_job_at_most(
+    app: baton.Baton, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An idle worker of 50 slots gets 3 jobs: at most one slot wakes per job, not all 50.
+    waits = 0
+    wait_for_work = Producer._wait_for_work
+
+    async def counted(self: Producer, slot: Any) -> None:
+        nonlocal waits
+        waits += 1
+        await wait_for_work(self, slot)
+
+    monkeypatch.setattr(Producer, "_wait_for_work", counted)
+    async with running_worker(app, queues={"default": 50}) as worker:
+        producer = worker.producers["default"]
+        with anyio.fail_after(10):
+            while len(producer._free) < 50:
+                await anyio.sleep(0.01)
+        idle = waits
+        ids = await app.enqueue_many([basic.echo.new(value=str(i)) for i in range(3)])
+        await wait_for_jobs(app, ids, ["completed"])
+        woken = waits - idle  # each slot woken waits again once its job is done
+    assert 1 <= woken <= 3
+    assert sorted(basic.CALLS["echo"]) == ["0", "1", "2"]
 
 
 async def test_cancel_running_job(app: baton.Baton) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +30,13 @@ class _Slot:
     cancelling the scope interrupts the job it is running, and the slot starts afresh.
     """
 
-    __slots__ = ("job", "scope")
+    __slots__ = ("job", "scope", "work")
 
     def __init__(self) -> None:
         self.job: FetchedJob | None = None
         self.scope: anyio.CancelScope | None = None
+        self.work: anyio.Event | None = None
+        """Set to wake this slot while it waits for a job (``None`` while it runs one)."""
 
     def cancel(self) -> None:
         if self.scope is not None:
@@ -56,7 +58,10 @@ class Producer:
         """Claimed jobs: the slot running each, or ``None`` while it waits for one."""
         self.stopping = False
         self._waiting: deque[FetchedJob] = deque()
-        self._work = anyio.Event()
+        self._event: Callable[[], anyio.Event] = anyio.Event
+        self._free: list[_Slot] = []
+        """Slots waiting for a job, the last to wait at the end: a fetch wakes as many as
+        it brought jobs, the most recently busy first."""
         self._closed = False
         self._wake = anyio.Event()
         self._wake.set()  # fetch at once on start, not after the first poll interval
@@ -106,7 +111,7 @@ class Producer:
             while self._slots < limit:
                 self._slots += 1
                 self._tg.start_soon(self._slot_loop, _Slot())
-        self._work.set()  # idle slots beyond the limit end now
+        self._wake_slots(len(self._free))  # idle slots beyond the limit end now
         self.wake()
 
     def stop(self) -> None:
@@ -153,6 +158,7 @@ class Producer:
         failures = 0
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self._event = type(anyio.Event())
             self._slots = self.limit
             for _ in range(self.limit):
                 tg.start_soon(self._slot_loop, _Slot())
@@ -199,9 +205,9 @@ class Producer:
                            starved=refill and len(self.running) == len(jobs))
                 if jobs:
                     self._waiting.extend(jobs)
-                    self._work.set()
+                    self._wake_slots(1)  # it wakes the next one (see _wake_slots)
             self._closed = True  # the slots finish what is claimed, then end
-            self._work.set()
+            self._wake_slots(len(self._free))
         self._tg = None
 
     def _pace(self, *, full: bool, starved: bool) -> None:
@@ -299,18 +305,24 @@ class Producer:
         while True:
             with anyio.CancelScope() as scope:
                 slot.scope = scope
+                woken = False
                 while not scope.cancel_called:
                     if self._slots > self.limit:  # scaled down: this slot ends
                         self._slots -= 1
+                        if woken:  # the job it was woken for goes to another slot
+                            self._wake_slots(1)
                         return
                     if not self._waiting:
                         if self._closed:
                             return
-                        if self._work.is_set():
-                            self._work = anyio.Event()
-                        await self._work.wait()
+                        await self._wait_for_work(slot)
+                        woken = True
                         continue
                     job = self._waiting.popleft()
+                    if woken:  # the next job, if any, wakes the next slot
+                        woken = False
+                        if self._waiting:
+                            self._wake_slots(1)
                     if self._cancelled and job.id in self._cancelled:
                         self._cancelled.discard(job.id)
                         self._finished(job, None)
@@ -324,6 +336,28 @@ class Producer:
             if slot.job is not None:  # interrupted: by a cancel request, or at shutdown
                 job, slot.job = slot.job, None
                 self._finished(job, None)
+
+    def _wake_slots(self, count: int) -> None:
+        # Fetched jobs wake one idle slot, and a slot woken for a job wakes the next one if
+        # more wait: a slot whose jobs never yield runs the whole batch while the next one
+        # wakes, and jobs that await start one after another as before. Waking every idle
+        # slot for each fetch cost an idle worker of 400 slots 1.3 ms of CPU a job, and its
+        # start waited behind them (1,000 jobs at 200/s: 400 slots against 10, enqueue ->
+        # start p99 10.6 ms against 4.8).
+        for _ in range(min(count, len(self._free))):
+            work = self._free.pop().work
+            if work is not None:
+                work.set()
+
+    async def _wait_for_work(self, slot: _Slot) -> None:
+        slot.work = work = self._event()
+        self._free.append(slot)
+        try:
+            await work.wait()
+        finally:
+            slot.work = None
+            if not work.is_set():  # cancelled while it waited
+                self._free.remove(slot)
 
     async def _execute(self, job: FetchedJob) -> Outcome:
         log.debug("job.executing", job_id=job.id, queue=job.queue, step=job.step,
