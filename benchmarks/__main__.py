@@ -11,7 +11,8 @@ systems compared in a row ran minutes apart, not an hour:
    its own settings (:data:`SWEEP`), and the fastest is its chosen setting;
 3. the drain of ``--n-drain`` jobs at each system's chosen setting, with the database
    counters, then ``latency`` at that setting;
-4. baton's workflow workloads.
+4. baton's workflow workloads, at ``--workflow-concurrency`` slots per process whatever the
+   drain chose (or whether it ran), so a run of them alone gives the full run's figures.
 
 Prints the tables (each system at its best with CPU per job and the ratios to the best
 peer; the sweep; every figure), writes ``benchmarks/results/<timestamp>.json`` (the sweep
@@ -37,7 +38,7 @@ from benchmarks.peers.run_all import drop_db, fresh_db, oban_python, run_peer
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("baton", "procrastinate", "pgqueuer", "chancy", "oban")
 SHARED = ("enqueue_one", "enqueue_batch", "drain", "latency")
-BATON_ONLY = ("chain", "fanout", "insert10k")
+BATON_ONLY = report.WORKFLOWS
 FULL_N = {
     "enqueue_one": 2000, "enqueue_batch": 100_000, "drain": 100_000, "latency": 1000,
     "chain": 200, "fanout": 1000, "insert10k": 10_000,
@@ -69,6 +70,10 @@ FINAL_DRAIN_N = {"procrastinate": 20_000}
 DEFAULT_CONCURRENCY = {
     "baton": 200, "procrastinate": 100, "pgqueuer": 200, "chancy": 400, "oban": 100,
 }  # fmt: skip
+# baton's workflow workloads: slots per worker process. A 1 -> 10,000 -> 1 workflow with
+# 2 processes ran at 6,323-9,990 steps/s with 100 slots and 11,329-12,518 with 400 (the
+# drain's chosen setting in every full run so far), so it is fixed, not taken from the drain.
+WORKFLOW_CONCURRENCY = 400
 
 
 def err(msg: str) -> None:
@@ -102,6 +107,13 @@ def parse_args() -> argparse.Namespace:
         "--fanout-processes",
         default="1,2",
         help="worker processes for the extra fanout sizes (above 1: baton worker --processes)",
+    )
+    p.add_argument(
+        "--workflow-concurrency",
+        type=int,
+        default=WORKFLOW_CONCURRENCY,
+        help=f"slots per worker process for chain, fanout and insert10k "
+        f"(default {WORKFLOW_CONCURRENCY})",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
     p.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")
@@ -291,7 +303,7 @@ def main() -> None:
 
         if "baton" in systems:
             t0 = time.monotonic()
-            conc = chosen["baton"]["concurrency"]
+            conc = args.workflow_concurrency
             for wl in BATON_ONLY:
                 if wl not in workloads:
                     continue
@@ -316,6 +328,7 @@ def main() -> None:
             "processes_swept": processes,
             "settings_swept": settings,
             "chosen": chosen,
+            "workflow_concurrency": args.workflow_concurrency,
             "small": args.small,
             "seconds": round(time.time() - started, 1),
             "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
@@ -330,7 +343,7 @@ def finish(
     sweep: list[dict[str, Any]],
     meta: dict[str, Any],
 ) -> None:
-    text = report.document(results, sweep, systems, meta["chosen"])
+    text = report.document(results, sweep, systems, meta["chosen"], meta["workflow_concurrency"])
     emit(text)
     for line in report.problems(results + sweep):
         emit(f"problem: {line}")

@@ -290,11 +290,15 @@ def scaling_table(sweep: Sequence[dict[str, Any]], systems: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+WORKFLOWS = ("chain", "fanout", "insert10k")
+
+
 def document(
     results: Sequence[dict[str, Any]],
     sweep: Sequence[dict[str, Any]],
     systems: Sequence[str],
     chosen: dict[str, Any],
+    workflow_concurrency: int | None = None,
 ) -> str:
     """The whole report in markdown: headline, scaling, sweep, every figure."""
     parts = ["## Each system at its best", "", headline(results, systems, chosen)]
@@ -302,7 +306,12 @@ def document(
         parts += ["", "## Drain by worker processes (best setting at each count)", "",
                   scaling_table(sweep, systems), "", "## The drain sweep", "",
                   sweep_table(sweep, systems, chosen)]  # fmt: skip
-    parts += ["", "## Every figure", "", markdown(results, systems)]
+    parts += ["", "## Every figure", ""]
+    if workflow_concurrency is not None and any(r.get("system") == "baton" and
+                                                r.get("workload") in WORKFLOWS for r in results):
+        parts += [f"baton's workflow workloads ran with {workflow_concurrency} slots per "
+                  "worker process.", ""]
+    parts.append(markdown(results, systems))
     return "\n".join(parts)
 
 
