@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "[BATON_SHUTDOWN_GRACE]")
     worker.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", 1.0)),
                         help="fallback fetch interval in seconds [BATON_POLL_INTERVAL]")
+    worker.add_argument("--peer-wake-delay", type=float,
+                        default=float(_env("PEER_WAKE_DELAY", 0.025)),
+                        help="seconds after an insert's NOTIFY at which the worker processes "
+                             "not chosen to fetch at once fetch; 0: all at once "
+                             "[BATON_PEER_WAKE_DELAY]")
     worker.add_argument("--heartbeat-interval", type=float,
                         default=float(_env("HEARTBEAT_INTERVAL", 2.0)),
                         help="seconds between heartbeats [BATON_HEARTBEAT_INTERVAL]")
@@ -301,6 +306,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         queues=parse_queues(args.queues),
         shutdown_grace=args.shutdown_grace,
         poll_interval=args.poll_interval,
+        peer_wake_delay=args.peer_wake_delay,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_ttl=args.heartbeat_ttl,
         maintenance_interval=args.maintenance_interval,

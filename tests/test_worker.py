@@ -238,6 +238,60 @@ async def test_two_workers_never_run_one_job(app: baton.Baton) -> None:
     assert len(workers) == 2
 
 
+async def _peers_seen(workers: list[Any], count: int) -> None:
+    """Wait until every worker's heartbeat has read ``count`` live workers of its queue."""
+    with anyio.fail_after(10):
+        while any(len(w._peers.get("default", ())) != count for w in workers):
+            await anyio.sleep(0.02)
+
+
+async def _enqueue_from(app: baton.Baton, value: int) -> tuple[int, int]:
+    """Enqueue on a pooled connection; return the job's id and the process id of the
+    session whose commit sent the NOTIFY."""
+    async with app.connection() as conn:
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        assert row is not None
+        job_id = await app.enqueue(basic.echo.new(value=value), conn=conn)
+    return job_id, int(row[0])
+
+
+async def test_one_worker_process_acts_on_an_insert_at_once(app: baton.Baton) -> None:
+    # Neither polls nor fetches late within the test: only the worker chosen for each
+    # insert's NOTIFY can claim its job.
+    quiet = {"poll_interval": 60.0, "peer_wake_delay": 60.0}
+    async with running_worker(app, **quiet) as a, running_worker(app, **quiet) as b:
+        await _peers_seen([a, b], 2)
+        for value in range(8):
+            job_id, sender = await _enqueue_from(app, value)
+            job = await wait_for_job(app, job_id, "completed")
+            peers = a._peers["default"]
+            assert job.attempted_by == peers[sender % len(peers)]
+    assert sorted(basic.CALLS["echo"]) == list(range(8))
+
+
+async def test_a_worker_not_chosen_still_fetches_after_the_peer_wake_delay(
+    app: baton.Baton,
+) -> None:
+    # The chosen worker never fetches (a registry row of a worker that does not run): the
+    # only one running claims the job once the delay is over, with no poll to help it.
+    async with running_worker(app, poll_interval=60.0, peer_wake_delay=0.05) as worker, \
+            app.connection(autocommit=True) as conn:
+        await _peers_seen([worker], 1)
+        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        assert row is not None
+        # Sorted by id, the ghost is the one this session's process id chooses.
+        ghost = "~ghost" if row[0] % 2 else "!ghost"
+        await conn.execute(
+            "INSERT INTO baton.worker_registry (id, hostname, pid, queues, expires_at)"
+            " VALUES (%s, 'nowhere', 0, '{\"default\": 5}', now() + interval '1 hour')",
+            (ghost,))
+        await _peers_seen([worker], 2)
+        assert worker._peers["default"][row[0] % 2] == ghost
+        job_id = await app.enqueue(basic.echo.new(value=1), conn=conn)
+        job = await wait_for_job(app, job_id, "completed")
+    assert job.attempted_by == worker.id
+
+
 async def test_graceful_shutdown_hands_back_unfinished(app: baton.Baton) -> None:
     job_id = await app.enqueue(basic.blocker.new(key="stuck"))
     async with running_worker(app, shutdown_grace=0.1):

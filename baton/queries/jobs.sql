@@ -315,6 +315,11 @@ VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, %(steps)s,
 ON CONFLICT (id) DO UPDATE
 SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
 
+-- name: worker_peers
+-- The live workers and the queues each serves: one of those serving a queue acts at once on
+-- an insert's NOTIFY.
+SELECT id, queues FROM {schema}.worker_registry WHERE expires_at > now() ORDER BY id
+
 -- name: worker_unregister
 DELETE FROM {schema}.worker_registry WHERE id = %(id)s
 

@@ -17,7 +17,8 @@ from baton.logs import get_logger
 
 log = get_logger("baton.notifier")
 
-Handler = Callable[[str], None]
+Handler = Callable[[str, int], None]
+"""Called with a notification's payload and the server process id of its sender."""
 
 _SESSION: dict[str, Any] = {
     "autocommit": True,  # its application_name is the URL's (or PGAPPNAME): the user's
@@ -71,7 +72,7 @@ class Notifier:
                     async for note in conn.notifies():
                         handler = self.handlers.get(note.channel)
                         if handler is not None:
-                            handler(note.payload)
+                            handler(note.payload, note.pid)
             except psycopg.Error as exc:
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6))

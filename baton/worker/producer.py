@@ -70,6 +70,8 @@ class Producer:
         self._maybe_more = True
         self._tg: anyio.abc.TaskGroup | None = None
         self._refetch_scheduled = False
+        self._wake_soon: anyio.CancelScope | None = None
+        """The fetch :meth:`wake_soon` asked for, until it is due (cancelled on stop)."""
         self._refill = False  # the wake came from slots freeing up
         self._ahead = 0
         """Jobs claimed beyond ``limit`` (they wait for a slot): up to a batch while jobs
@@ -96,6 +98,19 @@ class Producer:
         self._maybe_more = True
         self._wake.set()
 
+    def wake_soon(self, delay: float) -> None:
+        """Ask for a fetch ``delay`` seconds from now, unless one is asked for already."""
+        if self._tg is None or self.stopping or self._closed or self._wake_soon is not None:
+            return
+        self._wake_soon = anyio.CancelScope()
+        self._tg.start_soon(self._wake_after, self._wake_soon, delay)
+
+    async def _wake_after(self, scope: anyio.CancelScope, delay: float) -> None:
+        with scope:
+            await anyio.sleep(delay)
+            self._wake_soon = None
+            self.wake()
+
     def pause(self, paused: bool) -> None:
         """Stop fetching (``True``; running jobs go on) or fetch again (``False``)."""
         self.paused = paused
@@ -117,6 +132,8 @@ class Producer:
     def stop(self) -> None:
         """Stop fetching; running jobs go on."""
         self.stopping = True
+        if self._wake_soon is not None:
+            self._wake_soon.cancel()
         self._wake.set()
 
     async def wait_idle(self) -> None:

@@ -17,6 +17,11 @@ class WorkerSettings(BaseModel):
     """Fallback fetch interval for missed notifications; not the main wake-up path."""
     debounce: float = Field(default=0.002, ge=0)
     """How long a producer gathers freed slots before fetching again."""
+    peer_wake_delay: float = Field(default=0.025, ge=0)
+    """An insert's NOTIFY reaches every worker process serving its queue; one of them,
+    chosen by the inserting session, fetches at once and the others this much later (one
+    fetch for any number of NOTIFYs meanwhile), in case the chosen one is busy, stopped or
+    runs other steps. ``0``: every process fetches at once."""
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
     """A worker silent for this long is dead and its jobs are rescued. The heartbeat runs

@@ -102,6 +102,9 @@ class Worker:
         self._unfinished: list[int] = []
         self._notifier: Notifier | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._peers: dict[str, tuple[str, ...]] = {}
+        """By queue, the live workers serving it (this one among them), by id: read with
+        each heartbeat, they choose which of them acts at once on an insert's NOTIFY."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -302,10 +305,22 @@ class Worker:
     async def _register(self) -> None:
         async with self.app.connection() as conn:
             await conn.execute(self.app.sql["worker_register"], self._registration())
+            cur = await conn.execute(self.app.sql["worker_peers"])
+            self._set_peers(await cur.fetchall())
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:
-        """Renew the registry row (on the heartbeat's thread and connection)."""
+        """Renew the registry row and read the live workers (on the heartbeat's thread and
+        connection)."""
         conn.execute(self.app.sql["worker_register"], self._registration())
+        self._set_peers(conn.execute(self.app.sql["worker_peers"]).fetchall())
+
+    def _set_peers(self, rows: list[tuple[str, Any]]) -> None:
+        peers: dict[str, list[str]] = {queue: [] for queue in self.settings.queues}
+        for worker_id, queues in rows:
+            for queue in queues if isinstance(queues, dict) else ():
+                if queue in peers:
+                    peers[queue].append(worker_id)
+        self._peers = {queue: tuple(ids) for queue, ids in peers.items()}  # one assignment
 
     async def _reconcile_every(self, interval: float) -> None:
         """Hand back, now and then, jobs the table says this worker holds but it does not
@@ -326,12 +341,25 @@ class Worker:
 
     # -- notifications ---------------------------------------------------------------------
 
-    def _on_insert(self, queue: str) -> None:
+    def _on_insert(self, queue: str, sender: int) -> None:
+        """An insert's NOTIFY: every worker serving the queue gets it. One of them, chosen
+        by the sending session's process id, fetches at once; the others once
+        ``peer_wake_delay`` later, for any NOTIFYs meanwhile. With 4 processes of 400 slots
+        and a job every 5 ms, enqueue -> start went from p50 2.5-3.2 / p99 5.5-8.0 ms, each
+        process fetching for every NOTIFY, to 1.9-2.1 / 4.7-5.8 ms (``python -m benchmarks
+        --workloads latency --processes 4``, three runs each way)."""
         producer = self.producers.get(queue)
-        if producer is not None:
+        if producer is None:
+            return
+        peers = self._peers.get(queue, ())
+        delay = self.settings.peer_wake_delay
+        if len(peers) < 2 or not delay or self.id not in peers \
+                or peers[sender % len(peers)] == self.id:
             producer.wake()
+        else:
+            producer.wake_soon(delay)
 
-    def _on_control(self, payload: str) -> None:
+    def _on_control(self, payload: str, sender: int) -> None:
         try:
             message = json.loads(payload)
         except ValueError:
@@ -352,7 +380,8 @@ class Worker:
 
     def _wake_queues(self, queues: set[str]) -> None:
         for queue in queues:
-            self._on_insert(queue)
+            if (producer := self.producers.get(queue)) is not None:
+                producer.wake()
 
     def _wake_all(self) -> None:
         for producer in self.producers.values():
