@@ -93,7 +93,10 @@ class Producer:
         end as their jobs finish."""
 
     def wake(self) -> None:
-        """Ask for a fetch as soon as possible."""
+        """Ask for a fetch as soon as possible (it stands for a later one asked for)."""
+        if self._wake_soon is not None:
+            self._wake_soon.cancel()
+            self._wake_soon = None
         self._wakes += 1
         self._maybe_more = True
         self._wake.set()
