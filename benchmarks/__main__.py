@@ -10,7 +10,8 @@ systems compared in a row ran minutes apart, not an hour:
 2. the drain sweep: every system drains jobs with 1, 2 and 4 worker processes at each of
    its own settings (:data:`SWEEP`), and the fastest is its chosen setting;
 3. the drain of ``--n-drain`` jobs at each system's chosen setting, with the database
-   counters, then ``latency`` at that setting;
+   counters, then ``latency`` at that setting and with its other process counts (the
+   lowest p99 of them is the system's best latency);
 4. baton's workflow workloads, at ``--workflow-concurrency`` slots per process whatever the
    drain chose (or whether it ran), so a run of them alone gives the full run's figures.
 
@@ -299,6 +300,11 @@ def main() -> None:
                     results.append(res)
                     if "settings" in res.get("extra", {}):
                         pick["settings"] = res["extra"]["settings"]
+                    if wl == "latency":  # and at the other process counts, same setting
+                        runs = [res] + [
+                            runner.run(s, wl, n, pick["concurrency"], f"latency p{p}", p)
+                            for p in processes if p != pick["processes"]]  # fmt: skip
+                        results += [*runs[1:], report.latency_best(runs)]
                 phases[wl] = time.monotonic() - t0
 
         if "baton" in systems:
