@@ -243,6 +243,7 @@ async def _run_drain(peer: Peer, res: Result, args: argparse.Namespace) -> None:
     n = args.n
     for ids in chunks(n, args.batch_size):
         await _bounded(peer.enqueue_batch(ids), args.timeout, "pre-enqueue")
+    await dbstats.analyze(peer.dsn)  # the statistics a deployed queue's table has
     postmaster = await dbstats.postmaster_pid(peer.dsn)
     with tempfile.TemporaryDirectory(prefix="bench-board-") as board:
         fleet = peer.fleet("drain", args.processes, board)
