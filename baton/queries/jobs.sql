@@ -268,10 +268,13 @@ RETURNING j.id, j.queue
 -- Recover jobs executing on workers whose heartbeat expired. Not in the first %(ttl)s
 -- seconds after the server started: a restart that took longer than a heartbeat's lifetime
 -- leaves every row expired, and live workers need one beat to say they still run their jobs.
+-- Never the leader's own (%(self)s): it runs, so its heartbeat only stalled, and it
+-- reconciles its jobs itself.
 WITH orphaned AS (
     SELECT j.id
     FROM {schema}.jobs AS j
     WHERE j.state = 'executing'
+      AND j.attempted_by IS DISTINCT FROM %(self)s
       AND pg_postmaster_start_time() < now() - make_interval(secs => %(ttl)s)
       AND NOT EXISTS (
           SELECT 1 FROM {schema}.worker_registry AS w

@@ -124,7 +124,8 @@ class Maintenance:
         """Recover jobs of workers whose heartbeat expired; return how many."""
         settings = self.worker.settings
         rows = await self._rows("jobs_rescue", {"limit": settings.rescue_limit,
-                                                "ttl": settings.heartbeat_ttl}, queue_column=2)
+                                                "ttl": settings.heartbeat_ttl,
+                                                "self": self.worker.id}, queue_column=2)
         for job_id, state, queue, attempted_by, _wf in rows:
             log.warning("job.rescued", job_id=job_id, queue=queue, state=state,
                         lost_worker=attempted_by)

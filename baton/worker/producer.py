@@ -297,6 +297,8 @@ class Producer:
                     cur = await conn.execute(app.sql["jobs_fetch"], params, prepare=True)
                     rows = await cur.fetchall()
                 jobs = [FetchedJob(*row) for row in rows]
+                if any(job.id in self.running for job in jobs):
+                    jobs = self._without_rerun(jobs)
                 # In ``running`` before the claim lock is released: a reconcile after this
                 # fetch counts them as held.
                 if jobs and self._idle.is_set():
@@ -387,6 +389,20 @@ class Producer:
         except Exception as exc:  # a fault in baton itself must not stop the worker
             log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
             return self.worker.executor.failed(job, exc, kind="crash")
+
+    def _without_rerun(self, jobs: list[FetchedJob]) -> list[FetchedJob]:
+        """Drop the claimed jobs this worker still runs (or waits to start).
+
+        A rescue can take a job from a worker that still runs it, when its heartbeat
+        stalled past ``heartbeat_ttl``; if this worker then claims it again, running it a
+        second time beside the first would be two attempts at once. The row is executing
+        by this worker either way, and the attempt already running writes its outcome.
+        """
+        again = [job.id for job in jobs if job.id in self.running]
+        log.warning("producer.reclaimed_running", queue=self.queue, job_ids=again,
+                    reason="claimed again after a rescue while still running here; the "
+                           "running attempt writes the outcome")
+        return [job for job in jobs if job.id not in self.running]
 
     def _finished(self, job: FetchedJob, outcome: Outcome | None) -> None:
         """Record a job's end: its outcome, or ``None`` if it was cancelled mid-way."""
