@@ -397,12 +397,6 @@ async def test_the_leader_never_rescues_its_own_running_jobs(app: baton.Baton) -
         quick = WorkerSettings(heartbeat_ttl=0.001)
         assert await Worker(app, quick, worker_id=worker.id).maintenance.rescue() == 0
         assert (await app.get_job(job_id)).state is JobState.EXECUTING
-        # Another process's leader does rescue it (and this worker runs it only once).
-        assert await Worker(app, quick, worker_id="other").maintenance.rescue() == 1
-        with anyio.fail_after(10):
-            while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
-                           (job_id,)) != [(2,)]:
-                await anyio.sleep(0.01)
         basic.GATES.setdefault("own", anyio.Event()).set()
         await wait_for_job(app, job_id, "completed")
     assert basic.CALLS["own"] == ["done"]
