@@ -1,5 +1,6 @@
 """A TCP proxy for fault tests: it sits between PostgreSQL clients and the test server,
-forwards the protocol message by message, and loses what a test tells it to.
+forwards the protocol message by message, and loses or holds back what a test
+tells it to.
 
 It runs its own event loop on a thread, so sync and async clients alike can use it::
 
@@ -59,6 +60,7 @@ class _Link:
     readies: int = 0  # ReadyForQuery messages seen from the server
     doomed: bool = False  # the trap fired here: nothing more goes back to the client
     doom_at: int | None = None  # the ReadyForQuery that ends the trapped message's reply
+    held: asyncio.Event | None = None  # a hold fired here: replies wait until it is set
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -84,6 +86,10 @@ class Proxy:
         self.fired = threading.Event()
         """Set once a trap fired: the reply was dropped and the connection closed."""
         self._trap: Predicate | None = None
+        self._hold: Predicate | None = None
+        self.holding = threading.Event()
+        """Set once a hold fired: the matching message went to the server, and what the
+        server sends back waits in the proxy until :meth:`release`."""
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +152,22 @@ class Proxy:
             self.fired.clear()
             self._trap = predicate
 
+    def hold_next_reply_after(self, predicate: Predicate) -> None:
+        """Arm a one-shot hold: the first client message that matches ``predicate`` is
+        forwarded and the server answers it, but nothing the server sends on that
+        connection from then on reaches the client until :meth:`release` (a reply that
+        is only late). :attr:`holding` is set once the message matched."""
+        with self._lock:
+            self.holding.clear()
+            self._hold = predicate
+
+    def release(self) -> None:
+        """Let the held replies through."""
+        assert self._loop is not None
+        for link in list(self._links):
+            if link.held is not None:
+                self._loop.call_soon_threadsafe(link.held.set)
+
     def cut_all(self) -> None:
         """Close every connection through the proxy now, both sides (new ones still work)."""
         self._call(self._cut())
@@ -177,6 +199,13 @@ class Proxy:
         with self._lock:
             if self._trap is not None and self._trap(kind, body):
                 self._trap = None
+                return True
+        return False
+
+    def _catch(self, kind: bytes, body: bytes) -> bool:
+        with self._lock:
+            if self._hold is not None and self._hold(kind, body):
+                self._hold = None
                 return True
         return False
 
@@ -222,6 +251,9 @@ class Proxy:
                 body = await reader.readexactly(int.from_bytes(head) - 4)
                 if not link.doomed and self._spring(kind, body):
                     link.doomed = True
+                if link.held is None and self._catch(kind, body):
+                    link.held = asyncio.Event()
+                    self.holding.set()
                 if kind in (b"S", b"Q"):  # each is answered by one ReadyForQuery
                     link.syncs += 1
                     if link.doomed and link.doom_at is None:
@@ -240,6 +272,8 @@ class Proxy:
                 body = await reader.readexactly(int.from_bytes(head) - 4)
                 if kind == b"Z":
                     link.readies += 1
+                if link.held is not None:
+                    await link.held.wait()
                 if link.doomed:
                     if link.doom_at is not None and link.readies >= link.doom_at:
                         self.fired.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
 import baton
@@ -17,6 +18,7 @@ from baton.worker.executor import FetchedJob, Outcome
 from baton.worker.producer import Producer
 from tests.apps import basic
 from tests.helpers import sql_rows
+from tests.proxy import Predicate, Proxy
 
 
 async def test_job_completes(app: baton.Baton) -> None:
@@ -386,6 +388,93 @@ async def test_a_job_claimed_again_while_it_still_runs_here_runs_once(
     assert line["job_ids"] == [job_id]
 
 
+def _claims_for(step: str) -> Predicate:
+    """The bind of a claim: its parameters name the worker's steps (so does the heartbeat's
+    registration, which the tests below keep out of the way with a long interval)."""
+    return lambda kind, body: kind == b"B" and step.encode() in body
+
+
+async def test_a_job_that_ends_before_the_reply_of_the_claim_taking_it_again_runs_once(
+    app: baton.Baton, dsn: str,
+) -> None:
+    """A rescue makes a running job available and this worker's next claim takes it again.
+    The first attempt ends and writes its outcome (to the row claimed again) before that
+    claim's reply arrives: the job must not start a second time."""
+    with Proxy(dsn) as proxy:
+        app.dsn = proxy.dsn
+        job_id = await app.enqueue(basic.blocker.new(key="late"))
+        with capture_logs() as logs:
+            async with running_worker(app, heartbeat_ttl=60.0,
+                                      heartbeat_interval=30.0) as worker:
+                with anyio.fail_after(10):
+                    await basic.STARTED.setdefault("late", anyio.Event()).wait()
+                proxy.hold_next_reply_after(_claims_for(basic.blocker.name))
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    await conn.execute("UPDATE baton.jobs SET state = 'available', "
+                                       "scheduled_at = now() WHERE id = %s",
+                                       (job_id,))  # as another process's rescue would
+                worker.producers["default"].wake()
+                with anyio.fail_after(10):
+                    while sql_rows(dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                                   (job_id,)) != [(2,)]:
+                        await anyio.sleep(0.01)
+                basic.GATES.setdefault("late", anyio.Event()).set()
+                await wait_for_job(app, job_id, "completed", timeout=30)
+                proxy.release()
+                with anyio.fail_after(10):
+                    while not [e for e in logs if e["event"] == "producer.reclaimed_running"]:
+                        await anyio.sleep(0.01)
+    assert proxy.holding.is_set()
+    assert basic.CALLS["late"] == ["done"]
+    [line] = [e for e in logs if e["event"] == "producer.reclaimed_running"]
+    assert line["job_ids"] == [job_id]
+    assert not [e for e in logs if e["event"] in ("producer.reconciled", "job.crashed")]
+    assert sql_rows(dsn, "SELECT state, attempt, attempted_by FROM baton.jobs WHERE id = %s",
+                    (job_id,)) == [("completed", 2, worker.id)]
+
+
+async def test_a_job_whose_outcome_came_before_the_claim_taking_it_again_runs_again(
+    app: baton.Baton, dsn: str,
+) -> None:
+    """The same, but the first attempt's outcome reaches the row before the claim commits:
+    it is refused (the rescue made the job available), so the row the claim took must not
+    stay executing with nothing to write it. It is handed back at once and runs again."""
+    job_id = await app.enqueue(basic.blocker.new(key="early"))
+    # The claim that takes the job again waits inside its statement, on a lock held here,
+    # until the first attempt's outcome was refused. (An async connection: a statement
+    # that waited for a lock while holding up the event loop could wait for the worker.)
+    sql_rows(dsn, """
+        CREATE FUNCTION public.hold_claim() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
+        CREATE TRIGGER hold_claim AFTER UPDATE ON baton.jobs FOR EACH ROW
+        WHEN (NEW.state = 'executing' AND NEW.attempt = 2)
+        EXECUTE FUNCTION public.hold_claim()""")
+    with capture_logs() as logs:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as lock, \
+                running_worker(app, heartbeat_ttl=60.0) as worker:
+            with anyio.fail_after(10):
+                await basic.STARTED.setdefault("early", anyio.Event()).wait()
+            await lock.execute("SELECT pg_advisory_lock(4242)")
+            await lock.execute("UPDATE baton.jobs SET state = 'available', scheduled_at = "
+                               "now() WHERE id = %s", (job_id,))
+            worker.producers["default"].wake()
+            with anyio.fail_after(10):
+                while sql_rows(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                               "'advisory' AND NOT granted") != [(1,)]:
+                    await anyio.sleep(0.01)
+            basic.GATES.setdefault("early", anyio.Event()).set()
+            with anyio.fail_after(10):
+                while not [e for e in logs if e["event"] == "job.outcome_dropped"]:
+                    await anyio.sleep(0.01)
+            await lock.execute("SELECT pg_advisory_unlock(4242)")
+            # Well before the periodic reconcile (10 s) would hand it back.
+            job = await wait_for_job(app, job_id, "completed", timeout=5)
+    assert basic.CALLS["early"] == ["done", "done"]
+    assert (job.attempt, job.attempted_by) == (2, worker.id)
+    [line] = [e for e in logs if e["event"] == "producer.reconciled"]
+    assert line["job_ids"] == [job_id]
+
+
 async def test_the_leader_never_rescues_its_own_running_jobs(app: baton.Baton) -> None:
     job_id = await app.enqueue(basic.blocker.new(key="own"))
     async with running_worker(app, heartbeat_ttl=60.0) as worker:
@@ -397,6 +486,13 @@ async def test_the_leader_never_rescues_its_own_running_jobs(app: baton.Baton) -
         quick = WorkerSettings(heartbeat_ttl=0.001)
         assert await Worker(app, quick, worker_id=worker.id).maintenance.rescue() == 0
         assert (await app.get_job(job_id)).state is JobState.EXECUTING
+        # Another process's leader does rescue it, and this worker takes it again: still
+        # one run, whether the claim's reply is read before the first attempt ends or after.
+        assert await Worker(app, quick, worker_id="other").maintenance.rescue() == 1
+        with anyio.fail_after(10):
+            while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                           (job_id,)) != [(2,)]:
+                await anyio.sleep(0.01)
         basic.GATES.setdefault("own", anyio.Event()).set()
         await wait_for_job(app, job_id, "completed")
     assert basic.CALLS["own"] == ["done"]

@@ -86,6 +86,9 @@ class Producer:
         self._cancelled: set[int] = set()
         """Claimed jobs cancelled before they reached the waiting line (while their
         claim's gates loaded): never started."""
+        self._ended: set[int] | None = None
+        """While a claim is on its way: the jobs of this worker that ended meanwhile. The
+        claim may have taken one of them again (after a rescue) before it ended."""
         self.paused = False
         """The queue is paused: nothing is fetched; claimed jobs run to their end."""
         self._slots = 0
@@ -286,6 +289,7 @@ class Producer:
         app = self.worker.app
         jobs: list[FetchedJob] = []
         events: list[dict[str, Any]] = []
+        self._ended = set()
         try:
             async with app.connection(autocommit=True) as conn:
                 params = {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
@@ -297,8 +301,9 @@ class Producer:
                     cur = await conn.execute(app.sql["jobs_fetch"], params, prepare=True)
                     rows = await cur.fetchall()
                 jobs = [FetchedJob(*row) for row in rows]
-                if any(job.id in self.running for job in jobs):
-                    jobs = self._without_rerun(jobs)
+                ended, self._ended = self._ended, None
+                if ended or any(job.id in self.running for job in jobs):
+                    jobs = self._without_rerun(jobs, ended)
                 # In ``running`` before the claim lock is released: a reconcile after this
                 # fetch counts them as held.
                 if jobs and self._idle.is_set():
@@ -320,6 +325,8 @@ class Producer:
             events = []
             log.warning("producer.connection_lost_after_claim", queue=self.queue,
                         error=describe(exc), jobs=len(jobs))
+        finally:
+            self._ended = None
         app.events.publish(events)
         return jobs
 
@@ -390,19 +397,34 @@ class Producer:
             log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
             return self.worker.executor.failed(job, exc, kind="crash")
 
-    def _without_rerun(self, jobs: list[FetchedJob]) -> list[FetchedJob]:
-        """Drop the claimed jobs this worker still runs (or waits to start).
+    def _without_rerun(self, jobs: list[FetchedJob], ended: set[int] | None
+                       ) -> list[FetchedJob]:
+        """Drop the claimed jobs this worker still runs (or waits to start), and those
+        that ended here while the claim was on its way (``ended``).
 
         A rescue can take a job from a worker that still runs it, when its heartbeat
-        stalled past ``heartbeat_ttl``; if this worker then claims it again, running it a
-        second time beside the first would be two attempts at once. The row is executing
-        by this worker either way, and the attempt already running writes its outcome.
+        stalled past ``heartbeat_ttl``. If this worker then claims it again, starting it
+        would run it twice: beside the first attempt, or after it when the first ends
+        before the claim's reply is read. The row is executing by this worker either way,
+        and the attempt that ran writes its outcome.
+
+        A job that ended during the claim may also have been taken again for a reason of
+        its own (its outcome, written first, made it available at once) or after its
+        outcome was refused (written while the rescue had made it available). Its row
+        then stays executing by this worker with nothing to write it, so a reconcile runs
+        before the next fetch: it hands back such a row once no outcome of it is pending.
         """
-        again = [job.id for job in jobs if job.id in self.running]
+        ended = ended or set()
+        again = [job.id for job in jobs if job.id in self.running or job.id in ended]
+        if not again:
+            return jobs
+        if any(job_id in ended for job_id in again):
+            self._reconcile_due = True
+            self.wake()
         log.warning("producer.reclaimed_running", queue=self.queue, job_ids=again,
-                    reason="claimed again after a rescue while still running here; the "
-                           "running attempt writes the outcome")
-        return [job for job in jobs if job.id not in self.running]
+                    reason="claimed again after a rescue while it ran here; the attempt "
+                           "that ran writes the outcome")
+        return [job for job in jobs if job.id not in again]
 
     def _finished(self, job: FetchedJob, outcome: Outcome | None) -> None:
         """Record a job's end: its outcome, or ``None`` if it was cancelled mid-way."""
@@ -411,6 +433,8 @@ class Producer:
         else:
             self.worker.cancelled(job)
         del self.running[job.id]
+        if self._ended is not None:
+            self._ended.add(job.id)
         if not self.running:
             self._idle.set()
         if self._maybe_more and not self.stopping:
