@@ -62,6 +62,14 @@ def start_embedded(data_dir: Path | None = None, *, cleanup: str | None = "stop"
     return url
 
 
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded server this process started under ``data_dir`` now, as its exit
+    would (deleting its data too if it was started with ``cleanup="delete"``)."""
+    handle = _servers.pop(data_dir.resolve(), None)
+    if handle is not None:
+        handle.cleanup()
+
+
 def development_url(data_dir: Path | None = None) -> str:
     """Return the embedded server's URL, starting it if needed, and leave it running after
     this process exits (for ``psql`` and other tools; the next program that uses it stops

@@ -6,6 +6,7 @@ The schema is migrated once into a template database; every test gets its own co
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import baton
-from baton.embedded import ENV_URL, start_embedded
+from baton import embedded
+from baton.embedded import ENV_URL, start_embedded, stop_embedded
 from baton.migrations import migrate_up
 from baton.pricing import Pricing
 
@@ -86,6 +88,8 @@ class Server:
             ["-w", "-m", mode, "-l", str(self.data_dir / "log"), "restart"],
             pgdata=self.data_dir, user=user, timeout=60,
         )
+        # The handle stops the postmaster it knows when the suite ends: the new one now.
+        embedded._servers[self.data_dir.resolve()].ensure_postgres_running()
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +101,8 @@ def pg_server() -> Iterator[Server]:
     root = Path(tempfile.mkdtemp(prefix="baton-tests-"))
     data_dir = root / "pgdata"
     yield Server(start_embedded(data_dir, cleanup="delete"), data_dir)
+    stop_embedded(data_dir)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _admin(server: Server) -> psycopg.Connection[tuple[object, ...]]:
