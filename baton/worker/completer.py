@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -151,8 +150,7 @@ class Completer:
             batch = [o for o in batch if latest[o.job.id] is o]
         q = self.app.sql
         write = self.engine.written(batch) if self.engine is not None else PLAIN
-        params = {"outcomes": json.dumps([o.as_row() for o in batch], default=str,
-                                         allow_nan=False),
+        params = {"outcomes": f"[{','.join([o.row_json() for o in batch])}]",
                   "worker_id": self.worker_id, "events_channel": self._events,
                   **write.finish_params}
         # Pipelined: the whole write is one round trip, or two when a settlement's rows
