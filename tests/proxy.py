@@ -61,6 +61,7 @@ class _Link:
     doomed: bool = False  # the trap fired here: nothing more goes back to the client
     doom_at: int | None = None  # the ReadyForQuery that ends the trapped message's reply
     held: asyncio.Event | None = None  # a hold fired here: replies wait until it is set
+    paused: asyncio.Event | None = None  # a message held here: it waits until this is set
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +88,7 @@ class Proxy:
         """Set once a trap fired: the reply was dropped and the connection closed."""
         self._trap: Predicate | None = None
         self._hold: Predicate | None = None
+        self._pause: Predicate | None = None
         self.holding = threading.Event()
         """Set once a hold fired: the matching message went to the server, and what the
         server sends back waits in the proxy until :meth:`release`."""
@@ -161,12 +163,22 @@ class Proxy:
             self.holding.clear()
             self._hold = predicate
 
+    def hold_next_message(self, predicate: Predicate) -> None:
+        """Arm a one-shot hold of a request: the first client message that matches
+        ``predicate`` waits in the proxy, with whatever the client sends after it on that
+        connection, until :meth:`release` (a request that is only slow to arrive).
+        :attr:`holding` is set once the message matched."""
+        with self._lock:
+            self.holding.clear()
+            self._pause = predicate
+
     def release(self) -> None:
-        """Let the held replies through."""
+        """Let the held replies and messages through."""
         assert self._loop is not None
         for link in list(self._links):
-            if link.held is not None:
-                self._loop.call_soon_threadsafe(link.held.set)
+            for event in (link.held, link.paused):
+                if event is not None:
+                    self._loop.call_soon_threadsafe(event.set)
 
     def cut_all(self) -> None:
         """Close every connection through the proxy now, both sides (new ones still work)."""
@@ -202,10 +214,13 @@ class Proxy:
                 return True
         return False
 
-    def _catch(self, kind: bytes, body: bytes) -> bool:
+    def _catch(self, kind: bytes, body: bytes, armed: str) -> bool:
+        """Whether the hold armed in attribute ``armed`` fires on this message (disarmed
+        if so)."""
         with self._lock:
-            if self._hold is not None and self._hold(kind, body):
-                self._hold = None
+            predicate: Predicate | None = getattr(self, armed)
+            if predicate is not None and predicate(kind, body):
+                setattr(self, armed, None)
                 return True
         return False
 
@@ -251,9 +266,14 @@ class Proxy:
                 body = await reader.readexactly(int.from_bytes(head) - 4)
                 if not link.doomed and self._spring(kind, body):
                     link.doomed = True
-                if link.held is None and self._catch(kind, body):
+                if link.held is None and self._catch(kind, body, "_hold"):
                     link.held = asyncio.Event()
                     self.holding.set()
+                if link.paused is None and self._catch(kind, body, "_pause"):
+                    link.paused = asyncio.Event()
+                    self.holding.set()
+                if link.paused is not None:
+                    await link.paused.wait()
                 if kind in (b"S", b"Q"):  # each is answered by one ReadyForQuery
                     link.syncs += 1
                     if link.doomed and link.doom_at is None:

@@ -433,6 +433,41 @@ async def test_a_job_that_ends_before_the_reply_of_the_claim_taking_it_again_run
                     (job_id,)) == [("completed", 2, worker.id)]
 
 
+async def test_a_job_snoozed_at_once_while_a_claim_is_on_its_way_is_taken_by_it_quietly(
+    app: baton.Baton, dsn: str,
+) -> None:
+    """A job that snoozes for 0 s is available again at once, so the claim on its way may
+    take it, rightly: that is no rescue, and the job runs its next attempt from that claim
+    with nothing logged or handed back."""
+    with Proxy(dsn) as proxy:
+        app.dsn = proxy.dsn
+        job_id = await app.enqueue(basic.gated_snoozer.new(key="soon"))
+        with capture_logs() as logs:
+            async with running_worker(app, heartbeat_ttl=60.0,
+                                      heartbeat_interval=30.0) as worker:
+                with anyio.fail_after(10):
+                    await basic.STARTED.setdefault("soon", anyio.Event()).wait()
+                # The next claim reaches the server only once the snooze was written.
+                proxy.hold_next_message(_claims_for(basic.gated_snoozer.name))
+                worker.producers["default"].wake()
+                with anyio.fail_after(10):
+                    while not proxy.holding.is_set():
+                        await anyio.sleep(0.01)
+                basic.GATES["soon"].set()
+                with anyio.fail_after(10):
+                    while sql_rows(dsn, "SELECT state, snoozes FROM baton.jobs WHERE id = %s",
+                                   (job_id,)) != [("available", 1)]:
+                        await anyio.sleep(0.01)
+                proxy.release()
+                with anyio.fail_after(10):
+                    while sql_rows(dsn, "SELECT state FROM baton.jobs WHERE id = %s",
+                                   (job_id,)) != [("completed",)]:
+                        await anyio.sleep(0.01)
+    assert basic.CALLS["soon"] == [(1, 0), (1, 1)]
+    assert not [e for e in logs if e["event"] in (
+        "producer.reclaimed_running", "producer.reconciled", "job.crashed")]
+
+
 async def test_a_job_whose_outcome_came_before_the_claim_taking_it_again_runs_again(
     app: baton.Baton, dsn: str,
 ) -> None:

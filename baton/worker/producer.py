@@ -14,6 +14,7 @@ import psycopg
 from baton import ops
 from baton.db import describe
 from baton.errors import DatabaseError
+from baton.job import JobState
 from baton.logs import get_logger
 from baton.worker.executor import FetchedJob, Outcome
 
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
 log = get_logger("baton.producer")
+
+_AT_ONCE = (JobState.AVAILABLE, JobState.PENDING)
+"""Outcomes that can make a job claimable at once: a snooze of 0 s, and a workflow step
+sent back to wait whose dependencies have settled meanwhile."""
 
 
 class _Slot:
@@ -87,8 +92,9 @@ class Producer:
         """Claimed jobs cancelled before they reached the waiting line (while their
         claim's gates loaded): never started."""
         self._ended: set[int] | None = None
-        """While a claim is on its way: the jobs of this worker that ended meanwhile. The
-        claim may have taken one of them again (after a rescue) before it ended."""
+        """While a claim is on its way: the jobs of this worker that ended meanwhile with
+        an outcome that leaves them unclaimable (not :data:`_AT_ONCE`). The claim may have
+        taken one of them again (after a rescue) before it ended."""
         self.paused = False
         """The queue is paused: nothing is fetched; claimed jobs run to their end."""
         self._slots = 0
@@ -408,11 +414,12 @@ class Producer:
         before the claim's reply is read. The row is executing by this worker either way,
         and the attempt that ran writes its outcome.
 
-        A job that ended during the claim may also have been taken again for a reason of
-        its own (its outcome, written first, made it available at once) or after its
-        outcome was refused (written while the rescue had made it available). Its row
-        then stays executing by this worker with nothing to write it, so a reconcile runs
-        before the next fetch: it hands back such a row once no outcome of it is pending.
+        A job whose outcome makes it available at once (:data:`_AT_ONCE`) is rightly
+        taken again by a claim that reads it after that outcome: it is not counted in
+        ``ended``. One that ended otherwise may have been taken after its outcome was
+        refused (written while the rescue had made it available): its row then stays
+        executing by this worker with nothing to write it, so a reconcile runs before the
+        next fetch, and hands back such a row once no outcome of it is pending.
         """
         ended = ended or set()
         again = [job.id for job in jobs if job.id in self.running or job.id in ended]
@@ -433,7 +440,7 @@ class Producer:
         else:
             self.worker.cancelled(job)
         del self.running[job.id]
-        if self._ended is not None:
+        if self._ended is not None and outcome is not None and outcome.state not in _AT_ONCE:
             self._ended.add(job.id)
         if not self.running:
             self._idle.set()

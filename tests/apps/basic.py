@@ -74,6 +74,17 @@ async def snoozer(key: str, seconds: float, ctx: baton.Context) -> None:
 
 
 @app.step
+async def gated_snoozer(key: str, ctx: baton.Context) -> None:
+    """Wait for the gate named ``key``, then snooze 0 s the first time (available again at
+    once), complete the next."""
+    CALLS[key].append((ctx.attempt, ctx.snoozes))
+    STARTED.setdefault(key, anyio.Event()).set()
+    await GATES.setdefault(key, anyio.Event()).wait()
+    if ctx.snoozes == 0:
+        raise baton.Snooze(0)
+
+
+@app.step
 async def canceller() -> None:
     raise baton.Cancel("not needed any more")
 
