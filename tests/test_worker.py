@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -388,9 +390,35 @@ async def test_a_job_claimed_again_while_it_still_runs_here_runs_once(
     assert line["job_ids"] == [job_id]
 
 
+async def _rows_become(dsn: str, query: str, params: Any, expected: list[tuple[Any, ...]]
+                       ) -> None:
+    """Read ``query`` until it returns ``expected`` (10 s at most)."""
+    with anyio.fail_after(10):
+        while sql_rows(dsn, query, params) != expected:
+            await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _worker_through_proxy(
+    app: baton.Baton, dsn: str, job: baton.JobSpec, key: str,
+) -> AsyncIterator[tuple[Proxy, Worker, list[dict[str, Any]], int]]:
+    """Enqueue ``job`` and run a worker, every connection through a proxy, until the job
+    has started (its gate is ``key``); yield the proxy, the worker, the logs and the job's
+    id. The heartbeat's long interval keeps its registration (whose bind also names the
+    steps) away from the claims the tests hold."""
+    with Proxy(dsn) as proxy:
+        app.dsn = proxy.dsn
+        job_id = await app.enqueue(job)
+        with capture_logs() as logs:
+            async with running_worker(app, heartbeat_ttl=60.0,
+                                      heartbeat_interval=30.0) as worker:
+                with anyio.fail_after(10):
+                    await basic.STARTED.setdefault(key, anyio.Event()).wait()
+                yield proxy, worker, logs, job_id
+
+
 def _claims_for(step: str) -> Predicate:
-    """The bind of a claim: its parameters name the worker's steps (so does the heartbeat's
-    registration, which the tests below keep out of the way with a long interval)."""
+    """The bind of a claim: its parameters name the worker's steps."""
     return lambda kind, body: kind == b"B" and step.encode() in body
 
 
@@ -400,30 +428,21 @@ async def test_a_job_that_ends_before_the_reply_of_the_claim_taking_it_again_run
     """A rescue makes a running job available and this worker's next claim takes it again.
     The first attempt ends and writes its outcome (to the row claimed again) before that
     claim's reply arrives: the job must not start a second time."""
-    with Proxy(dsn) as proxy:
-        app.dsn = proxy.dsn
-        job_id = await app.enqueue(basic.blocker.new(key="late"))
-        with capture_logs() as logs:
-            async with running_worker(app, heartbeat_ttl=60.0,
-                                      heartbeat_interval=30.0) as worker:
-                with anyio.fail_after(10):
-                    await basic.STARTED.setdefault("late", anyio.Event()).wait()
-                proxy.hold_next_reply_after(_claims_for(basic.blocker.name))
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                    await conn.execute("UPDATE baton.jobs SET state = 'available', "
-                                       "scheduled_at = now() WHERE id = %s",
-                                       (job_id,))  # as another process's rescue would
-                worker.producers["default"].wake()
-                with anyio.fail_after(10):
-                    while sql_rows(dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
-                                   (job_id,)) != [(2,)]:
-                        await anyio.sleep(0.01)
-                basic.GATES.setdefault("late", anyio.Event()).set()
-                await wait_for_job(app, job_id, "completed", timeout=30)
-                proxy.release()
-                with anyio.fail_after(10):
-                    while not [e for e in logs if e["event"] == "producer.reclaimed_running"]:
-                        await anyio.sleep(0.01)
+    async with _worker_through_proxy(app, dsn, basic.blocker.new(key="late"), "late") as (
+            proxy, worker, logs, job_id):
+        proxy.hold_next_reply_after(_claims_for(basic.blocker.name))
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("UPDATE baton.jobs SET state = 'available', scheduled_at = "
+                               "now() WHERE id = %s", (job_id,))  # as a rescue would
+        worker.producers["default"].wake()
+        await _rows_become(dsn, "SELECT attempt FROM baton.jobs WHERE id = %s", (job_id,),
+                           [(2,)])
+        basic.GATES["late"].set()
+        await wait_for_job(app, job_id, "completed", timeout=30)
+        proxy.release()
+        with anyio.fail_after(10):
+            while not [e for e in logs if e["event"] == "producer.reclaimed_running"]:
+                await anyio.sleep(0.01)
     assert proxy.holding.is_set()
     assert basic.CALLS["late"] == ["done"]
     [line] = [e for e in logs if e["event"] == "producer.reclaimed_running"]
@@ -439,30 +458,19 @@ async def test_a_job_snoozed_at_once_while_a_claim_is_on_its_way_is_taken_by_it_
     """A job that snoozes for 0 s is available again at once, so the claim on its way may
     take it, rightly: that is no rescue, and the job runs its next attempt from that claim
     with nothing logged or handed back."""
-    with Proxy(dsn) as proxy:
-        app.dsn = proxy.dsn
-        job_id = await app.enqueue(basic.gated_snoozer.new(key="soon"))
-        with capture_logs() as logs:
-            async with running_worker(app, heartbeat_ttl=60.0,
-                                      heartbeat_interval=30.0) as worker:
-                with anyio.fail_after(10):
-                    await basic.STARTED.setdefault("soon", anyio.Event()).wait()
-                # The next claim reaches the server only once the snooze was written.
-                proxy.hold_next_message(_claims_for(basic.gated_snoozer.name))
-                worker.producers["default"].wake()
-                with anyio.fail_after(10):
-                    while not proxy.holding.is_set():
-                        await anyio.sleep(0.01)
-                basic.GATES["soon"].set()
-                with anyio.fail_after(10):
-                    while sql_rows(dsn, "SELECT state, snoozes FROM baton.jobs WHERE id = %s",
-                                   (job_id,)) != [("available", 1)]:
-                        await anyio.sleep(0.01)
-                proxy.release()
-                with anyio.fail_after(10):
-                    while sql_rows(dsn, "SELECT state FROM baton.jobs WHERE id = %s",
-                                   (job_id,)) != [("completed",)]:
-                        await anyio.sleep(0.01)
+    async with _worker_through_proxy(app, dsn, basic.gated_snoozer.new(key="soon"),
+                                     "soon") as (proxy, worker, logs, job_id):
+        # The next claim reaches the server only once the snooze was written.
+        proxy.hold_next_message(_claims_for(basic.gated_snoozer.name))
+        worker.producers["default"].wake()
+        with anyio.fail_after(10):
+            while not proxy.holding.is_set():
+                await anyio.sleep(0.01)
+        basic.GATES["soon"].set()
+        query = "SELECT state, snoozes FROM baton.jobs WHERE id = %s"
+        await _rows_become(dsn, query, (job_id,), [("available", 1)])
+        proxy.release()
+        await _rows_become(dsn, query, (job_id,), [("completed", 1)])
     assert basic.CALLS["soon"] == [(1, 0), (1, 1)]
     assert not [e for e in logs if e["event"] in (
         "producer.reclaimed_running", "producer.reconciled", "job.crashed")]
@@ -493,10 +501,8 @@ async def test_a_job_whose_outcome_came_before_the_claim_taking_it_again_runs_ag
             await lock.execute("UPDATE baton.jobs SET state = 'available', scheduled_at = "
                                "now() WHERE id = %s", (job_id,))
             worker.producers["default"].wake()
-            with anyio.fail_after(10):
-                while sql_rows(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = "
-                               "'advisory' AND NOT granted") != [(1,)]:
-                    await anyio.sleep(0.01)
+            await _rows_become(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                               "'advisory' AND NOT granted", None, [(1,)])
             basic.GATES.setdefault("early", anyio.Event()).set()
             with anyio.fail_after(10):
                 while not [e for e in logs if e["event"] == "job.outcome_dropped"]:
