@@ -90,8 +90,8 @@ class Proxy:
         self._hold: Predicate | None = None
         self._pause: Predicate | None = None
         self.holding = threading.Event()
-        """Set once a hold fired: the matching message went to the server, and what the
-        server sends back waits in the proxy until :meth:`release`."""
+        """Set once a hold (:meth:`hold_next_reply_after`, :meth:`hold_next_message`)
+        fired: what it holds waits in the proxy until :meth:`release`."""
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
