@@ -405,13 +405,14 @@ async def _worker_through_proxy(
     """Enqueue ``job`` and run a worker, every connection through a proxy, until the job
     has started (its gate is ``key``); yield the proxy, the worker, the logs and the job's
     id. The heartbeat's long interval keeps its registration (whose bind also names the
-    steps) away from the claims the tests hold."""
+    steps) away from the claims the tests hold, and the long poll interval keeps a
+    polling claim from being the one held: claims come only when a test wakes the worker."""
     with Proxy(dsn) as proxy:
         app.dsn = proxy.dsn
         job_id = await app.enqueue(job)
         with capture_logs() as logs:
-            async with running_worker(app, heartbeat_ttl=60.0,
-                                      heartbeat_interval=30.0) as worker:
+            async with running_worker(app, heartbeat_ttl=60.0, heartbeat_interval=30.0,
+                                      poll_interval=60.0) as worker:
                 with anyio.fail_after(10):
                     await basic.STARTED.setdefault(key, anyio.Event()).wait()
                 yield proxy, worker, logs, job_id
