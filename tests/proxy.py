@@ -86,9 +86,9 @@ class Proxy:
         self.port = 0
         self.fired = threading.Event()
         """Set once a trap fired: the reply was dropped and the connection closed."""
-        self._trap: Predicate | None = None
-        self._hold: Predicate | None = None
-        self._pause: Predicate | None = None
+        self._armed: dict[str, Predicate] = {}
+        """The one-shot faults armed, by kind: "trap", "hold" (a reply) and "pause" (a
+        request)."""
         self.holding = threading.Event()
         """Set once a hold (:meth:`hold_next_reply_after`, :meth:`hold_next_message`)
         fired: what it holds waits in the proxy until :meth:`release`."""
@@ -152,7 +152,7 @@ class Proxy:
         after that message went out. :attr:`fired` is set when that happened."""
         with self._lock:
             self.fired.clear()
-            self._trap = predicate
+            self._armed["trap"] = predicate
 
     def hold_next_reply_after(self, predicate: Predicate) -> None:
         """Arm a one-shot hold: the first client message that matches ``predicate`` is
@@ -161,7 +161,7 @@ class Proxy:
         is only late). :attr:`holding` is set once the message matched."""
         with self._lock:
             self.holding.clear()
-            self._hold = predicate
+            self._armed["hold"] = predicate
 
     def hold_next_message(self, predicate: Predicate) -> None:
         """Arm a one-shot hold of a request: the first client message that matches
@@ -170,7 +170,7 @@ class Proxy:
         :attr:`holding` is set once the message matched."""
         with self._lock:
             self.holding.clear()
-            self._pause = predicate
+            self._armed["pause"] = predicate
 
     def release(self) -> None:
         """Let the held replies and messages through."""
@@ -207,20 +207,12 @@ class Proxy:
         self._listener.close()
         await self._cut()
 
-    def _spring(self, kind: bytes, body: bytes) -> bool:
+    def _fires(self, fault: str, kind: bytes, body: bytes) -> bool:
+        """Whether the ``fault`` armed fires on this message (disarmed if so)."""
         with self._lock:
-            if self._trap is not None and self._trap(kind, body):
-                self._trap = None
-                return True
-        return False
-
-    def _catch(self, kind: bytes, body: bytes, armed: str) -> bool:
-        """Whether the hold armed in attribute ``armed`` fires on this message (disarmed
-        if so)."""
-        with self._lock:
-            predicate: Predicate | None = getattr(self, armed)
+            predicate = self._armed.get(fault)
             if predicate is not None and predicate(kind, body):
-                setattr(self, armed, None)
+                del self._armed[fault]
                 return True
         return False
 
@@ -264,12 +256,12 @@ class Proxy:
                 kind = await reader.readexactly(1)
                 head = await reader.readexactly(4)
                 body = await reader.readexactly(int.from_bytes(head) - 4)
-                if not link.doomed and self._spring(kind, body):
+                if not link.doomed and self._fires("trap", kind, body):
                     link.doomed = True
-                if link.held is None and self._catch(kind, body, "_hold"):
+                if link.held is None and self._fires("hold", kind, body):
                     link.held = asyncio.Event()
                     self.holding.set()
-                if link.paused is None and self._catch(kind, body, "_pause"):
+                if link.paused is None and self._fires("pause", kind, body):
                     link.paused = asyncio.Event()
                     self.holding.set()
                 if link.paused is not None:
