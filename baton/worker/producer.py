@@ -295,7 +295,8 @@ class Producer:
         app = self.worker.app
         jobs: list[FetchedJob] = []
         events: list[dict[str, Any]] = []
-        self._ended = set()
+        ended: set[int] = set()
+        self._ended = ended
         try:
             async with app.connection(autocommit=True) as conn:
                 params = {"queue": self.queue, "demand": demand, "worker_id": self.worker.id,
@@ -306,10 +307,8 @@ class Producer:
                 else:
                     cur = await conn.execute(app.sql["jobs_fetch"], params, prepare=True)
                     rows = await cur.fetchall()
-                jobs = [FetchedJob(*row) for row in rows]
-                ended, self._ended = self._ended, None
-                if ended or any(job.id in self.running for job in jobs):
-                    jobs = self._without_rerun(jobs, ended)
+                self._ended = None
+                jobs = self._without_rerun([FetchedJob(*row) for row in rows], ended)
                 # In ``running`` before the claim lock is released: a reconcile after this
                 # fetch counts them as held.
                 if jobs and self._idle.is_set():
@@ -403,8 +402,7 @@ class Producer:
             log.exception("job.crashed", job_id=job.id, queue=job.queue, step=job.step)
             return self.worker.executor.failed(job, exc, kind="crash")
 
-    def _without_rerun(self, jobs: list[FetchedJob], ended: set[int] | None
-                       ) -> list[FetchedJob]:
+    def _without_rerun(self, jobs: list[FetchedJob], ended: set[int]) -> list[FetchedJob]:
         """Drop the claimed jobs this worker still runs (or waits to start), and those
         that ended here while the claim was on its way (``ended``).
 
@@ -421,7 +419,6 @@ class Producer:
         executing by this worker with nothing to write it, so a reconcile runs before the
         next fetch, and hands back such a row once no outcome of it is pending.
         """
-        ended = ended or set()
         again = [job.id for job in jobs if job.id in self.running or job.id in ended]
         if not again:
             return jobs
