@@ -377,10 +377,8 @@ async def test_a_job_claimed_again_while_it_still_runs_here_runs_once(
             sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'available', scheduled_at = now()"
                      " WHERE id = %s", (job_id,))
             worker.producers["default"].wake()
-            with anyio.fail_after(10):
-                while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
-                               (job_id,)) != [(2,)]:
-                    await anyio.sleep(0.01)
+            await _rows_become(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                               (job_id,), [(2,)])
             basic.GATES.setdefault("again", anyio.Event()).set()
             job = await wait_for_job(app, job_id, "completed")
             assert not worker.stopped.is_set()
@@ -531,10 +529,8 @@ async def test_the_leader_never_rescues_its_own_running_jobs(app: baton.Baton) -
         # Another process's leader does rescue it, and this worker takes it again: still
         # one run, whether the claim's reply is read before the first attempt ends or after.
         assert await Worker(app, quick, worker_id="other").maintenance.rescue() == 1
-        with anyio.fail_after(10):
-            while sql_rows(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
-                           (job_id,)) != [(2,)]:
-                await anyio.sleep(0.01)
+        await _rows_become(app.dsn, "SELECT attempt FROM baton.jobs WHERE id = %s",
+                           (job_id,), [(2,)])
         basic.GATES.setdefault("own", anyio.Event()).set()
         await wait_for_job(app, job_id, "completed")
     assert basic.CALLS["own"] == ["done"]
