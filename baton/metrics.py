@@ -79,8 +79,8 @@ def _labels(raw: dict[str, Any]) -> Labels:
 def _delta_params(source: str, since: datetime, until: datetime | str) -> dict[str, Any]:
     params: dict[str, Any] = {"since": since, "until": until}
     if source == "jobs":
-        params.update(bounds=list(BUCKETS), les=[*map(_number, BUCKETS), "+Inf"],
-                      failure_kinds=list(FAILURE_KINDS))
+        params.update(negated_bounds=[-b for b in reversed(BUCKETS)],
+                      les=[*map(_number, BUCKETS), "+Inf"], failure_kinds=list(FAILURE_KINDS))
     return params
 
 
