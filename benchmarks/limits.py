@@ -36,6 +36,7 @@ import baton
 from baton.logs import configure_logging
 from baton.migrations import migrate_up
 from baton.worker import Worker, WorkerSettings
+from baton.worker.producer import head_params
 
 SCHEMA = "bench_limits"
 QUEUE = "default"
@@ -95,7 +96,7 @@ async def claim_times(dsn: str, claims: int, limited: bool) -> dict[str, float]:
         await app.limit_queue(QUEUE, concurrency=1_000_000)
         await worker.limits.load()
     params = {"queue": QUEUE, "demand": 10, "worker_id": worker.id,
-              "steps": worker.step_names}
+              "steps": worker.step_names, **head_params()}
     times: list[float] = []
     async with app.connection(autocommit=True) as conn:
         for _ in range(claims):

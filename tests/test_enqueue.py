@@ -320,8 +320,13 @@ async def test_hot_queries_use_their_partial_indexes(app: baton.Baton) -> None:
     fetch = app.sql["jobs_fetch"].as_string(None)
     plan = sql_rows(app.dsn, "EXPLAIN " + fetch.replace("%(queue)s", "'q7'")
                     .replace("%(demand)s", "10").replace("%(worker_id)s", "'w'")
-                    .replace("%(steps)s", f"'{{{basic.echo.name}}}'"))
+                    .replace("%(steps)s", f"'{{{basic.echo.name}}}'")
+                    .replace("%(after_priority)s", "0").replace("%(after_id)s", "70")
+                    .replace("%(after_at)s", "'2000-01-01'"))
     assert "jobs_fetch_idx" in "\n".join(r[0] for r in plan)
+    # The claim starts after its key: the scan begins there, not at the head of the queue.
+    assert any("Index Cond" in r[0] and "ROW(priority, scheduled_at, id) >" in r[0]
+               for r in plan)
     stage = app.sql["jobs_stage"].as_string(None).replace("%(limit)s", "100")
     plan = sql_rows(app.dsn, "EXPLAIN " + stage)
     assert "jobs_stage_idx" in "\n".join(r[0] for r in plan)

@@ -111,12 +111,14 @@ async def test_the_completer_keeps_a_result_only_where_its_finish_completes_the_
 
     from baton.worker.completer import Completer
     from baton.worker.executor import Executor, FetchedJob, Outcome
+    from baton.worker.producer import head_params
     from baton.workflows.engine import WorkflowEngine
 
     ids = await app.enqueue_many([kept.total.new(numbers=[1]), kept.total.new(numbers=[2])])
     async with app.connection() as conn:
         cur = await conn.execute(app.sql["jobs_fetch"], {
-            "queue": "default", "demand": 2, "worker_id": "w", "steps": [kept.total.name]})
+            "queue": "default", "demand": 2, "worker_id": "w", "steps": [kept.total.name],
+            **head_params()})
         claimed = [FetchedJob(*row) for row in await cur.fetchall()]
     assert sorted(j.id for j in claimed) == sorted(ids)
     await app.cancel(ids[1])

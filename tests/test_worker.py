@@ -15,6 +15,7 @@ from baton.job import JobState
 from baton.logs import capture_logs
 from baton.testing import FAST_SETTINGS, running_worker, wait_for_job, wait_for_jobs
 from baton.worker import Worker, WorkerSettings
+from baton.worker import producer as producer_module
 from baton.worker.completer import Completer
 from baton.worker.executor import FetchedJob, Outcome
 from baton.worker.producer import Producer
@@ -175,6 +176,31 @@ async def test_fetched_jobs_wake_idle_slots_one_per_job_at_most(
         woken = waits - idle  # each slot woken waits again once its job is done
     assert 1 <= woken <= 3
     assert sorted(basic.CALLS["echo"]) == ["0", "1", "2"]
+
+
+async def test_a_claim_goes_on_from_the_last_job_taken_and_back_to_the_head_when_due(
+        app: baton.Baton, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim starts after the last job the previous one took, stepping over none of the
+    jobs claimed before. A job that became available behind that point (here one of a
+    higher priority) is taken by the next claim from the head: once one is due, or after a
+    claim that came back short."""
+    monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
+    backlog = await app.enqueue_many([basic.echo.new(value=i).options(priority=5)
+                                      for i in range(6)])
+    producer = Worker(app, WorkerSettings(**FAST_SETTINGS)).producers["default"]
+
+    async def claim(demand: int) -> list[int]:
+        return sorted(job.id for job in await producer.fetch(demand))
+
+    assert await claim(2) == backlog[:2]  # the first claim starts at the head
+    urgent = await app.enqueue(basic.echo.new(value="urgent").options(priority=0))
+    assert await claim(2) == backlog[2:4]  # on from the last job: the urgent one is behind
+    monkeypatch.setattr(producer_module, "HEAD_EVERY", 0.0)
+    assert await claim(2) == sorted([urgent, backlog[4]])  # a claim from the head is due
+    monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
+    assert await claim(2) == [backlog[5]]  # on from backlog[4], to the end of the queue
+    late = await app.enqueue(basic.echo.new(value="late").options(priority=0))
+    assert await claim(2) == [late]  # the last claim came back short: from the head
 
 
 async def test_cancel_running_job(app: baton.Baton) -> None:

@@ -47,6 +47,8 @@ class FetchedJob:
     timeout: float | None
     workflow_id: uuid.UUID | None
     workflow_step: str | None
+    scheduled_at: datetime | None = None
+    """Its place in the fetch order with ``priority`` and ``id`` (the plain claim reads it)."""
     gate: Any = None
     """What the engine loaded for it when it was claimed (a workflow step's gate row)."""
     gated: bool = False

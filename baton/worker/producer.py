@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,6 +23,28 @@ if TYPE_CHECKING:
     from baton.worker.worker import Worker
 
 log = get_logger("baton.producer")
+
+HEAD_EVERY = 0.5
+"""Seconds between claims from the head of the queue while claims come back full.
+
+Each claim starts after the last job the previous one took (``jobs_fetch``), so it does
+not step over the index entries of the jobs claimed since the table's last vacuum: in a
+drain of 400,000 jobs by two processes these made the claim cost 36 us a job against 27 for
+the whole claim and finish of a short drain. A job that becomes available behind that key
+(one of a higher priority than the backlog, a rescued one, one scheduled in the past) is
+claimed by the next claim from the head: at most this long while the backlog lasts, at once
+when a claim comes back short (it reached the end of what is available)."""
+
+_HEAD = (-1, datetime(1, 1, 1, tzinfo=UTC), 0)
+"""A fetch-order key before every job's (priorities are 0 to 9)."""
+
+_AFTER = ("after_priority", "after_at", "after_id")
+"""``jobs_fetch``'s parameters for the key its scan starts after."""
+
+
+def head_params() -> dict[str, Any]:
+    """``jobs_fetch``'s parameters for a claim from the head of the queue."""
+    return dict(zip(_AFTER, _HEAD, strict=True))
 
 _AT_ONCE = (JobState.AVAILABLE, JobState.PENDING)
 """Outcomes that can make a job claimable at once: a snooze of 0 s, and a workflow step
@@ -100,6 +123,11 @@ class Producer:
         self._slots = 0
         """Slot tasks alive: more than ``limit`` after a scale down, until the extra ones
         end as their jobs finish."""
+        self._after: tuple[int, datetime, int] | None = None
+        """The fetch-order key of the last job claimed, where the next claim starts; ``None``
+        for the head of the queue (see :data:`HEAD_EVERY`)."""
+        self._head_at = 0.0
+        """When the last claim from the head of the queue was made."""
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible (it stands for a later one asked for)."""
@@ -305,8 +333,7 @@ class Producer:
                 if self.worker.limits.applies(self.queue):  # limits across all workers
                     rows = await self.worker.limits.claim(conn, params)
                 else:
-                    cur = await conn.execute(app.sql["jobs_fetch"], params, prepare=True)
-                    rows = await cur.fetchall()
+                    rows = await self._claim(conn, params, demand)
                 self._ended = None
                 jobs = self._without_rerun([FetchedJob(*row) for row in rows], ended)
                 # In ``running`` before the claim lock is released: a reconcile after this
@@ -334,6 +361,24 @@ class Producer:
             self._ended = None
         app.events.publish(events)
         return jobs
+
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any],
+                     demand: int) -> list[tuple[Any, ...]]:
+        """Claim with ``jobs_fetch`` from where the last claim ended, or from the head of
+        the queue when one is due (:data:`HEAD_EVERY`); note where this one ended."""
+        now = anyio.current_time()
+        after = self._after
+        if after is None or now - self._head_at >= HEAD_EVERY:
+            after = _HEAD
+            self._head_at = now
+        params.update(zip(_AFTER, after, strict=True))
+        cur = await conn.execute(self.worker.app.sql["jobs_fetch"], params, prepare=True)
+        rows = await cur.fetchall()
+        if len(rows) < demand:
+            self._after = None  # the end of what is available: the head next time
+        else:  # the rows come back in no particular order
+            self._after = max(map(_fetch_order, rows))
+        return rows
 
     async def _slot_loop(self, slot: _Slot) -> None:
         while True:
@@ -469,3 +514,8 @@ class Producer:
         await anyio.sleep(delay)
         self._refetch_scheduled = False
         self._refetch()
+
+
+def _fetch_order(row: tuple[Any, ...]) -> tuple[int, datetime, int]:
+    """The fetch-order key of a ``jobs_fetch`` row: priority, scheduled_at, id."""
+    return row[8], row[12], row[0]
