@@ -30,11 +30,11 @@ HEAD_EVERY = 0.5
 Each claim starts after the last job the previous one took (``jobs_fetch``), so it does
 not step over the index entries of the jobs claimed since the table's last vacuum: in drains
 of 200,000 jobs by two processes of 200 slots, the claim's server time went from 22.0-22.6
-to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s. A
-job that becomes available behind that key
-(one of a higher priority than the backlog, a rescued one, one scheduled in the past) is
-claimed by the next claim from the head: at most this long while the backlog lasts, at once
-when a claim comes back short (it reached the end of what is available)."""
+to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s.
+A job that becomes available behind that key (one of a higher priority than the backlog,
+one scheduled in the past) is claimed by the next claim from the head: at most this long
+while the backlog lasts, at once when a claim comes back short (it reached the end of what
+is available)."""
 
 _HEAD = (-1, datetime(1, 1, 1, tzinfo=UTC), 0)
 """A fetch-order key before every job's (priorities are 0 to 9)."""
