@@ -32,7 +32,7 @@ not step over the index entries of the jobs claimed since the table's last vacuu
 of 200,000 jobs by two processes of 200 slots, the claim's server time went from 22.0-22.6
 to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s.
 A job that becomes available behind that key (one of a higher priority than the backlog,
-one scheduled in the past) is claimed by the next claim from the head: at most this long
+one scheduled earlier than the jobs claimed) is claimed by the next claim from the head: at most this long
 while the backlog lasts, at once when a claim comes back short (it reached the end of what
 is available)."""
 
