@@ -182,8 +182,8 @@ async def test_a_claim_goes_on_from_the_last_job_taken_and_back_to_the_head_when
         app: baton.Baton, monkeypatch: pytest.MonkeyPatch) -> None:
     """A claim starts after the last job the previous one took, stepping over none of the
     jobs claimed before. A job that became available behind that point (here one of a
-    higher priority) is taken by the next claim from the head: once one is due, or after a
-    claim that came back short."""
+    higher priority) is taken by the next claim from the head: once one is due, when the
+    walk reaches the end of the queue, or after a claim that came back short."""
     monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
     backlog = await app.enqueue_many([basic.echo.new(value=i).options(priority=5)
                                       for i in range(6)])
@@ -198,7 +198,9 @@ async def test_a_claim_goes_on_from_the_last_job_taken_and_back_to_the_head_when
     monkeypatch.setattr(producer_module, "HEAD_EVERY", 0.0)
     assert await claim(2) == sorted([urgent, backlog[4]])  # a claim from the head is due
     monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
-    assert await claim(2) == [backlog[5]]  # on from backlog[4], to the end of the queue
+    behind = await app.enqueue(basic.echo.new(value="behind").options(priority=0))
+    # On from backlog[4] to the end of the queue, then from the head for the rest.
+    assert await claim(3) == sorted([behind, backlog[5]])
     late = await app.enqueue(basic.echo.new(value="late").options(priority=0))
     assert await claim(2) == [late]  # the last claim came back short: from the head
 

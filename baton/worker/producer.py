@@ -32,9 +32,10 @@ not step over the index entries of the jobs claimed since the table's last vacuu
 of 200,000 jobs by two processes of 200 slots, the claim's server time went from 22.0-22.6
 to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s.
 A job that becomes available behind that key (one of a higher priority than the backlog,
-one scheduled earlier than the jobs claimed) is claimed by the next claim from the head: at most this long
-while the backlog lasts, at once when a claim comes back short (it reached the end of what
-is available)."""
+one scheduled earlier than the jobs claimed) is claimed by the next claim from the head:
+at most this long while the backlog lasts. A claim after the last key that comes back
+short (the backlog has ended) claims from the head at once for the rest of its demand, and
+so does the next claim after any short one."""
 
 _HEAD = (-1, datetime(1, 1, 1, tzinfo=UTC), 0)
 """A fetch-order key before every job's (priorities are 0 to 9)."""
@@ -367,15 +368,24 @@ class Producer:
                      demand: int) -> list[tuple[Any, ...]]:
         """Claim with ``jobs_fetch`` from where the last claim ended, or from the head of
         the queue when one is due (:data:`HEAD_EVERY`); note where this one ended."""
-        now = anyio.current_time()
-        after = self._after
-        if after is None or now - self._head_at >= HEAD_EVERY:
+        walk = self._after is not None and anyio.current_time() - self._head_at < HEAD_EVERY
+        rows = await self._claim_after(conn, params, self._after if walk else None)
+        if walk and len(rows) < demand:
+            # The walk reached the end of the backlog: jobs may wait behind it.
+            params["demand"] = demand - len(rows)
+            rows += await self._claim_after(conn, params, None)
+        return rows
+
+    async def _claim_after(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any],
+                           after: tuple[int, datetime, int] | None) -> list[tuple[Any, ...]]:
+        """One ``jobs_fetch`` after the key ``after`` (``None``: from the head)."""
+        if after is None:
             after = _HEAD
-            self._head_at = now
+            self._head_at = anyio.current_time()
         params.update(zip(_AFTER, after, strict=True))
         cur = await conn.execute(self.worker.app.sql["jobs_fetch"], params, prepare=True)
         rows = await cur.fetchall()
-        if len(rows) < demand:
+        if len(rows) < params["demand"]:
             self._after = None  # the end of what is available: the head next time
         else:  # the rows come back in no particular order
             self._after = max(map(_fetch_order, rows))
