@@ -183,7 +183,8 @@ async def test_a_claim_goes_on_from_the_last_job_taken_and_back_to_the_head_when
     """A claim starts after the last job the previous one took, stepping over none of the
     jobs claimed before. A job that became available behind that point (here one of a
     higher priority) is taken by the next claim from the head: once one is due, when the
-    walk reaches the end of the queue, or after a claim that came back short."""
+    walk reaches the end of the queue, after a claim that came back short, or after a
+    notification that jobs arrived."""
     monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
     backlog = await app.enqueue_many([basic.echo.new(value=i).options(priority=5)
                                       for i in range(6)])
@@ -201,8 +202,45 @@ async def test_a_claim_goes_on_from_the_last_job_taken_and_back_to_the_head_when
     behind = await app.enqueue(basic.echo.new(value="behind").options(priority=0))
     # On from backlog[4] to the end of the queue, then from the head for the rest.
     assert await claim(3) == sorted([behind, backlog[5]])
-    late = await app.enqueue(basic.echo.new(value="late").options(priority=0))
-    assert await claim(2) == [late]  # the last claim came back short: from the head
+    last = await app.enqueue(basic.echo.new(value="last").options(priority=5))
+    assert await claim(2) == [last]  # from the head, and short
+    ahead = await app.enqueue_many([basic.echo.new(value=i).options(priority=5)
+                                    for i in range(4)])
+    early = await app.enqueue(basic.echo.new(value="early").options(priority=0))
+    # After a short claim, from the head: a walk on from `last` would take ahead[:2].
+    assert await claim(2) == sorted([early, ahead[0]])
+    monkeypatch.setattr(producer_module, "HEAD_SPACING", 0.0)
+    assert await claim(1) == [ahead[1]]  # a walk again
+    urgent_too = await app.enqueue(basic.echo.new(value="urgent too").options(priority=0))
+    producer.notified()  # the insert's notification
+    assert await claim(1) == [urgent_too]  # from the head: it is behind the walk
+
+
+async def test_a_claim_whose_second_statement_fails_keeps_the_jobs_its_walk_took(
+        app: baton.Baton, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walk that reaches the end of the backlog claims the rest from the head in a second
+    statement. If that one fails, the jobs the walk took run here all the same, and a
+    reconcile is due before the next claim (the second may have committed unseen)."""
+    monkeypatch.setattr(producer_module, "HEAD_EVERY", 3600.0)
+    ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(3)])
+    producer = Worker(app, WorkerSettings(**FAST_SETTINGS)).producers["default"]
+    assert sorted(job.id for job in await producer.fetch(2)) == ids[:2]  # full: walk next
+    real = producer._claim_after
+    afters: list[Any] = []
+
+    async def head_fails(conn: psycopg.AsyncConnection[Any], params: dict[str, Any],
+                         after: Any) -> list[tuple[Any, ...]]:
+        afters.append(after)
+        if after is None:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await real(conn, params, after)
+
+    monkeypatch.setattr(producer, "_claim_after", head_fails)
+    with capture_logs() as logs:
+        assert [job.id for job in await producer.fetch(2)] == [ids[2]]
+    assert afters[0] is not None and afters[1] is None  # the walk, then the head
+    assert producer._reconcile_due
+    assert "producer.head_claim_failed" in [e["event"] for e in logs]
 
 
 async def test_cancel_running_job(app: baton.Baton) -> None:

@@ -25,17 +25,22 @@ if TYPE_CHECKING:
 log = get_logger("baton.producer")
 
 HEAD_EVERY = 0.5
-"""Seconds between claims from the head of the queue while claims come back full.
+"""Seconds after which a claim starts from the head of the queue again.
 
 Each claim starts after the last job the previous one took (``jobs_fetch``), so it does
 not step over the index entries of the jobs claimed since the table's last vacuum: in drains
 of 200,000 jobs by two processes of 200 slots, the claim's server time went from 22.0-22.6
 to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s.
 A job that becomes available behind that key (one of a higher priority than the backlog,
-one scheduled earlier than the jobs claimed) is claimed by the next claim from the head:
-at most this long while the backlog lasts. A claim after the last key that comes back
-short (the backlog has ended) claims from the head at once for the rest of its demand, and
-so does the next claim after any short one."""
+one scheduled earlier than the jobs claimed) is claimed by the next claim from the head.
+That is the first claim after the notification of its arrival (:meth:`Producer.notified`,
+at least :data:`HEAD_SPACING` after the last claim from the head), the first claim this
+long after the last one from the head, the rest of a claim whose walk reaches the end of
+the backlog, and the next claim after any that came back short."""
+
+HEAD_SPACING = 0.05
+"""Seconds at least between claims from the head that notifications ask for: with jobs
+arriving all the time beside a backlog, the claims in between still walk."""
 
 _HEAD = (-1, datetime(1, 1, 1, tzinfo=UTC), 0)
 """A fetch-order key before every job's (priorities are 0 to 9)."""
@@ -130,6 +135,8 @@ class Producer:
         for the head of the queue (see :data:`HEAD_EVERY`)."""
         self._head_at = 0.0
         """When the last claim from the head of the queue was made."""
+        self._notified = False
+        """Jobs became available since then, maybe behind ``_after``."""
 
     def wake(self) -> None:
         """Ask for a fetch as soon as possible (it stands for a later one asked for)."""
@@ -139,6 +146,11 @@ class Producer:
         self._wakes += 1
         self._maybe_more = True
         self._wake.set()
+
+    def notified(self) -> None:
+        """Jobs of this queue became available (a notification said so): the next claim
+        starts from the head of the queue, in case they are behind where claims walk."""
+        self._notified = True
 
     def wake_soon(self, delay: float) -> None:
         """Ask for a fetch ``delay`` seconds from now, unless one is asked for already."""
@@ -368,12 +380,21 @@ class Producer:
                      demand: int) -> list[tuple[Any, ...]]:
         """Claim with ``jobs_fetch`` from where the last claim ended, or from the head of
         the queue when one is due (:data:`HEAD_EVERY`); note where this one ended."""
-        walk = self._after is not None and anyio.current_time() - self._head_at < HEAD_EVERY
+        since = anyio.current_time() - self._head_at
+        walk = self._after is not None and since < HEAD_EVERY and not (
+            self._notified and since >= HEAD_SPACING)
         rows = await self._claim_after(conn, params, self._after if walk else None)
         if walk and len(rows) < demand:
             # The walk reached the end of the backlog: jobs may wait behind it.
             params["demand"] = demand - len(rows)
-            rows += await self._claim_after(conn, params, None)
+            try:
+                rows += await self._claim_after(conn, params, None)
+            except (psycopg.Error, DatabaseError) as exc:
+                # The walk's rows arrived, so those jobs are this worker's; the head's
+                # claim may have committed with its reply lost: reconcile before the next.
+                self._reconcile_due = True
+                log.warning("producer.head_claim_failed", queue=self.queue,
+                            error=describe(exc), jobs=len(rows))
         return rows
 
     async def _claim_after(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any],
@@ -382,6 +403,7 @@ class Producer:
         if after is None:
             after = _HEAD
             self._head_at = anyio.current_time()
+            self._notified = False
         params.update(zip(_AFTER, after, strict=True))
         cur = await conn.execute(self.worker.app.sql["jobs_fetch"], params, prepare=True)
         rows = await cur.fetchall()

@@ -351,6 +351,7 @@ class Worker:
         producer = self.producers.get(queue)
         if producer is None:
             return
+        producer.notified()
         peers = self._peers.get(queue, ())
         delay = self.settings.peer_wake_delay
         if len(peers) < 2 or not delay or self.id not in peers \
@@ -381,9 +382,11 @@ class Worker:
     def _wake_queues(self, queues: set[str]) -> None:
         for queue in queues:
             if (producer := self.producers.get(queue)) is not None:
+                producer.notified()
                 producer.wake()
 
     def _wake_all(self) -> None:
         for producer in self.producers.values():
+            producer.notified()  # notifications may have been missed
             producer.wake()
         self.queue_controls.refresh_soon()  # a pause or scale may have been announced
