@@ -48,7 +48,8 @@ class FetchedJob:
     workflow_id: uuid.UUID | None
     workflow_step: str | None
     scheduled_at: datetime | None = None
-    """Its place in the fetch order with ``priority`` and ``id`` (the plain claim reads it)."""
+    """Its place in the fetch order with ``priority`` and ``id``: the plain claim returns it
+    (the producer's next claim starts after the last key); the limited claim does not."""
     gate: Any = None
     """What the engine loaded for it when it was claimed (a workflow step's gate row)."""
     gated: bool = False

@@ -53,6 +53,7 @@ def head_params() -> dict[str, Any]:
     """``jobs_fetch``'s parameters for a claim from the head of the queue."""
     return dict(zip(_AFTER, _HEAD, strict=True))
 
+
 _AT_ONCE = (JobState.AVAILABLE, JobState.PENDING)
 """Outcomes that can make a job claimable at once: a snooze of 0 s, and a workflow step
 sent back to wait whose dependencies have settled meanwhile."""
@@ -347,7 +348,7 @@ class Producer:
                 if self.worker.limits.applies(self.queue):  # limits across all workers
                     rows = await self.worker.limits.claim(conn, params)
                 else:
-                    rows = await self._claim(conn, params, demand)
+                    rows = await self._claim(conn, params)
                 self._ended = None
                 jobs = self._without_rerun([FetchedJob(*row) for row in rows], ended)
                 # In ``running`` before the claim lock is released: a reconcile after this
@@ -376,17 +377,17 @@ class Producer:
         app.events.publish(events)
         return jobs
 
-    async def _claim(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any],
-                     demand: int) -> list[tuple[Any, ...]]:
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
+                     ) -> list[tuple[Any, ...]]:
         """Claim with ``jobs_fetch`` from where the last claim ended, or from the head of
         the queue when one is due (:data:`HEAD_EVERY`); note where this one ended."""
         since = anyio.current_time() - self._head_at
         walk = self._after is not None and since < HEAD_EVERY and not (
             self._notified and since >= HEAD_SPACING)
         rows = await self._claim_after(conn, params, self._after if walk else None)
-        if walk and len(rows) < demand:
+        if walk and len(rows) < params["demand"]:
             # The walk reached the end of the backlog: jobs may wait behind it.
-            params["demand"] = demand - len(rows)
+            params["demand"] -= len(rows)
             try:
                 rows += await self._claim_after(conn, params, None)
             except (psycopg.Error, DatabaseError) as exc:
