@@ -28,9 +28,11 @@ HEAD_EVERY = 0.5
 """Seconds after which a claim starts from the head of the queue again.
 
 Each claim starts after the last job the previous one took (``jobs_fetch``), so it does
-not step over the index entries of the jobs claimed since the table's last vacuum: in drains
-of 200,000 jobs by two processes of 200 slots, the claim's server time went from 22.0-22.6
-to 13.6-14.5 us a job, and the drain from 37,300 and 40,400 to 40,200 and 44,100 jobs/s.
+not step over the index entries of the jobs claimed since the table's last vacuum: in
+200,000-job drains by two processes of 200 slots (``python -m benchmarks --systems baton
+--workloads drain --processes 2 --concurrency baton=200 --n-drain 200000``, two runs each
+way), the server's CPU per job went from 28.7-29.0 to 21.3-22.2 us and the drain from
+37,039-38,472 to 45,283-46,880 jobs/s.
 A job that becomes available behind that key (one of a higher priority than the backlog,
 one scheduled earlier than the jobs claimed) is claimed by the next claim from the head.
 That is the first claim after the notification of its arrival (:meth:`Producer.notified`,
