@@ -208,11 +208,15 @@ def insert_jobs(
     woken: set[str] = set()
     now_text = now.isoformat() if at_given else None
     if batch is not None:  # jobs that differ only in their args
-        lines = _batch_lines(batch, now, now_text, woken)
+        spec = batch.spec
+        columns, head = spec.copy_head(
+            _entry_state(spec, JobState.AVAILABLE, now, woken), now_text)
+        copy = Copy(_copy_into(q, columns), _chunked(batch.copy_lines(head)))
     else:
         wf = NULL if workflow_id is None else str(workflow_id)
         lines = _copy_lines(zip(jobs, states, steps, strict=True), now, now_text, wf, woken)
-    yield Copy(q["jobs_copy" if at_given else "jobs_copy_now"], _chunked(lines))
+        copy = Copy(q["jobs_copy" if at_given else "jobs_copy_now"], _chunked(lines))
+    yield copy
     copied = yield Stmt(q["jobs_copied"], {
         "n": len(jobs), "before": before, "channel": q.channel("insert"),
         "queues": sorted(woken),
@@ -238,13 +242,10 @@ def _copy_lines(
         yield job.copy_row(_entry_state(job, state, now, woken), now_text, workflow_id, step)
 
 
-def _batch_lines(
-    batch: JobBatch, now: datetime, now_text: str | None, woken: set[str],
-) -> Iterator[str]:
-    """Lines of COPY text for a batch: its jobs differ only in their args."""
-    spec = batch.spec
-    head, tail = spec.copy_parts(_entry_state(spec, JobState.AVAILABLE, now, woken), now_text)
-    return batch.copy_lines(head, tail)
+def _copy_into(q: Queries, columns: list[str]) -> sql.Composed:
+    """``COPY … FROM STDIN`` into ``columns`` of the jobs table (ids from the sequence)."""
+    return sql.SQL("COPY {}.jobs ({}) FROM STDIN").format(
+        sql.Identifier(q.schema), sql.SQL(", ").join(map(sql.Identifier, columns)))
 
 
 def _entry_state(job: JobSpec, state: JobState, now: datetime, woken: set[str]) -> JobState:

@@ -248,12 +248,12 @@ class JobBatch(Sequence[JobSpec]):
     def __repr__(self) -> str:
         return f"<JobBatch {self._spec.step} jobs={len(self._args)}>"
 
-    def copy_lines(self, head: str, tail: str) -> Iterator[str]:
-        """Yield each job's line of COPY text: its args' JSON between ``head`` and
-        ``tail`` (:meth:`JobSpec.copy_parts` of :attr:`spec`)."""
+    def copy_lines(self, head: str) -> Iterator[str]:
+        """Yield each job's line of COPY text: ``head`` (:meth:`JobSpec.copy_head` of
+        :attr:`spec`), then its args' JSON."""
         dump = self._dump
         for position, args in enumerate(self._args):
-            yield f"{head}{copy_text(dump(position, args)[1])}{tail}"
+            yield f"{head}{copy_text(dump(position, args)[1])}\n"
 
     def _build(self, position: int, args: Mapping[str, Any]) -> JobSpec:
         data, text = self._dump(position, args)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 import baton
-from baton.job import JobSpec, JobState
+from baton.job import COPY_DEFAULTS, NULL, JobSpec, JobState
 from baton.ops import COPY_FROM
 from tests.apps import basic
 from tests.helpers import sql_rows
@@ -167,6 +167,28 @@ async def test_new_many_builds_one_job_per_args(app: baton.Baton) -> None:
     assert {r[2:] for r in rows} == {("bulk", 4, '{"run": 1}', "available", True)}
     later = await app.enqueue_many(batch[:40].options(schedule_in=3600))
     assert {(await app.get_job(i)).state for i in later} == {JobState.SCHEDULED}
+
+
+async def test_a_batch_leaves_to_the_table_only_the_options_at_its_defaults(
+        app: baton.Baton) -> None:
+    # What COPY_DEFAULTS says the table fills in is what it fills in.
+    filled = sql_rows(app.dsn, "INSERT INTO baton.jobs (step) VALUES ('x') RETURNING "
+                               "state, queue, meta::text, max_attempts::text, priority::text,"
+                               " timeout, tags::text")[0]
+    assert filled == tuple(None if COPY_DEFAULTS[c] == NULL else COPY_DEFAULTS[c] for c in (
+        "state", "queue", "meta", "max_attempts", "priority", "timeout", "tags"))
+    plain = basic.echo.new_many({"value": i} for i in range(COPY_FROM))
+    assert plain.spec.copy_head(JobState.AVAILABLE, None)[0] == ["step", "args"]
+    varied = plain.options(queue="bulk", priority=2, max_attempts=3, timeout=1.5,
+                           meta={"m": "\t"}, tags=["a"])
+    assert len(varied.spec.copy_head(JobState.AVAILABLE, "now")[0]) == 9  # all but workflow
+    ids = await app.enqueue_many(plain) + await app.enqueue_many(varied)
+    rows = sql_rows(app.dsn, "SELECT state, queue, priority, max_attempts, timeout, meta, tags,"
+                             " (args->>'value')::int FROM baton.jobs WHERE id = ANY(%s) "
+                             "ORDER BY id", (ids,))
+    assert rows == (
+        [("available", "default", 0, 20, None, {}, [], i) for i in range(COPY_FROM)]
+        + [("available", "bulk", 2, 3, 1.5, {"m": "\t"}, ["a"], i) for i in range(COPY_FROM)])
 
 
 async def test_new_many_refuses_the_whole_batch_for_one_bad_item(app: baton.Baton) -> None:
