@@ -408,7 +408,12 @@ class Producer:
             self._head_at = anyio.current_time()
             self._notified = False
         params.update(zip(_AFTER, after, strict=True))
-        cur = await conn.execute(self.worker.app.sql["jobs_fetch"], params, prepare=True)
+        # Binary rows: the server sends integers and timestamps as stored rather than
+        # formatted as text, and psycopg reads them unparsed (four alternated pairs of
+        # 200,000-job drains, 2 processes x 800 slots: 34.8 -> 34.2 µs of CPU a job on
+        # average, a gain inside the machine's run-to-run noise).
+        cur = await conn.execute(self.worker.app.sql["jobs_fetch"], params, prepare=True,
+                                 binary=True)
         rows = await cur.fetchall()
         if len(rows) < params["demand"]:
             self._after = None  # the end of what is available: the head next time
