@@ -241,9 +241,10 @@ COPY_DEFAULTS = {
     "priority": "0", "timeout": NULL, "tags": "{}",
 }
 """The ``jobs`` table's column defaults (sql/0001_jobs.sql, 0010_results_tags.sql), as COPY
-text: :meth:`JobSpec.copy_head` leaves a column at its value here to the table. A migration
-must not change these defaults (a process still on this code would then insert the new
-one); tests/test_enqueue.py checks them against the table."""
+text: :meth:`JobSpec.copy_head` leaves a column at its value here to the table. Neither a
+migration nor an operator may change these defaults: a batch would take the new one while
+every other insert path sends the value. tests/test_enqueue.py checks them against the
+table and that no migration sets a default on ``jobs``."""
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 

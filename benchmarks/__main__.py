@@ -52,9 +52,11 @@ PROCESSES = (1, 2, 4)
 # Each system's own knob, per worker process: baton's slots, procrastinate's concurrency,
 # chancy's queue concurrency, oban's queue limit; for pgqueuer C is max_concurrent_tasks
 # with dequeue batches of C / 2 (its QueueManager needs tasks >= 2 x batch). baton's and
-# pgqueuer's go up to where neither gains: with 2 processes at 400, 800 and 1600, baton
-# drained 46,666 / 50,778 / 52,725 jobs/s and pgqueuer 21,292 / 23,037 / 22,604 (sweeps of
-# 2026-12-04); their lowest settings of earlier sweeps (baton 100, pgqueuer 20) never won.
+# pgqueuer's go up to where they stop gaining: with 2 processes at 400, 800 and 1600, baton
+# drained 46,666 / 50,778 / 52,725 jobs/s (+4 % for the last doubling) and pgqueuer 21,292 /
+# 23,037 / 22,604 (sweeps of 2026-12-04); their lowest settings of earlier sweeps (baton
+# 100, pgqueuer 20) never won. At 4 x 1600 a sweep run has about 8 jobs per slot, so its
+# figure is mostly ramp-up and tail.
 SWEEP = {
     "baton": (200, 400, 800, 1600),
     "procrastinate": (25, 100),

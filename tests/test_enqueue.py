@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import baton
 from baton.job import COPY_DEFAULTS, NULL, JobSpec, JobState
 from baton.ops import COPY_FROM
 from tests.apps import basic
-from tests.helpers import sql_rows
+from tests.helpers import ROOT, sql_rows
 
 
 async def test_enqueue_returns_id_and_stores_row(app: baton.Baton) -> None:
@@ -189,6 +190,16 @@ async def test_a_batch_leaves_to_the_table_only_the_options_at_its_defaults(
     assert rows == (
         [("available", "default", 0, 20, None, {}, [], i) for i in range(COPY_FROM)]
         + [("available", "bulk", 2, 3, 1.5, {"m": "\t"}, ["a"], i) for i in range(COPY_FROM)])
+    # A batch scheduled later or earlier copies its scheduled_at as well.
+    later, earlier = (datetime.now(UTC) + timedelta(hours=h) for h in (1, -1))
+    ids = (await app.enqueue_many(plain.options(scheduled_at=later))
+           + await app.enqueue_many(plain.options(scheduled_at=earlier)))
+    assert set(sql_rows(app.dsn, "SELECT state, scheduled_at FROM baton.jobs WHERE id = ANY(%s)",
+                        (ids,))) == {("scheduled", later), ("available", earlier)}
+    # Nothing may change those defaults under a process that relies on them.
+    for migration in (ROOT / "sql").glob("*.sql"):
+        assert not re.search(r"jobs\s+ALTER\s+(COLUMN\s+)?\w+\s+SET\s+DEFAULT",
+                             migration.read_text(), re.IGNORECASE), migration.name
 
 
 async def test_new_many_refuses_the_whole_batch_for_one_bad_item(app: baton.Baton) -> None:
