@@ -145,6 +145,9 @@ RETURNING j.id, j.step, j.args, NULLIF(j.meta, '{}'::jsonb), j.queue, j.attempt,
 
 -- name: jobs_finish
 -- Write many attempt outcomes at once; only rows still executing by this worker change.
+-- A plain completion (no delay, error or snooze: most outcomes) is only its id, in
+-- %(completed)s: its update parses no JSON and evaluates none of the CASEs below; the
+-- others come as JSON rows in %(outcomes)s.
 -- Step events given with them (JSON texts, numbered by the notification carrying each) are
 -- sent for the outcomes applied; the event texts go in binary, unquoted.
 WITH outcome AS (
@@ -170,15 +173,23 @@ WITH outcome AS (
     FROM outcome AS o
     WHERE j.id = o.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
     RETURNING j.id, j.state, j.workflow_id
+), completed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'completed', finalized_at = now()
+    FROM unnest(%(completed)s::bigint[]) AS c(id)
+    WHERE j.id = c.id AND j.state = 'executing' AND j.attempted_by = %(worker_id)s
+    RETURNING j.id, j.state, j.workflow_id
+), written AS (
+    SELECT * FROM finished UNION ALL SELECT * FROM completed
 ), announced AS (
     SELECT pg_notify(%(events_channel)s, '[' || string_agg(e.body, ',' ORDER BY e.n) || ']')
     FROM unnest(%(event_jobs)s::bigint[], %(event_chunks)s::integer[],
                 %(event_bodies)b::text[]) WITH ORDINALITY AS e(job_id, chunk, body, n)
-    JOIN finished AS f ON f.id = e.job_id
+    JOIN written AS f ON f.id = e.job_id
     GROUP BY e.chunk
 )
 SELECT id, state, workflow_id, (SELECT count(*) FROM announced) AS notifications
-FROM finished
+FROM written
 
 -- name: jobs_hand_back
 -- Return this worker's unfinished jobs to the queue without burning their attempt.

@@ -150,7 +150,18 @@ class Completer:
             batch = [o for o in batch if latest[o.job.id] is o]
         q = self.app.sql
         write = self.engine.written(batch) if self.engine is not None else PLAIN
-        params = {"outcomes": f"[{','.join([o.row_json() for o in batch])}]",
+        # Plain completions go as an array of ids, the rest as JSON rows: in four
+        # alternated pairs of 200,000-job drains (2 processes x 800 slots) the server's
+        # CPU per job was 21.2 µs on average this way against 23.8 with every outcome in
+        # JSON, in a noisy phase of the machine.
+        completed: list[int] = []
+        rows: list[str] = []
+        for outcome in batch:
+            if outcome.plain:
+                completed.append(outcome.job.id)
+            else:
+                rows.append(outcome.row_json())
+        params = {"completed": completed, "outcomes": f"[{','.join(rows)}]",
                   "worker_id": self.worker_id, "events_channel": self._events,
                   **write.finish_params}
         # Pipelined: the whole write is one round trip, or two when a settlement's rows

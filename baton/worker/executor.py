@@ -82,10 +82,18 @@ class Outcome:
             "snooze": self.snooze,
         }
 
+    @property
+    def plain(self) -> bool:
+        """Whether the attempt completed with nothing else to write (no delay, error or
+        snooze): the finish statement takes its id alone."""
+        return (self.state is JobState.COMPLETED and self.delay is None and self.error is None
+                and not self.snooze)
+
     def row_json(self) -> str:
         """Return :meth:`as_row` as JSON text. An outcome with no delay, error or snooze
-        (nearly every one) is formatted directly, its absent keys read as NULL: a quarter
-        of the time ``json.dumps`` of the rows took (1.0 -> 0.3 us an outcome)."""
+        is formatted directly, its absent keys read as NULL: a quarter of the time
+        ``json.dumps`` of the rows took (1.0 -> 0.3 us an outcome). A plain completion
+        (:attr:`plain`) needs no row: the finish takes its id alone."""
         if self.delay is None and self.error is None and not self.snooze:
             return f'{{"id":{self.job.id},"state":"{self.state.value}"}}'
         return json.dumps(self.as_row(), default=str, allow_nan=False)
