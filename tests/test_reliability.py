@@ -290,6 +290,45 @@ async def test_a_later_outcome_of_one_job_in_a_batch_wins(app: baton.Baton) -> N
     assert sql_rows(app.dsn, "SELECT state, snoozes FROM baton.jobs") == [("completed", 0)]
 
 
+async def test_one_write_of_plain_completions_and_other_outcomes_applies_each(
+        app: baton.Baton) -> None:
+    """Plain completions go to the finish as ids, other outcomes as JSON rows: one batch of
+    both writes every outcome, the latest of a job's two, reports the one whose job was
+    cancelled meanwhile, and wakes the queue of the job made available (ids past 2**31)."""
+    from baton.job import JobState
+    from baton.worker.completer import Completer
+    from baton.worker.executor import Outcome
+
+    sql_rows(app.dsn, "SELECT setval('baton.jobs_id_seq', 3000000000)")
+    ids = await app.enqueue_many([basic.echo.new(value=i) for i in range(6)])
+    sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'executing', attempt = 1, "
+                      "attempted_by = 'w', attempted_at = now()")
+    sql_rows(app.dsn, "UPDATE baton.jobs SET state = 'cancelled', finalized_at = now() "
+                      "WHERE id = %s", (ids[4],))
+    woken: list[set[str]] = []
+    completer = Completer(app, "w", flush_interval=0, flush_max=10, max_pending=100,
+                          on_available=woken.append)
+    jobs = [FetchedJob(i, basic.echo.name, {}, None, "default", 1, 7, 0, 0, None, None, None)
+            for i in ids]
+    completer.push(Outcome(jobs[0], JobState.COMPLETED))
+    completer.push(Outcome(jobs[1], JobState.RETRYABLE, delay=30.0, error={"error": "x"}))
+    completer.push(Outcome(jobs[2], JobState.COMPLETED))
+    completer.push(Outcome(jobs[3], JobState.AVAILABLE, delay=0.0, snooze=True))
+    completer.push(Outcome(jobs[4], JobState.COMPLETED))
+    completer.push(Outcome(jobs[5], JobState.COMPLETED))
+    completer.push(Outcome(jobs[5], JobState.RETRYABLE, delay=30.0, error={"error": "y"}))
+    with capture_logs() as logs:
+        await completer.flush_once()
+    assert completer.pending == []
+    assert sql_rows(app.dsn, "SELECT id, state, finalized_at IS NOT NULL, snoozes, "
+                             "jsonb_array_length(errors) FROM baton.jobs ORDER BY id") == [
+        (ids[0], "completed", True, 0, 0), (ids[1], "retryable", False, 0, 1),
+        (ids[2], "completed", True, 0, 0), (ids[3], "available", False, 1, 0),
+        (ids[4], "cancelled", True, 0, 0), (ids[5], "retryable", False, 0, 1)]
+    assert ids[0] > 2**31 and woken == [{"default"}]
+    assert [e["job_id"] for e in logs if e["event"] == "job.outcome_dropped"] == [ids[4]]
+
+
 async def test_cancel_while_its_claim_is_still_loading_is_kept(
     flows_app: baton.Baton,
 ) -> None:
