@@ -188,8 +188,19 @@ class JobSpec:
 
         ``now_text`` is the server's transaction time, when an immediate job is scheduled.
         """
-        head, tail = self.copy_parts(state, now_text, workflow_id, workflow_step)
-        return f"{head}{copy_text(self.args_json)}{tail}"
+        if now_text is None:
+            at_text = ""
+        else:
+            at_text = now_text if self.scheduled_at is None else self.scheduled_at.isoformat()
+            at_text += "\t"
+        meta = copy_text(_ENCODE(self.meta)) if self.meta else "{}"
+        timeout = NULL if self.timeout is None else repr(float(self.timeout))
+        step = NULL if workflow_step is None else copy_text(workflow_step)
+        return (
+            f"{state}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t"
+            f"{copy_text(self.args_json)}\t{meta}\t{self.max_attempts}\t{self.priority}\t"
+            f"{timeout}\t{at_text}{workflow_id}\t{step}\t{tags_literal(self.tags)}\n"
+        )
 
     def copy_head(self, state: JobState, now_text: str | None) -> tuple[list[str], str]:
         """For a COPY of jobs that differ from this one only in their args (a batch): the
@@ -215,25 +226,6 @@ class JobSpec:
                                     else self.scheduled_at.isoformat())
         kept.update((k, v) for k, v in values.items() if COPY_DEFAULTS[k] != v)
         return [*kept, "args"], "".join(f"{v}\t" for v in kept.values())
-
-    def copy_parts(
-        self, state: JobState, now_text: str | None, workflow_id: str = NULL,
-        workflow_step: str | None = None,
-    ) -> tuple[str, str]:
-        """Return the COPY line of :meth:`copy_row` before and after the args."""
-        if now_text is None:
-            at_text = ""
-        else:
-            at_text = now_text if self.scheduled_at is None else self.scheduled_at.isoformat()
-            at_text += "\t"
-        meta = copy_text(_ENCODE(self.meta)) if self.meta else "{}"
-        timeout = NULL if self.timeout is None else repr(float(self.timeout))
-        step = NULL if workflow_step is None else copy_text(workflow_step)
-        return (
-            f"{state}\t{copy_text(self.queue)}\t{copy_text(self.step)}\t",
-            f"\t{meta}\t{self.max_attempts}\t{self.priority}\t{timeout}\t{at_text}"
-            f"{workflow_id}\t{step}\t{tags_literal(self.tags)}\n",
-        )
 
 
 COPY_DEFAULTS = {
