@@ -23,7 +23,7 @@ from psycopg.rows import BaseRowFactory, class_row, dict_row, tuple_row
 
 from baton.db import Queries, translate_errors
 from baton.errors import JobNotFound, OptionsError
-from baton.job import NULL, Job, JobSpec, JobState, rows_text
+from baton.job import NULL, Job, JobSpec, JobState, copy_columns, rows_text
 from baton.step import JobBatch
 from baton.unique import JobId, JobIds, job_id, job_key
 
@@ -215,7 +215,7 @@ def insert_jobs(
     else:
         wf = NULL if workflow_id is None else str(workflow_id)
         lines = _copy_lines(zip(jobs, states, steps, strict=True), now, now_text, wf, woken)
-        copy = Copy(q["jobs_copy" if at_given else "jobs_copy_now"], _chunked(lines))
+        copy = Copy(_copy_into(q, copy_columns(scheduled=at_given)), _chunked(lines))
     yield copy
     copied = yield Stmt(q["jobs_copied"], {
         "n": len(jobs), "before": before, "channel": q.channel("insert"),

@@ -76,20 +76,6 @@ SELECT id FROM {schema}.jobs WHERE idempotency_key = %(idempotency_key)s
 -- drawn so far (the COPY draws its ids from the sequence, row by row).
 SELECT now(), COALESCE(pg_sequence_last_value('{schema}.jobs_id_seq'::regclass), 0)
 
--- name: jobs_copy
--- Many jobs at once, as lines of JobSpec.copy_row; ids come from the sequence.
-COPY {schema}.jobs (
-    state, queue, step, args, meta, max_attempts, priority, timeout, scheduled_at,
-    workflow_id, workflow_step, tags)
-FROM STDIN
-
--- name: jobs_copy_now
--- As jobs_copy, for jobs that all run from now on: scheduled_at takes its default, now().
-COPY {schema}.jobs (
-    state, queue, step, args, meta, max_attempts, priority, timeout,
-    workflow_id, workflow_step, tags)
-FROM STDIN
-
 -- name: jobs_copied
 -- After the COPY, in its transaction: the ids it drew, in order, and a wake-up for the
 -- queues that got available jobs. When no other session drew ids meanwhile, they are the
