@@ -86,14 +86,18 @@ class Outcome:
     def plain(self) -> bool:
         """Whether the attempt completed with nothing else to write (no delay, error or
         snooze): the finish statement takes its id alone."""
-        return (self.state is JobState.COMPLETED and self.delay is None and self.error is None
-                and not self.snooze)
+        return self.state is JobState.COMPLETED and self._bare
+
+    @property
+    def _bare(self) -> bool:
+        """Whether the outcome carries nothing but its state (no delay, error or snooze)."""
+        return self.delay is None and self.error is None and not self.snooze
 
     def row_json(self) -> str:
         """Return :meth:`as_row` as JSON text (a plain completion, :attr:`plain`, needs
         none: the finish takes its id alone). Another outcome with no delay, error or
         snooze, a cancel say, is formatted directly, its absent keys read as NULL."""
-        if self.delay is None and self.error is None and not self.snooze:
+        if self._bare:
             return f'{{"id":{self.job.id},"state":"{self.state.value}"}}'
         return json.dumps(self.as_row(), default=str, allow_nan=False)
 
